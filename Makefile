@@ -1,0 +1,41 @@
+# Cohort: every target creates and uses its own virtual environment in .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+RUN_DIR ?= runs/demo
+
+.PHONY: install proto proto-check lint test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+proto: install
+	$(PY) -m common.protogen
+
+proto-check: install
+	$(PY) -m common.protogen --check
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/cohort demo --run-dir $(RUN_DIR)
+
+bench: install
+	$(PY) bench/aggregation.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
