@@ -227,12 +227,15 @@ class TrainTask(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
     """"sha256:<hex>" of the global model for this round"""
     deadline_unix: _builtins.float
     """upload must finish before this (coordinator clock)"""
+    attempt: _builtins.int
+    """a failed round is retried with a new cohort under the same round number"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     def __init__(
@@ -243,10 +246,11 @@ class TrainTask(_message.Message):
         model_version: _builtins.str = ...,
         deadline_unix: _builtins.float = ...,
         params: Global___TrainParams | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -448,6 +452,7 @@ class UpdateHeader(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     base_model_version: _builtins.str
@@ -455,6 +460,7 @@ class UpdateHeader(_message.Message):
     num_samples: _builtins.int
     """FedAvg weight"""
     train_seconds: _builtins.float
+    attempt: _builtins.int
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """aggregate training metrics only (loss, accuracy); never records"""
@@ -473,10 +479,11 @@ class UpdateHeader(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         manifest: Global___Manifest | None = ...,
         train_seconds: _builtins.float = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_version", b"base_model_version", "job_id", b"job_id", "manifest", b"manifest", "metrics", b"metrics", "num_samples", b"num_samples", "round", b"round", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_model_version", b"base_model_version", "job_id", b"job_id", "manifest", b"manifest", "metrics", b"metrics", "num_samples", b"num_samples", "round", b"round", "train_seconds", b"train_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -606,6 +613,7 @@ class JobSpec(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     EVALUATE_EVERY_FIELD_NUMBER: _builtins.int
     WAIT_FOR_SITES_S_FIELD_NUMBER: _builtins.int
+    MAX_ROUND_RETRIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -619,6 +627,7 @@ class JobSpec(_message.Message):
     """federated evaluation on the validation split every N rounds (0: never)"""
     wait_for_sites_s: _builtins.float
     """how long to wait for min_sites to be connected before failing a round"""
+    max_round_retries: _builtins.int
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     def __init__(
@@ -633,12 +642,15 @@ class JobSpec(_message.Message):
         params: Global___TrainParams | None = ...,
         evaluate_every: _builtins.int = ...,
         wait_for_sites_s: _builtins.float = ...,
+        max_round_retries: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluate_every", b"evaluate_every", "fraction", b"fraction", "min_sites", b"min_sites", "name", b"name", "params", b"params", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_sites", b"min_sites", "name", b"name", "params", b"params", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
+    _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_round_retries) -> _WhichOneofReturnType__max_round_retries | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 
@@ -743,6 +755,7 @@ class RoundStatus(_message.Message):
     VAL_LOSS_FIELD_NUMBER: _builtins.int
     VAL_ACCURACY_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
+    VAL_SAMPLES_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     model_version: _builtins.str
@@ -750,6 +763,8 @@ class RoundStatus(_message.Message):
     val_loss: _builtins.float
     val_accuracy: _builtins.float
     seconds: _builtins.float
+    val_samples: _builtins.int
+    """0 until the round's federated evaluation is in"""
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -766,10 +781,11 @@ class RoundStatus(_message.Message):
         val_loss: _builtins.float = ...,
         val_accuracy: _builtins.float = ...,
         seconds: _builtins.float = ...,
+        val_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_samples", b"val_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,173 @@
+"""The ``cohort`` command: coordinator, participant, certs, data, demo, status, job."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from common import config as config_loader
+from common.errors import CohortError
+from common.version import VERSION
+
+log = logging.getLogger("cohort")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="YAML configuration file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one configuration value (repeatable); wins over the file and environment")
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator import config as cc
+    from coordinator.daemon import run
+
+    cfg = config_loader.load(cc.CoordinatorConfig, args.config, env=os.environ, env_prefix=cc.ENV_PREFIX,
+                             overrides=args.overrides)
+    return asyncio.run(run(cfg, ready_file=args.ready_file, exit_when_done=args.exit_when_done))
+
+
+def _cmd_participant(args: argparse.Namespace) -> int:
+    from participant import config as pc
+    from participant.daemon import run
+
+    cfg = config_loader.load(pc.ParticipantConfig, args.config, env=os.environ, env_prefix=pc.ENV_PREFIX,
+                             overrides=args.overrides)
+    return asyncio.run(run(cfg))
+
+
+def _endpoint(args: argparse.Namespace) -> object:
+    from common.admin_client import AdminEndpoint
+
+    return AdminEndpoint.from_dir(args.coordinator, args.tls_dir, args.server_name)
+
+
+def _add_admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", default=os.environ.get("COHORT_ADMIN_COORDINATOR", "127.0.0.1:50051"),
+                   help="coordinator host:port (env COHORT_ADMIN_COORDINATOR)")
+    p.add_argument("--tls-dir", type=Path, default=Path(os.environ.get("COHORT_ADMIN_TLS_DIR", "certs/admins/admin")),
+                   help="directory with the admin's ca.crt, tls.crt, tls.key (env COHORT_ADMIN_TLS_DIR)")
+    p.add_argument("--server-name", default="", help="name on the coordinator's certificate, if not the host")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from common.admin_client import AdminEndpoint, format_status, get_status, to_json
+
+    ep = _endpoint(args)
+    assert isinstance(ep, AdminEndpoint)
+    reply = asyncio.run(get_status(ep))
+    print(to_json(reply) if args.json else format_status(reply))
+    return 0
+
+
+def _cmd_job_start(args: argparse.Namespace) -> int:
+    from common.admin_client import AdminEndpoint, start_job, to_json
+    from coordinator.config import JobConfig
+    from coordinator.job_proto import job_spec_to_proto
+
+    spec = config_loader.load(JobConfig, args.job, overrides=args.overrides)
+    ep = _endpoint(args)
+    assert isinstance(ep, AdminEndpoint)
+    reply = asyncio.run(start_job(ep, job_spec_to_proto(spec)))
+    print(to_json(reply) if args.json else f"started job {reply.job_id} ({reply.spec.task}, {reply.spec.rounds} rounds)")
+    return 0
+
+
+def _cmd_job_stop(args: argparse.Namespace) -> int:
+    from common.admin_client import AdminEndpoint, stop_job, to_json
+
+    ep = _endpoint(args)
+    assert isinstance(ep, AdminEndpoint)
+    reply = asyncio.run(stop_job(ep, args.job_id, args.reason))
+    print(to_json(reply) if args.json else f"job {reply.job_id}: {reply.state}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from common.demo import run_demo
+
+    return run_demo(args.run_dir, rounds=args.rounds, deploy_dir=args.deploy_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from common import certs_cmd, data_cmd
+
+    parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
+    parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
+    parser.add_argument("--log-level", default=os.environ.get("COHORT_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("coordinator", help="run the coordinator daemon")
+    _add_config_args(p)
+    p.add_argument("--ready-file", type=Path, help="write the bound host:port here once serving")
+    p.add_argument("--exit-when-done", action="store_true", help="exit when the configured job ends")
+    p.set_defaults(func=_cmd_coordinator)
+
+    p = sub.add_parser("participant", help="run a participant daemon at a site")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_participant)
+
+    certs_cmd.register(sub)
+    data_cmd.register(sub)
+
+    p = sub.add_parser("demo", help="run a 5-hospital federation on this machine")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--rounds", type=int, default=None, help="override the demo job's number of rounds")
+    p.add_argument("--deploy-dir", type=Path, default=None, help="directory with the demo configs (deploy/demo)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("status", help="show federation, sites, jobs and rounds (admin certificate)")
+    _add_admin_args(p)
+    p.set_defaults(func=_cmd_status)
+
+    job = sub.add_parser("job", help="start or stop a job (admin certificate)")
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    p = job_sub.add_parser("start", help="start a job from a job YAML file")
+    p.add_argument("job", type=Path, help="job YAML (the keys of the coordinator config's `job` section)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_admin_args(p)
+    p.set_defaults(func=_cmd_job_start)
+    p = job_sub.add_parser("stop", help="stop a running job")
+    p.add_argument("job_id")
+    p.add_argument("--reason", default="")
+    _add_admin_args(p)
+    p.set_defaults(func=_cmd_job_stop)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        rc = args.func(args)
+        return int(rc or 0)
+    except CohortError as exc:
+        print(f"cohort {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"cohort {args.command}: the coordinator answered {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

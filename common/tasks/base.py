@@ -1,0 +1,157 @@
+"""The task plug-in interface: what a site installs to take part in a job.
+
+A task bundles a model factory, a data loader with a declared schema, and local train/evaluate loops. The
+coordinator uses only ``build_model`` (to create the initial global model) and the task's identity (name, code
+digest, schema fingerprint); participants use all of it, on data that never leaves the site.
+
+Tasks are loaded by dotted path (``package.module:ATTR``) from code installed at the site; nothing is ever received
+over the network and executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """Columns a site's CSV files must have, in order; the label column comes last."""
+
+    features: tuple[str, ...]
+    label: str
+    num_classes: int
+    feature_dtype: str = "float32"
+
+    def columns(self) -> tuple[str, ...]:
+        return (*self.features, self.label)
+
+    def fingerprint(self) -> str:
+        """A stable digest of the schema, compared between a site and the job at join time."""
+        canonical = json.dumps(
+            {
+                "features": list(self.features),
+                "label": self.label,
+                "num_classes": self.num_classes,
+                "feature_dtype": self.feature_dtype,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    num_samples: int
+    loss: float
+    accuracy: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    num_samples: int
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class SiteData:
+    """One site's private splits, loaded from its own folder only."""
+
+    train: Dataset[tuple[torch.Tensor, torch.Tensor]]
+    val: Dataset[tuple[torch.Tensor, torch.Tensor]]
+    test: Dataset[tuple[torch.Tensor, torch.Tensor]]
+
+    def split(self, name: str) -> Dataset[tuple[torch.Tensor, torch.Tensor]]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        ds: Dataset[tuple[torch.Tensor, torch.Tensor]] = getattr(self, name)
+        return ds
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A federated learning task. Implementations must be deterministic given the seed in TrainSettings."""
+
+    name: str
+    schema: DataSchema
+
+    def build_model(self, seed: int = 0) -> torch.nn.Module:
+        """A fresh model. Every state-dict entry must be a floating-point tensor (no integer buffers)."""
+        ...
+
+    def load_data(self, data_dir: Path) -> SiteData:
+        """Read train.csv, val.csv and test.csv from ``data_dir``; raise ``DataError`` naming the file and column
+        when the header does not match the schema."""
+        ...
+
+    def train(self, model: torch.nn.Module, data: SiteData, settings: TrainSettings) -> TrainResult:
+        """Train ``model`` in place on ``data.train``."""
+        ...
+
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int = 256,
+    ) -> EvalResult:
+        """Mean loss and accuracy of ``model`` on ``dataset`` (no gradient)."""
+        ...
+
+
+def task_digest(task: Task) -> str:
+    """SHA-256 of the source file that defines the task's class: the "task code digest" a site declares."""
+    source = inspect.getsourcefile(type(task))
+    if source is None:
+        raise ValueError(f"cannot locate the source of task {task.name!r}")
+    return "sha256:" + hashlib.sha256(Path(source).read_bytes()).hexdigest()
+
+
+BUILTIN_TASKS = {
+    "breast_cancer": "common.tasks.breast_cancer:TASK",
+    "digits": "common.tasks.digits:TASK",
+}
+
+
+def load_task(ref: str) -> Task:
+    """Load a task by built-in name (``breast_cancer``) or dotted path (``my_site.tasks:TASK``).
+
+    Only code already installed at this site is imported.
+    """
+    target = BUILTIN_TASKS.get(ref, ref)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"task {ref!r} is neither a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) "
+            "nor a dotted path of the form 'package.module:ATTR'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"task module {module_name!r} is not installed here: {exc}") from exc
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"task module {module_name!r} has no attribute {attr!r}")
+    if not isinstance(obj, Task):
+        raise ValueError(f"{target!r} does not implement the Task interface (common.tasks.base.Task)")
+    return obj

@@ -1,0 +1,138 @@
+"""Streaming FedAvg: one running sum per round, whatever the number of sites.
+
+An upload is first spooled to disk while its digest is computed chunk by chunk (:class:`UpdateSpool`); only an
+upload that arrived whole, hashes to its manifest's digest and holds finite values is folded into the round's
+:class:`RunningSum`, one ~1 MiB block at a time. So a broken or malicious stream never touches the sum (it changes
+no state), the coordinator holds one sum of the model's size plus a block of scratch space (memory O(model), not
+O(sites x model)), and the spooled file is the durable record of the accepted upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import InvalidArgument
+from common.serde import CHUNK_BYTES, Spec, new_hasher
+
+_BLOCK_ELEMS = CHUNK_BYTES // 4
+
+
+class RunningSum:
+    """Sum of ``weight * update`` over accepted float32 updates, accumulated in float64."""
+
+    def __init__(self, specs: Sequence[Spec]) -> None:
+        self.specs = tuple(specs)
+        self.numel = sum(s.numel for s in self.specs)
+        self._acc = np.zeros(self.numel, dtype=np.float64)
+        self._scratch = np.empty(_BLOCK_ELEMS, dtype=np.float64)
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add_block(self, offset: int, values: np.ndarray, weight: float) -> None:
+        """Fold ``weight * values`` into elements ``[offset, offset + len(values))``."""
+        n = len(values)
+        for start in range(0, n, _BLOCK_ELEMS):
+            part = values[start : start + _BLOCK_ELEMS]
+            scratch = self._scratch[: len(part)]
+            np.multiply(part, weight, out=scratch, casting="unsafe")
+            self._acc[offset + start : offset + start + len(part)] += scratch
+
+    def commit(self, weight: float) -> None:
+        """Count one finished update of ``weight``."""
+        self.total_weight += weight
+        self.count += 1
+
+    def add_file(self, path: Path, weight: float) -> None:
+        """Fold a verified, spooled float32 update (raw bytes in spec order) into the sum."""
+        with path.open("rb", buffering=0) as f:
+            buf = bytearray(CHUNK_BYTES)
+            offset = 0
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                if n % 4:  # a short read mid-element: read the rest of the element so blocks stay aligned
+                    rest = f.read(4 - n % 4)
+                    buf[n : n + len(rest)] = rest
+                    n += len(rest)
+                values = np.frombuffer(buf, dtype="<f4", count=n // 4)
+                self.add_block(offset, values, weight)
+                offset += n // 4
+        if offset != self.numel:
+            raise InvalidArgument(f"update holds {offset} values, the model has {self.numel}")
+        self.commit(weight)
+
+    def mean(self) -> np.ndarray:
+        if self.total_weight <= 0:
+            raise ValueError("no update was accepted")
+        return self._acc / self.total_weight
+
+    def apply_to(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """FedAvg: ``base + sum(w_k * delta_k) / sum(w_k)`` per tensor, as float32."""
+        mean = self.mean()
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for s in self.specs:
+            delta = mean[offset : offset + s.numel].reshape(s.shape)
+            base_t = base[s.name].to(torch.float64)
+            out[s.name] = (base_t + torch.from_numpy(delta)).to(torch.float32)
+            offset += s.numel
+        return out
+
+
+def check_finite_file(path: Path) -> None:
+    """Refuse an update with NaN or Inf anywhere (it would poison the global model)."""
+    with path.open("rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            values = np.frombuffer(block, dtype="<f4", count=len(block) // 4)
+            if not np.isfinite(values).all():
+                raise InvalidArgument("update contains NaN or Inf values; nothing was aggregated")
+
+
+class UpdateSpool:
+    """Writes an incoming update stream to ``path.part``, checking size as it goes and the digest at the end."""
+
+    def __init__(self, path: Path, specs: Sequence[Spec], total_bytes: int, sha256: str, max_chunk: int) -> None:
+        self.final_path = path
+        self.part_path = path.with_name(path.name + ".part")
+        self.total_bytes = total_bytes
+        self.expected = sha256
+        self.max_chunk = max_chunk
+        self.received = 0
+        self._hasher: hashlib._Hash = new_hasher(specs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.part_path.open("wb")
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            raise InvalidArgument("empty data chunk")
+        if len(data) > self.max_chunk:
+            raise InvalidArgument(f"chunk of {len(data)} bytes exceeds the limit of {self.max_chunk} bytes")
+        if self.received + len(data) > self.total_bytes:
+            raise InvalidArgument(f"upload carries more than the {self.total_bytes} bytes its manifest announced")
+        self._file.write(data)
+        self._hasher.update(data)
+        self.received += len(data)
+
+    def finish(self) -> Path:
+        """Verify size and digest, make the file durable, and move it to its final name."""
+        if self.received != self.total_bytes:
+            raise InvalidArgument(f"upload ended after {self.received} of {self.total_bytes} bytes")
+        if self._hasher.hexdigest() != self.expected:
+            raise InvalidArgument("digest mismatch: the uploaded bytes do not hash to the manifest's sha256")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.part_path, self.final_path)
+        return self.final_path
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.part_path.unlink(missing_ok=True)

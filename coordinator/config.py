@@ -1,0 +1,97 @@
+"""Coordinator configuration (YAML; see docs/CONFIG.md)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import ConfigError
+from common.settings import TlsConfig, TrainParamsConfig, parse_address
+
+ENV_PREFIX = "COHORT_COORDINATOR_"
+_SITE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Who may take part: the allow-list of site ids (each must match a certificate's CN)."""
+
+    name: str = "cohort"
+    sites: tuple[str, ...] = ()
+
+    def check(self, path: str) -> None:
+        for i, site in enumerate(self.sites):
+            if not _SITE_ID.match(site):
+                raise ConfigError(f"{path}.sites[{i}]: {site!r} is not a valid site id (a-z, 0-9, '.', '_', '-')")
+        if len(set(self.sites)) != len(self.sites):
+            raise ConfigError(f"{path}.sites: a site id is listed twice")
+        if not self.sites:
+            raise ConfigError(f"{path}.sites: the allow-list is empty; list the site ids that may join")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    tls: TlsConfig | None = None
+    heartbeat_interval_s: float = 5.0
+    shutdown_grace_s: float = 5.0
+    max_chunk_bytes: int = 4 << 20
+    max_update_bytes: int = 2 << 30
+
+    def check(self, path: str) -> None:
+        parse_address(self.listen, f"{path}.listen")
+        if self.tls is None:
+            raise ConfigError(f"{path}.tls: required (ca, cert, key); Cohort has no insecure mode")
+        if not 0.05 <= self.heartbeat_interval_s <= 600:
+            raise ConfigError(f"{path}.heartbeat_interval_s: must be between 0.05 and 600 seconds")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError(f"{path}.shutdown_grace_s: must be >= 0")
+        if not 1 << 16 <= self.max_chunk_bytes <= 64 << 20:
+            raise ConfigError(f"{path}.max_chunk_bytes: must be between 64 KiB and 64 MiB")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A training job: which task, how many rounds, how the cohort is picked, local hyper-parameters."""
+
+    task: str
+    name: str = "job"
+    rounds: int = 10
+    fraction: float = 1.0
+    min_sites: int = 2
+    round_timeout_s: float = 300.0
+    wait_for_sites_s: float = 600.0
+    evaluate_every: int = 1
+    max_round_retries: int = 3
+    params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
+
+    def check(self, path: str) -> None:
+        where = path or "job"
+        if not 1 <= self.rounds <= 100_000:
+            raise ConfigError(f"{where}.rounds: must be between 1 and 100000")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"{where}.fraction: must be in (0, 1]")
+        if self.min_sites < 1:
+            raise ConfigError(f"{where}.min_sites: must be >= 1")
+        if self.round_timeout_s <= 0 or self.wait_for_sites_s <= 0:
+            raise ConfigError(f"{where}.round_timeout_s and wait_for_sites_s must be > 0")
+        if self.evaluate_every < 0 or self.max_round_retries < 0:
+            raise ConfigError(f"{where}.evaluate_every and max_round_retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    federation: FederationConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    state_dir: Path = Path("state/coordinator")
+    job: JobConfig | None = None  # started at boot when given; otherwise an admin starts one
+
+    def check(self, path: str) -> None:
+        if self.server.tls is None:
+            raise ConfigError("server.tls: required (ca, cert, key); Cohort has no insecure mode")
+        if self.job is not None and self.job.min_sites > len(self.federation.sites):
+            raise ConfigError(
+                f"job.min_sites: {self.job.min_sites} is more than the {len(self.federation.sites)} "
+                "sites on the allow-list"
+            )

@@ -1,0 +1,478 @@
+"""One training job: rounds of select -> train -> aggregate -> evaluate, then a final test evaluation.
+
+The runner owns the job's global model (serialized once per round and streamed to every participant from that one
+buffer), the active round (a :class:`RoundState` plus its :class:`RunningSum`), and the federated evaluations.
+Servicers call its ``receive_*`` methods; everything it learns goes to the store before it is acted on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.serde import EncodedTensors, Limits, Spec, specs_from_manifest, state_dict_float32
+from common.tasks.base import Task, task_digest
+from coordinator.aggregation import RunningSum, UpdateSpool, check_finite_file
+from coordinator.config import JobConfig
+from coordinator.model_store import ModelStore
+from coordinator.registry import Declaration, Registry
+from coordinator.rounds import CloseRound, DeadlinePassed, Event, RoundState, SiteBack, SiteLost, Stop, UploadAccepted
+from coordinator.store import Store
+
+log = logging.getLogger("cohort.coordinator.job")
+
+MAX_SAMPLES = 1_000_000_000
+MAX_METRICS = 32
+
+
+def round_seed(job_seed: int, number: int) -> int:
+    """The training seed sent to every site in round ``number`` (sites mix in nothing else: reproducible runs)."""
+    return (job_seed * 1_000_003 + number) % (1 << 63)
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    task_name: str
+    task_digest: str
+    schema_fingerprint: str
+
+    @classmethod
+    def of(cls, task: Task) -> JobIdentity:
+        return cls(task.name, task_digest(task), task.schema.fingerprint())
+
+    def mismatch(self, decl: Declaration) -> str | None:
+        """A message naming what differs between a site's declaration and the job, or None."""
+        diffs = []
+        if decl.task_name != self.task_name:
+            diffs.append(f"task name: site runs {decl.task_name!r}, the job needs {self.task_name!r}")
+        if decl.task_digest != self.task_digest:
+            diffs.append(f"task code digest: site has {decl.task_digest[:19]}..., the job needs "
+                         f"{self.task_digest[:19]}... (install the same task version at the site)")
+        if decl.schema_fingerprint != self.schema_fingerprint:
+            diffs.append(f"data schema: site declares {decl.schema_fingerprint[:19]}..., the job needs "
+                         f"{self.schema_fingerprint[:19]}... (the site's columns differ from the task's schema)")
+        return "; ".join(diffs) or None
+
+
+@dataclass(eq=False)
+class ActiveRound:
+    number: int
+    attempt: int
+    base: EncodedTensors
+    state: RoundState
+    running: RunningSum
+    deadline: float
+    spool_dir: Path
+    task: pb.TrainTask
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    outcome: CloseRound | None = None
+    accepted: dict[str, str] = field(default_factory=dict)  # site -> update sha256
+    in_flight: set[str] = field(default_factory=set)
+    loss_sum: float = 0.0
+    weight_sum: int = 0
+
+
+@dataclass(eq=False)
+class Evaluation:
+    number: int
+    split: str
+    version: str
+    expected: set[str]
+    reports: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def check_done(self) -> None:
+        if self.expected <= set(self.reports):
+            self.done.set()
+
+    def aggregate(self) -> tuple[int, float, float]:
+        n = sum(r[0] for r in self.reports.values())
+        if n == 0:
+            return 0, math.nan, math.nan
+        loss = sum(r[0] * r[1] for r in self.reports.values()) / n
+        acc = sum(r[0] * r[2] for r in self.reports.values()) / n
+        return n, loss, acc
+
+
+ProgressHook = Callable[[str], None]
+
+
+class JobRunner:
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobConfig,
+        task: Task,
+        *,
+        store: Store,
+        models: ModelStore,
+        registry: Registry,
+        spool_root: Path,
+        limits: Limits,
+        progress: ProgressHook | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.spec = spec
+        self.task = task
+        self.identity = JobIdentity.of(task)
+        self.store = store
+        self.models = models
+        self.registry = registry
+        self.spool_root = spool_root
+        self.limits = limits
+        self.progress = progress or (lambda line: log.info("%s", line))
+        self.state = "running"
+        self.detail = ""
+        self._stop = asyncio.Event()
+        self._round: ActiveRound | None = None
+        self._eval: Evaluation | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        initial = state_dict_float32(task.build_model(seed=spec.params.seed))
+        self.global_tensors = initial
+        self.global_model = models.save(initial, {"job": job_id, "round": "0"})
+        self.global_specs: tuple[Spec, ...] = self.global_model.specs
+        store.create_job(job_id, spec.name, asdict(spec) | {"identity": asdict(self.identity)},
+                         self.global_model.version)
+        registry.subscribe(self._on_site)
+
+    # -- control ------------------------------------------------------------------------------------------------
+    def stop(self, reason: str) -> None:
+        if self._stop.is_set():
+            return
+        self.detail = reason
+        self._stop.set()
+        if self._round is not None:
+            self._spawn(self._apply(self._round, Stop(reason)))
+        if self._eval is not None:
+            self._eval.done.set()
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait(self, event: asyncio.Event, timeout: float) -> bool:
+        """Wait for ``event`` until ``timeout``; returns early (False) when the job is stopped."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        target = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({stop, target}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            target.cancel()
+        return event.is_set()
+
+    def eligible(self) -> list[str]:
+        return sorted(s.site for s in self.registry.connected() if self.identity.mismatch(s.declaration) is None)
+
+    # -- the job loop -------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.store.audit("job_started", "coordinator", job_id=self.job_id, task=self.task.name)
+        try:
+            number, attempt = 1, 0
+            while number <= self.spec.rounds and not self._stop.is_set():
+                ok = await self._run_round(number, attempt)
+                if self._stop.is_set():
+                    break
+                if ok:
+                    if self.spec.evaluate_every and number % self.spec.evaluate_every == 0:
+                        await self._evaluate_round(number, attempt)
+                    number, attempt = number + 1, 0
+                else:
+                    attempt += 1
+                    if attempt > self.spec.max_round_retries:
+                        self._finish("failed", f"round {number} failed {attempt} times; see the round records")
+                        return
+            if self._stop.is_set():
+                self._finish("stopped", self.detail or "stopped by an admin")
+                return
+            await self._final_evaluation()
+            self._finish("finished", f"completed {self.spec.rounds} rounds")
+        except Exception as exc:
+            log.exception("job %s crashed", self.job_id)
+            self._finish("failed", f"internal error: {type(exc).__name__}")
+
+    def _finish(self, state: str, detail: str) -> None:
+        self.state, self.detail = state, detail
+        self.store.update_job(self.job_id, state=state, detail=detail)
+        self.store.audit(f"job_{state}", "coordinator", job_id=self.job_id, detail=detail)
+        done = pb.WorkItem(job_finished=pb.JobFinished(job_id=self.job_id, reason=detail))
+        for session in self.registry.connected():
+            self.registry.send(session.site, done)
+        self.progress(f"job {self.job_id} {state}: {detail}")
+
+    async def _wait_for_sites(self) -> list[str]:
+        deadline = time.monotonic() + self.spec.wait_for_sites_s
+        while not self._stop.is_set():
+            eligible = self.eligible()
+            if len(eligible) >= self.spec.min_sites:
+                return eligible
+            self.registry.changed.clear()
+            if not await self._wait(self.registry.changed, deadline - time.monotonic()) and (
+                time.monotonic() >= deadline
+            ):
+                return self.eligible()
+        return []
+
+    def _select(self, eligible: list[str], number: int, attempt: int) -> list[str]:
+        k = max(self.spec.min_sites, math.ceil(self.spec.fraction * len(eligible)))
+        rng = random.Random(f"{self.job_id}/{number}/{attempt}")
+        return sorted(rng.sample(eligible, min(k, len(eligible))))
+
+    async def _run_round(self, number: int, attempt: int) -> bool:
+        started = time.monotonic()
+        eligible = await self._wait_for_sites()
+        if self._stop.is_set():
+            return False
+        if len(eligible) < self.spec.min_sites:
+            self.progress(f"round {number}: only {len(eligible)} eligible sites connected, "
+                          f"{self.spec.min_sites} needed; retrying")
+            return False
+        cohort = self._select(eligible, number, attempt)
+        seed = round_seed(self.spec.params.seed, number)
+        deadline = time.time() + self.spec.round_timeout_s
+        task = pb.TrainTask(
+            job_id=self.job_id, round=number, attempt=attempt, model_version=self.global_model.version,
+            deadline_unix=deadline,
+            params=pb.TrainParams(local_epochs=self.spec.params.local_epochs, batch_size=self.spec.params.batch_size,
+                                  learning_rate=self.spec.params.learning_rate, seed=seed),
+        )
+        rnd = ActiveRound(
+            number=number, attempt=attempt, base=self.global_model,
+            state=RoundState(frozenset(cohort), min(self.spec.min_sites, len(cohort))),
+            running=RunningSum(self.global_specs), deadline=deadline,
+            spool_dir=self.spool_root / self.job_id / f"round-{number}-{attempt}", task=task,
+        )
+        self.store.start_round(self.job_id, number, attempt, cohort, self.global_model.version)
+        self._round = rnd
+        for site in cohort:
+            if not self.registry.send(site, pb.WorkItem(train=task)):
+                await self._apply(rnd, SiteLost(site))
+        if not await self._wait(rnd.done, self.spec.round_timeout_s):
+            await self._apply(rnd, DeadlinePassed())
+        await rnd.done.wait()
+        outcome = rnd.outcome
+        assert outcome is not None
+        train_s = time.monotonic() - started
+        try:
+            if not outcome.succeeded:
+                self.store.finish_round(self.job_id, number, attempt, state="failed",
+                                        reported=sorted(rnd.state.reported), detail=outcome.reason,
+                                        timings={"train_s": train_s})
+                self.store.audit("round_failed", "coordinator", job_id=self.job_id, round=number,
+                                 attempt=attempt, reason=outcome.reason)
+                self.progress(f"round {number} attempt {attempt} failed: {outcome.reason}")
+                return False
+            t0 = time.monotonic()
+            new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
+            encoded = await asyncio.to_thread(self.models.save, new_tensors,
+                                              {"job": self.job_id, "round": str(number)})
+            aggregate_s = time.monotonic() - t0
+            train_loss = rnd.loss_sum / rnd.weight_sum if rnd.weight_sum else None
+            self.global_tensors, self.global_model = new_tensors, encoded
+            self.store.finish_round(
+                self.job_id, number, attempt, state="completed", reported=sorted(rnd.state.reported),
+                model_version=encoded.version, train_loss=train_loss, train_samples=rnd.weight_sum,
+                timings={"train_s": train_s, "aggregate_s": aggregate_s}, detail=outcome.reason,
+            )
+            self.store.audit("round_completed", "coordinator", job_id=self.job_id, round=number,
+                             sites=sorted(rnd.state.reported), model_version=encoded.version)
+            self._round_line = (number, len(rnd.state.reported), len(cohort), train_loss, time.monotonic() - started)
+            if not (self.spec.evaluate_every and number % self.spec.evaluate_every == 0):
+                self._print_round(None)
+            return True
+        finally:
+            self._round = None
+            shutil.rmtree(rnd.spool_dir, ignore_errors=True)
+
+    def _print_round(self, val: tuple[int, float, float] | None, extra_s: float = 0.0) -> None:
+        number, reported, size, train_loss, seconds = self._round_line
+        parts = [f"round {number}/{self.spec.rounds}", f"sites {reported}/{size}"]
+        parts.append(f"train loss {train_loss:.4f}" if train_loss is not None else "train loss -")
+        if val is not None and val[0] > 0:
+            parts += [f"val loss {val[1]:.4f}", f"val acc {val[2]:.4f}"]
+        parts.append(f"{seconds + extra_s:.1f}s")
+        self.progress(" | ".join(parts))
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    async def _collect(self, number: int, split: str, sites: list[str]) -> Evaluation:
+        ev = Evaluation(number, split, self.global_model.version, set(sites))
+        self._eval = ev
+        item = pb.WorkItem(evaluate=pb.EvaluateTask(
+            job_id=self.job_id, round=number, model_version=ev.version, split=split,
+            deadline_unix=time.time() + self.spec.round_timeout_s))
+        for site in sites:
+            if not self.registry.send(site, item):
+                ev.expected.discard(site)
+        ev.check_done()
+        await self._wait(ev.done, self.spec.round_timeout_s)
+        self._eval = None
+        return ev
+
+    async def _evaluate_round(self, number: int, attempt: int) -> None:
+        t0 = time.monotonic()
+        ev = await self._collect(number, "val", self.eligible())
+        n, loss, acc = ev.aggregate()
+        if n:
+            self.store.set_round_eval(self.job_id, number, attempt, loss, acc, n)
+        self._print_round((n, loss, acc), time.monotonic() - t0)
+
+    async def _final_evaluation(self) -> None:
+        ev = await self._collect(self.spec.rounds, "test", self.eligible())
+        n, loss, acc = ev.aggregate()
+        self.store.update_job(self.job_id, test_loss=loss if n else None, test_accuracy=acc if n else None,
+                              test_samples=n)
+        if n:
+            self.progress(f"federated test: {n} samples from {len(ev.reports)} sites | loss {loss:.4f} | "
+                          f"accuracy {acc:.4f}")
+
+    # -- events from the registry -------------------------------------------------------------------------------
+    def _on_site(self, site: str, connected: bool) -> None:
+        rnd = self._round
+        if rnd is not None and site in rnd.state.cohort and rnd.state.open:
+            if connected:
+                self._spawn(self._apply(rnd, SiteBack(site)))
+                if site not in rnd.state.reported:
+                    self.registry.send(site, pb.WorkItem(train=rnd.task))  # a restarted site picks the task up again
+            else:
+                self._spawn(self._apply(rnd, SiteLost(site)))
+        ev = self._eval
+        if ev is not None and not connected and site in ev.expected and site not in ev.reports:
+            ev.expected.discard(site)
+            ev.check_done()
+
+    async def _apply(self, rnd: ActiveRound, event: Event) -> None:
+        async with rnd.lock:
+            self._apply_locked(rnd, event)
+
+    def _apply_locked(self, rnd: ActiveRound, event: Event) -> None:
+        for action in rnd.state.handle(event):
+            rnd.outcome = action
+            rnd.done.set()
+
+    # -- participant-facing domain functions --------------------------------------------------------------------
+    def model_for(self, job_id: str, version: str) -> EncodedTensors:
+        if job_id != self.job_id:
+            raise NotFound(f"job {job_id!r} is not the running job ({self.job_id})")
+        if version != self.global_model.version:
+            raise NotFound(f"model {version[:19]}... is not the current global model "
+                           f"({self.global_model.version[:19]}...); wait for the next task")
+        return self.global_model
+
+    def _round_for(self, site: str, h: pb.UpdateHeader) -> ActiveRound:
+        if h.job_id != self.job_id:
+            raise FailedPrecondition(f"update is for job {h.job_id!r}, but the running job is {self.job_id!r}")
+        rnd = self._round
+        if rnd is None or rnd.number != h.round or rnd.attempt != h.attempt:
+            current = f"round {rnd.number} attempt {rnd.attempt}" if rnd else "no round"
+            raise FailedPrecondition(f"update is for round {h.round} attempt {h.attempt}, but {current} is open")
+        if site not in rnd.state.cohort:
+            raise PermissionDenied(f"site {site!r} is not in the cohort of round {rnd.number}")
+        if h.base_model_version != rnd.base.version:
+            raise FailedPrecondition("update was computed against another model version than this round's")
+        return rnd
+
+    def _check_header(self, rnd: ActiveRound, h: pb.UpdateHeader) -> tuple[Spec, ...]:
+        specs = specs_from_manifest(h.manifest, self.limits)
+        if specs != self.global_specs:
+            expected = {s.name: s for s in self.global_specs}
+            for s in specs:
+                if s.name not in expected:
+                    raise InvalidArgument(f"update has tensor {s.name!r}, which the model does not have")
+                if s != expected[s.name]:
+                    raise InvalidArgument(f"tensor {s.name!r} has dtype/shape {s.dtype}/{list(s.shape)}; the model "
+                                          f"needs {expected[s.name].dtype}/{list(expected[s.name].shape)}")
+            raise InvalidArgument("update tensors are missing or out of order compared with the model")
+        if not 1 <= h.num_samples <= MAX_SAMPLES:
+            raise InvalidArgument(f"num_samples must be between 1 and {MAX_SAMPLES}")
+        if len(h.metrics) > MAX_METRICS or any(len(k) > 64 or not math.isfinite(v) for k, v in h.metrics.items()):
+            raise InvalidArgument(f"metrics: at most {MAX_METRICS} finite values with names of 64 characters or less")
+        if not math.isfinite(h.train_seconds) or h.train_seconds < 0:
+            raise InvalidArgument("train_seconds must be a finite, non-negative number")
+        return specs
+
+    async def receive_upload(self, site: str, header: pb.UpdateHeader,
+                             chunks: AsyncIterator[pb.UpdateChunk]) -> pb.UploadReply:
+        rnd = self._round_for(site, header)
+        specs = self._check_header(rnd, header)
+        previous = rnd.accepted.get(site)
+        if previous is not None:
+            if previous == header.manifest.sha256:
+                return pb.UploadReply(accepted=True, duplicate=True, update_sha256=previous)
+            raise AlreadyExists(f"site {site!r} already uploaded a different update for round {rnd.number}")
+        refusal = rnd.state.refusal(site)
+        if refusal is not None:
+            raise FailedPrecondition(refusal)
+        if site in rnd.in_flight:
+            raise FailedPrecondition(f"an upload from site {site!r} for this round is already in progress")
+        rnd.in_flight.add(site)
+        spool = UpdateSpool(rnd.spool_dir / f"{site}.update", specs, header.manifest.total_bytes,
+                            header.manifest.sha256, self.limits.max_chunk_bytes)
+        try:
+            async for msg in chunks:
+                if msg.WhichOneof("kind") != "data":
+                    raise InvalidArgument("only data chunks may follow the upload header")
+                spool.write(msg.data)
+            path = spool.finish()
+        except BaseException:
+            spool.discard()
+            raise
+        finally:
+            rnd.in_flight.discard(site)
+        try:
+            await asyncio.to_thread(check_finite_file, path)
+            async with rnd.lock:
+                refusal = rnd.state.refusal(site)
+                if refusal is not None:
+                    raise FailedPrecondition(refusal)
+                await asyncio.to_thread(rnd.running.add_file, path, float(header.num_samples))
+                self.store.record_upload(self.job_id, rnd.number, rnd.attempt, site,
+                                         sha256=header.manifest.sha256, num_samples=header.num_samples,
+                                         metrics=dict(header.metrics), train_seconds=header.train_seconds)
+                rnd.accepted[site] = header.manifest.sha256
+                if "loss" in header.metrics:
+                    rnd.loss_sum += header.metrics["loss"] * header.num_samples
+                    rnd.weight_sum += header.num_samples
+                self._apply_locked(rnd, UploadAccepted(site))
+        except BaseException:
+            if site not in rnd.accepted:
+                path.unlink(missing_ok=True)
+            raise
+        return pb.UploadReply(accepted=True, duplicate=False, update_sha256=header.manifest.sha256)
+
+    def receive_evaluation(self, site: str, report: pb.EvaluationReport) -> None:
+        if report.job_id != self.job_id:
+            raise FailedPrecondition(f"report is for job {report.job_id!r}, the running job is {self.job_id!r}")
+        ev = self._eval
+        if ev is None or ev.number != report.round or ev.split != report.split:
+            raise FailedPrecondition("no evaluation of that round and split is open")
+        if report.model_version != ev.version:
+            raise FailedPrecondition("report is for another model version than the one being evaluated")
+        if site in ev.reports:
+            raise AlreadyExists(f"site {site!r} already reported this evaluation")
+        if site not in ev.expected:
+            raise PermissionDenied(f"site {site!r} was not asked for this evaluation")
+        values = (report.loss, report.accuracy, report.eval_seconds)
+        if not all(math.isfinite(v) for v in values) or not 0 <= report.accuracy <= 1:
+            raise InvalidArgument("loss, accuracy and eval_seconds must be finite; accuracy within [0, 1]")
+        if report.num_samples > MAX_SAMPLES:
+            raise InvalidArgument(f"num_samples must be at most {MAX_SAMPLES}")
+        self.store.record_evaluation(self.job_id, report.round, report.split, site, report.model_version,
+                                     report.num_samples, report.loss, report.accuracy)
+        ev.reports[site] = (report.num_samples, report.loss, report.accuracy)
+        ev.check_done()
+
+    def model_tensors(self) -> dict[str, torch.Tensor]:
+        return self.global_tensors

@@ -1,0 +1,51 @@
+"""Global models as safetensors files named by their Cohort digest (``models/<hex>.safetensors``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from common.serde import EncodedTensors, encode
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, version: str) -> Path:
+        hexdigest = version.removeprefix("sha256:")
+        if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+            raise ValueError(f"not a model version: {version!r}")
+        return self.root / f"{hexdigest}.safetensors"
+
+    def save(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> EncodedTensors:
+        """Write the model (atomically: temp file, fsync, rename) and return its wire encoding."""
+        encoded = encode(tensors)
+        path = self.path_for(encoded.version)
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={**(metadata or {}), "cohort_version": encoded.version,
+                                "cohort_order": json.dumps([s.name for s in encoded.specs])})
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return encoded
+
+    def load(self, version: str) -> dict[str, torch.Tensor]:
+        """Load a model and check it still hashes to its name."""
+        path = self.path_for(version)
+        with safe_open(str(path), framework="pt") as f:
+            order = json.loads((f.metadata() or {}).get("cohort_order", "[]"))
+        loaded: dict[str, torch.Tensor] = load_file(str(path))
+        # safetensors does not keep insertion order; the digest covers the model's own order.
+        tensors = {name: loaded[name] for name in order} if set(order) == set(loaded) else loaded
+        if encode(tensors).version != version:
+            raise ValueError(f"model file {path} does not hash to its name; it was altered or damaged")
+        return tensors

@@ -1,0 +1,110 @@
+"""Connected participant sessions: who is here, what task they declared, and their outgoing work queues.
+
+One session per site (a new Join replaces the old one). A site counts as connected while its WaitForWork stream
+is open; the job runner is told when a site connects or goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.proto.cohort.v1 import cohort_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a site says it runs: compared with the job before the site is given work."""
+
+    task_name: str
+    task_digest: str
+    schema_fingerprint: str
+    software_version: str
+    num_train_samples: int
+
+
+@dataclass(eq=False)
+class Session:
+    site: str
+    session_id: str
+    declaration: Declaration
+    joined: float
+    last_seen: float
+    queue: asyncio.Queue[pb.WorkItem | None] = field(default_factory=asyncio.Queue)
+    streams: int = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.streams > 0
+
+
+Listener = Callable[[str, bool], None]  # (site, connected)
+
+
+class Registry:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._sessions: dict[str, Session] = {}
+        self._clock = clock
+        self._listeners: list[Listener] = []
+        self.changed = asyncio.Event()
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, site: str, connected: bool) -> None:
+        self.changed.set()
+        for listener in list(self._listeners):
+            listener(site, connected)
+
+    def join(self, site: str, declaration: Declaration) -> Session:
+        old = self._sessions.get(site)
+        if old is not None:
+            old.queue.put_nowait(None)  # ends the old session's stream
+        now = self._clock()
+        session = Session(site, secrets.token_hex(16), declaration, now, now)
+        self._sessions[site] = session
+        return session
+
+    def get(self, site: str) -> Session | None:
+        return self._sessions.get(site)
+
+    def attach(self, site: str, session_id: str) -> Session | None:
+        session = self._sessions.get(site)
+        if session is None or not secrets.compare_digest(session.session_id, session_id):
+            return None
+        session.streams += 1
+        session.last_seen = self._clock()
+        if session.streams == 1:
+            self._notify(site, True)
+        return session
+
+    def detach(self, session: Session) -> None:
+        session.streams = max(0, session.streams - 1)
+        current = self._sessions.get(session.site) is session
+        if session.streams == 0 and current:
+            self._notify(session.site, False)
+
+    def touch(self, site: str) -> None:
+        session = self._sessions.get(site)
+        if session is not None:
+            session.last_seen = self._clock()
+
+    def connected(self) -> list[Session]:
+        return [s for s in self._sessions.values() if s.connected]
+
+    def sessions(self) -> list[Session]:
+        return sorted(self._sessions.values(), key=lambda s: s.site)
+
+    def send(self, site: str, item: pb.WorkItem) -> bool:
+        session = self._sessions.get(site)
+        if session is None or not session.connected:
+            return False
+        session.queue.put_nowait(item)
+        return True
+
+    def close_all(self) -> None:
+        for session in self._sessions.values():
+            session.queue.put_nowait(None)

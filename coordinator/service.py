@@ -1,0 +1,176 @@
+"""The coordinator's domain: federation membership, sessions, the running job and status. No gRPC server here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, TaskError
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.serde import EncodedTensors, Limits
+from common.tasks.base import load_task
+from common.version import VERSION
+from coordinator.config import CoordinatorConfig, JobConfig
+from coordinator.job import JobRunner, ProgressHook
+from coordinator.job_proto import job_config_from_proto, job_status
+from coordinator.model_store import ModelStore
+from coordinator.registry import Declaration, Registry
+from coordinator.store import Store
+
+log = logging.getLogger("cohort.coordinator")
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, progress: ProgressHook | None = None) -> None:
+        self.config = config
+        self.allowed = frozenset(config.federation.sites)
+        state = config.state_dir
+        self.store = Store(state / "coordinator.db")
+        self.models = ModelStore(state / "models")
+        self.spool_root = state / "spool"
+        self.registry = Registry()
+        self.limits = Limits(max_chunk_bytes=config.server.max_chunk_bytes,
+                             max_total_bytes=config.server.max_update_bytes)
+        self.progress = progress
+        self.runner: JobRunner | None = None
+        self._job_task: asyncio.Task[None] | None = None
+        self.runners: dict[str, JobRunner] = {}
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def start_job(self, spec: JobConfig, actor: str = "coordinator") -> JobRunner:
+        if self.runner is not None and self.runner.state == "running":
+            raise FailedPrecondition(f"job {self.runner.job_id} is still running; stop it first")
+        if spec.min_sites > len(self.allowed):
+            raise InvalidArgument(f"min_sites {spec.min_sites} exceeds the {len(self.allowed)} allowed sites")
+        try:
+            task = load_task(spec.task)
+        except (ValueError, TaskError) as exc:
+            raise FailedPrecondition(f"task {spec.task!r} cannot be loaded on the coordinator: {exc}") from None
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        runner = JobRunner(job_id, spec, task, store=self.store, models=self.models, registry=self.registry,
+                           spool_root=self.spool_root, limits=self.limits, progress=self.progress)
+        self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
+        self.runner = runner
+        self.runners[job_id] = runner
+        self._job_task = asyncio.get_running_loop().create_task(runner.run(), name=f"job-{job_id}")
+        return runner
+
+    def start_job_from_proto(self, spec: pb.JobSpec, actor: str) -> pb.JobStatus:
+        runner = self.start_job(job_config_from_proto(spec), actor)
+        return self.job_status(runner.job_id)
+
+    def stop_job(self, job_id: str, reason: str, actor: str) -> pb.JobStatus:
+        runner = self.runners.get(job_id)
+        if runner is None:
+            raise InvalidArgument(f"unknown job {job_id!r}")
+        if runner.state != "running":
+            raise FailedPrecondition(f"job {job_id} is already {runner.state}")
+        self.store.audit("job_stop_requested", actor, job_id=job_id, reason=reason)
+        runner.stop(reason)
+        return self.job_status(job_id)
+
+    async def wait_job(self) -> None:
+        if self._job_task is not None:
+            await asyncio.shield(self._job_task)
+
+    async def close(self) -> None:
+        if self.runner is not None and self.runner.state == "running":
+            self.runner.stop("coordinator shutting down")
+        if self._job_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._job_task), timeout=10)
+            except TimeoutError:
+                self._job_task.cancel()
+        self.registry.close_all()
+        self.store.close()
+
+    # -- participants -------------------------------------------------------------------------------------------
+    def join(self, site: str, req: pb.JoinRequest) -> pb.JoinReply:
+        if site not in self.allowed:
+            self.store.audit("join_refused", site, reason="not on the allow-list")
+            raise PermissionDenied(f"site {site!r} is not on the allow-list of federation "
+                                   f"{self.config.federation.name!r}; ask the operator to add it")
+        decl = Declaration(req.task_name, req.task_digest, req.schema_fingerprint, req.software_version,
+                           req.num_train_samples)
+        runner = self.runner if self.runner is not None and self.runner.state == "running" else None
+        if runner is not None:
+            mismatch = runner.identity.mismatch(decl)
+            if mismatch is not None:
+                self.store.audit("join_refused", site, reason=mismatch)
+                raise FailedPrecondition(f"site {site!r} does not fit job {runner.job_id}: {mismatch}")
+        session = self.registry.join(site, decl)
+        self.store.audit("join", site, task=req.task_name, version=req.software_version)
+        return pb.JoinReply(
+            session_id=session.session_id,
+            heartbeat_interval_s=self.config.server.heartbeat_interval_s,
+            job_id=runner.job_id if runner else "",
+            federation=self.config.federation.name,
+            site_id=site,
+        )
+
+    async def work_stream(self, site: str, session_id: str) -> AsyncIterator[pb.WorkItem]:
+        session = self.registry.attach(site, session_id)
+        if session is None:
+            raise FailedPrecondition("unknown or replaced session; call Join again")
+        interval = self.config.server.heartbeat_interval_s
+        try:
+            yield pb.WorkItem(heartbeat=pb.Heartbeat(server_time=time.time()))
+            while True:
+                try:
+                    item = await asyncio.wait_for(session.queue.get(), timeout=interval)
+                except TimeoutError:
+                    item = pb.WorkItem(heartbeat=pb.Heartbeat(server_time=time.time()))
+                if item is None:
+                    return
+                self.registry.touch(site)
+                yield item
+        finally:
+            self.registry.detach(session)
+
+    def _active(self, job_id: str) -> JobRunner:
+        runner = self.runners.get(job_id)
+        if runner is None or runner.state != "running":
+            raise FailedPrecondition(f"job {job_id!r} is not running")
+        return runner
+
+    def model_for(self, site: str, req: pb.ModelRequest) -> EncodedTensors:
+        self._require_member(site)
+        return self._active(req.job_id).model_for(req.job_id, req.model_version)
+
+    async def receive_upload(self, site: str, header: pb.UpdateHeader,
+                             chunks: AsyncIterator[pb.UpdateChunk]) -> pb.UploadReply:
+        self._require_member(site)
+        return await self._active(header.job_id).receive_upload(site, header, chunks)
+
+    def receive_evaluation(self, site: str, report: pb.EvaluationReport) -> None:
+        self._require_member(site)
+        self._active(report.job_id).receive_evaluation(site, report)
+
+    def _require_member(self, site: str) -> None:
+        if site not in self.allowed:
+            raise PermissionDenied(f"site {site!r} is not on the allow-list")
+
+    # -- status -------------------------------------------------------------------------------------------------
+    def job_status(self, job_id: str) -> pb.JobStatus:
+        row = next((j for j in self.store.jobs() if j["job_id"] == job_id), None)
+        if row is None:
+            raise InvalidArgument(f"unknown job {job_id!r}")
+        return job_status(row, self.store)
+
+    def status(self) -> pb.StatusReply:
+        sites = []
+        sessions = {s.site: s for s in self.registry.sessions()}
+        for site in sorted(self.allowed):
+            s = sessions.get(site)
+            sites.append(pb.SiteStatus(
+                site_id=site, connected=bool(s and s.connected),
+                task_name=s.declaration.task_name if s else "",
+                software_version=s.declaration.software_version if s else "",
+                last_seen_unix=s.last_seen if s else 0.0))
+        jobs = [job_status(row, self.store) for row in self.store.jobs()]
+        return pb.StatusReply(federation=self.config.federation.name, sites=sites, jobs=jobs,
+                              software_version=VERSION)

@@ -1,0 +1,296 @@
+"""Durable coordinator state in SQLite (WAL mode, one writer: the coordinator's event loop).
+
+Tables: jobs, rounds (one row per attempt), uploads (accepted updates: digest, weight, metrics; never tensors),
+evaluations (per-site federated evaluation results: counts, loss, accuracy) and audit (security-relevant events).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    current_round INTEGER NOT NULL DEFAULT 0,
+    model_version TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    test_loss REAL,
+    test_accuracy REAL,
+    test_samples INTEGER
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    started REAL NOT NULL,
+    finished REAL,
+    cohort TEXT NOT NULL,
+    reported TEXT NOT NULL DEFAULT '[]',
+    base_version TEXT NOT NULL,
+    model_version TEXT NOT NULL DEFAULT '',
+    train_loss REAL,
+    train_samples INTEGER,
+    val_loss REAL,
+    val_accuracy REAL,
+    val_samples INTEGER,
+    timings TEXT NOT NULL DEFAULT '{}',
+    detail TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, round, attempt)
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    site TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    train_seconds REAL NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (job_id, round, attempt, site)
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    site TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    accuracy REAL NOT NULL,
+    received REAL NOT NULL,
+    PRIMARY KEY (job_id, round, split, site)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    job_id: str
+    round: int
+    attempt: int
+    state: str
+    started: float
+    finished: float | None
+    cohort: list[str]
+    reported: list[str]
+    base_version: str
+    model_version: str
+    train_loss: float | None
+    train_samples: int | None
+    val_loss: float | None
+    val_accuracy: float | None
+    val_samples: int | None
+    timings: dict[str, float]
+    detail: str
+
+
+class Store:
+    """A small typed facade over the SQLite file; all writes are committed before the call returns."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def create_job(self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str) -> None:
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (job_id, name, spec, state, created, updated, model_version)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                (job_id, name, json.dumps(spec, sort_keys=True), now, now, model_version),
+            )
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        allowed = {"state", "current_round", "model_version", "detail", "test_loss", "test_accuracy", "test_samples"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown job fields {sorted(bad)}")
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE jobs SET {cols}, updated = ? WHERE job_id = ?",  # noqa: S608 - column names are allow-listed
+                (*fields.values(), time.time(), job_id),
+            )
+
+    def jobs(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["spec"] = json.loads(d["spec"])
+            out.append(d)
+        return out
+
+    # -- rounds -------------------------------------------------------------------------------------------------
+    def start_round(self, job_id: str, rnd: int, attempt: int, cohort: list[str], base_version: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds (job_id, round, attempt, state, started, cohort, base_version)"
+                " VALUES (?, ?, ?, 'training', ?, ?, ?)",
+                (job_id, rnd, attempt, time.time(), json.dumps(cohort), base_version),
+            )
+
+    def finish_round(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        *,
+        state: str,
+        reported: list[str],
+        model_version: str = "",
+        train_loss: float | None = None,
+        train_samples: int | None = None,
+        timings: Mapping[str, float] | None = None,
+        detail: str = "",
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET state = ?, finished = ?, reported = ?, model_version = ?, train_loss = ?,"
+                " train_samples = ?, timings = ?, detail = ? WHERE job_id = ? AND round = ? AND attempt = ?",
+                (
+                    state,
+                    time.time(),
+                    json.dumps(sorted(reported)),
+                    model_version,
+                    train_loss,
+                    train_samples,
+                    json.dumps(dict(timings or {}), sort_keys=True),
+                    detail,
+                    job_id,
+                    rnd,
+                    attempt,
+                ),
+            )
+            if state == "completed":
+                db.execute(
+                    "UPDATE jobs SET current_round = ?, model_version = ?, updated = ? WHERE job_id = ?",
+                    (rnd, model_version, time.time(), job_id),
+                )
+
+    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET val_loss = ?, val_accuracy = ?, val_samples = ?"
+                " WHERE job_id = ? AND round = ? AND attempt = ?",
+                (loss, accuracy, n, job_id, rnd, attempt),
+            )
+
+    def set_round_timing(self, job_id: str, rnd: int, attempt: int, timings: Mapping[str, float]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET timings = ? WHERE job_id = ? AND round = ? AND attempt = ?",
+                (json.dumps(dict(timings), sort_keys=True), job_id, rnd, attempt),
+            )
+
+    def rounds(self, job_id: str) -> list[RoundRow]:
+        rows = self._db.execute(
+            "SELECT * FROM rounds WHERE job_id = ? ORDER BY round, attempt", (job_id,)
+        ).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["cohort"] = json.loads(d["cohort"])
+            d["reported"] = json.loads(d["reported"])
+            d["timings"] = json.loads(d["timings"])
+            out.append(RoundRow(**d))
+        return out
+
+    # -- uploads and evaluations --------------------------------------------------------------------------------
+    def record_upload(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        site: str,
+        *,
+        sha256: str,
+        num_samples: int,
+        metrics: Mapping[str, float],
+        train_seconds: float,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, rnd, attempt, site, sha256, num_samples, json.dumps(dict(metrics)), train_seconds,
+                 time.time()),
+            )
+
+    def uploads(self, job_id: str, rnd: int, attempt: int) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM uploads WHERE job_id = ? AND round = ? AND attempt = ? ORDER BY site",
+            (job_id, rnd, attempt),
+        ).fetchall()
+        return [dict(r) | {"metrics": json.loads(r["metrics"])} for r in rows]
+
+    def record_evaluation(
+        self, job_id: str, rnd: int, split: str, site: str, model_version: str, n: int, loss: float, acc: float
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, rnd, split, site, model_version, n, loss, acc, time.time()),
+            )
+
+    def evaluations(self, job_id: str, rnd: int, split: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM evaluations WHERE job_id = ? AND round = ? AND split = ? ORDER BY site",
+            (job_id, rnd, split),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    # -- audit --------------------------------------------------------------------------------------------------
+    def audit(self, kind: str, actor: str, **detail: Any) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audit (ts, kind, actor, detail) VALUES (?, ?, ?, ?)",
+                (time.time(), kind, actor, json.dumps(detail, sort_keys=True, default=str)),
+            )
+
+    def audit_events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if kind is None:
+            rows = self._db.execute("SELECT * FROM audit ORDER BY seq").fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM audit WHERE kind = ? ORDER BY seq", (kind,)).fetchall()
+        return [dict(r) | {"detail": json.loads(r["detail"])} for r in rows]

@@ -1,0 +1,321 @@
+"""The participant daemon: dials out to the coordinator, waits for work, trains locally, streams updates back.
+
+It never listens on a port. A session is Join -> WaitForWork (a server stream of work items and heartbeats). When
+the stream ends or goes silent past the heartbeat interval, the daemon reconnects with exponential backoff and
+full jitter. Permanent refusals (not on the allow-list, wrong task or schema, bad certificate) stop the daemon with
+the coordinator's message instead of retrying forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import torch
+
+from common.certs import Role
+from common.errors import RETRYABLE_CODES, InvalidArgument
+from common.lifecycle import Status
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
+from common.retry import Backoff
+from common.serde import CHUNK_BYTES, Assembler
+from common.tasks.base import Task, load_task, task_digest
+from common.tls import channel_credentials, keepalive_options, message_options, tls_files
+from common.version import VERSION
+from participant.config import ParticipantConfig
+from participant.site import Site
+
+log = logging.getLogger("cohort.participant")
+
+# Refusals that retrying cannot fix: stop and tell the operator.
+FATAL_CODES = frozenset({
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+})
+
+WorkKey = tuple[str, ...]
+T = TypeVar("T")
+
+
+class FatalRefusal(Exception):
+    """The coordinator refused this site for a reason retrying cannot fix."""
+
+
+class ParticipantDaemon:
+    def __init__(self, config: ParticipantConfig, task: Task | None = None) -> None:
+        self.config = config
+        self.status = Status.INIT
+        self.task = task
+        self.site: Site | None = None
+        self.site_id = ""
+        self.job_id = ""
+        self.error: str | None = None
+        self.joined = asyncio.Event()
+        self.completed: collections.deque[WorkKey] = collections.deque(maxlen=64)
+        self._stop = asyncio.Event()
+        self._closed = asyncio.Event()
+        self._work: asyncio.Queue[pb.WorkItem] = asyncio.Queue()
+        self._pending: set[WorkKey] = set()
+        self._stub: pb_grpc.FederationStub | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._backoff = Backoff(config.reconnect.initial_backoff_s, config.reconnect.max_backoff_s)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.status is not Status.INIT:
+            return
+        self.status = Status.STARTING
+        cfg = self.config
+        self._credentials = channel_credentials(tls_files(cfg.tls), Role.PARTICIPANT)
+        task = self.task or load_task(cfg.task)
+        data = await asyncio.to_thread(task.load_data, cfg.data_dir)
+        self.task, self.site = task, Site(task, data)
+        self._digest = task_digest(task)
+        torch.set_num_threads(cfg.training.torch_threads)
+        self.status = Status.RUNNING
+        self._tasks = [asyncio.create_task(self._connect_loop(), name="participant-connect"),
+                       asyncio.create_task(self._worker(), name="participant-worker")]
+
+    async def close(self, reason: str = "shutdown") -> None:
+        if self.status in (Status.CLOSING, Status.CLOSED):
+            await self._closed.wait()
+            return
+        self.status = Status.CLOSING
+        log.info("participant closing: %s", reason)
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close()
+        self.status = Status.CLOSED
+        self._closed.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def __aenter__(self) -> ParticipantDaemon:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close("context exit")
+
+    def _fail(self, message: str) -> None:
+        self.error = message
+        self.status = Status.FAILED
+        log.error("%s", message)
+        self._stop.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    # -- connection ---------------------------------------------------------------------------------------------
+    def _open_channel(self) -> pb_grpc.FederationStub:
+        cfg = self.config.coordinator
+        options = keepalive_options(5.0) + message_options(8 << 20)
+        if cfg.server_name:
+            options.append(("grpc.ssl_target_name_override", cfg.server_name))
+        self._channel = grpc.aio.secure_channel(cfg.address, self._credentials, options=options)
+        self._stub = pb_grpc.FederationStub(self._channel)
+        return self._stub
+
+    async def _connect_loop(self) -> None:
+        stub = self._open_channel()
+        while not self._stop.is_set():
+            try:
+                await self._session(stub)
+            except FatalRefusal as exc:
+                self._fail(str(exc))
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL_CODES:
+                    self._fail(f"coordinator refused this site ({exc.code().name}): {exc.details()}")
+                    return
+                log.warning("connection to coordinator lost (%s: %s); reconnecting", exc.code().name, exc.details())
+            except TimeoutError:
+                log.warning("no message from the coordinator within the heartbeat window; reconnecting")
+            self.joined.clear()
+            await self._sleep(self._backoff.next_delay())
+
+    async def _session(self, stub: pb_grpc.FederationStub) -> None:
+        assert self.task is not None and self.site is not None
+        reply: pb.JoinReply = await stub.Join(
+            pb.JoinRequest(task_name=self.task.name, task_digest=self._digest,
+                           schema_fingerprint=self.task.schema.fingerprint(), software_version=VERSION,
+                           num_train_samples=self.site.num_train_samples),
+            timeout=self.config.coordinator.rpc_timeout_s,
+        )
+        self.site_id, self.job_id = reply.site_id, reply.job_id
+        log.info("joined federation %r as site %r", reply.federation, reply.site_id)
+        stream = stub.WaitForWork(pb.WaitRequest(session_id=reply.session_id))
+        window = 2 * reply.heartbeat_interval_s + 1.0
+        try:
+            while not self._stop.is_set():
+                item = await asyncio.wait_for(stream.read(), timeout=window)
+                if item is grpc.aio.EOF:
+                    log.info("coordinator ended the work stream")
+                    return
+                assert isinstance(item, pb.WorkItem)
+                if not self.joined.is_set():
+                    self.joined.set()
+                    self._backoff.reset()
+                self._dispatch(item)
+        finally:
+            stream.cancel()
+
+    def _dispatch(self, item: pb.WorkItem) -> None:
+        kind = item.WhichOneof("kind")
+        if kind == "train" or kind == "evaluate":
+            key = _key(item)
+            if key in self._pending or key in self.completed:
+                return  # the coordinator re-sent a task we already have
+            self._pending.add(key)
+            self._work.put_nowait(item)
+        elif kind == "job_finished":
+            log.info("job %s finished: %s", item.job_finished.job_id, item.job_finished.reason)
+
+    # -- work ---------------------------------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            item = await self._work.get()
+            key = _key(item)
+            try:
+                if item.WhichOneof("kind") == "train":
+                    await self._train(item.train)
+                else:
+                    await self._evaluate(item.evaluate)
+                self.completed.append(key)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("%s %s failed: %s: %s", key[0], key[1:], exc.code().name, exc.details())
+            except Exception:
+                log.exception("%s %s failed", key[0], key[1:])
+            finally:
+                self._pending.discard(key)
+
+    async def _retrying(self, what: str, deadline: float, call: Callable[[], Awaitable[T]]) -> T:
+        backoff = Backoff(self.config.reconnect.initial_backoff_s, self.config.reconnect.max_backoff_s)
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE_CODES or time.time() >= deadline or self._stop.is_set():
+                    raise
+                log.info("%s: %s, retrying", what, exc.code().name)
+            await self._sleep(min(backoff.next_delay(), max(0.0, deadline - time.time())))
+
+    async def _model(self, job_id: str, version: str, deadline: float) -> dict[str, torch.Tensor]:
+        if self._cache is not None and self._cache[0] == version:
+            return self._cache[1]
+
+        async def download() -> dict[str, torch.Tensor]:
+            assert self._stub is not None
+            stream = self._stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version),
+                                              timeout=self.config.coordinator.transfer_timeout_s)
+            first = await stream.read()
+            if first is grpc.aio.EOF or first.WhichOneof("kind") != "manifest":
+                raise InvalidArgument("model stream did not start with a manifest")
+            assembler = Assembler(first.manifest)
+            while (chunk := await stream.read()) is not grpc.aio.EOF:
+                assert isinstance(chunk, pb.ModelChunk)
+                if chunk.WhichOneof("kind") != "data":
+                    raise InvalidArgument("model stream carried a second manifest")
+                assembler.add(chunk.data)
+            if "sha256:" + assembler.expected_sha256 != version:
+                raise InvalidArgument("the coordinator sent a different model than the task named")
+            return await asyncio.to_thread(assembler.finish)
+
+        tensors = await self._retrying("model download", deadline, download)
+        self._cache = (version, tensors)
+        return tensors
+
+    async def _train(self, task: pb.TrainTask) -> None:
+        assert self.site is not None
+        t0 = time.perf_counter()
+        tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
+        local = await asyncio.to_thread(self.site.train, tensors, task.params)
+        metrics = {"loss": local.result.loss, "accuracy": local.result.accuracy}
+        metrics |= {k: v for k, v in local.result.extra.items() if math.isfinite(v)}
+        header = pb.UpdateHeader(
+            job_id=task.job_id, round=task.round, attempt=task.attempt, base_model_version=task.model_version,
+            num_samples=local.result.num_samples, metrics=metrics, manifest=local.update.manifest(),
+            train_seconds=local.seconds,
+        )
+
+        async def upload() -> pb.UploadReply:
+            assert self._stub is not None
+
+            async def chunks() -> AsyncIterator[pb.UpdateChunk]:
+                yield pb.UpdateChunk(header=header)
+                for part in local.update.chunks(CHUNK_BYTES):
+                    yield pb.UpdateChunk(data=bytes(part))
+
+            reply: pb.UploadReply = await self._stub.UploadUpdate(
+                chunks(), timeout=self.config.coordinator.transfer_timeout_s)
+            return reply
+
+        reply = await self._retrying("upload", task.deadline_unix, upload)
+        log.info("round %d: trained on %d samples (loss %.4f) and uploaded %s in %.1fs%s", task.round,
+                 local.result.num_samples, local.result.loss, reply.update_sha256[:12], time.perf_counter() - t0,
+                 " (duplicate)" if reply.duplicate else "")
+
+    async def _evaluate(self, task: pb.EvaluateTask) -> None:
+        assert self.site is not None and self._stub is not None
+        tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
+        result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split)
+        report = pb.EvaluationReport(
+            job_id=task.job_id, round=task.round, model_version=task.model_version, split=task.split,
+            num_samples=result.num_samples, loss=result.loss, accuracy=result.accuracy, eval_seconds=seconds,
+        )
+        stub = self._stub
+
+        async def send() -> pb.Ack:
+            ack: pb.Ack = await stub.ReportEvaluation(report, timeout=self.config.coordinator.rpc_timeout_s)
+            return ack
+
+        await self._retrying("evaluation report", task.deadline_unix, send)
+
+
+def _key(item: pb.WorkItem) -> WorkKey:
+    if item.WhichOneof("kind") == "train":
+        t = item.train
+        return ("train", t.job_id, str(t.round), str(t.attempt))
+    e = item.evaluate
+    return ("evaluate", e.job_id, str(e.round), e.split, e.model_version)
+
+
+async def run(config: ParticipantConfig) -> int:
+    """Run until SIGTERM/SIGINT, or until the coordinator refuses this site for good (exit code 1)."""
+    from common.lifecycle import install_stop_handlers
+
+    stop = asyncio.Event()
+    install_stop_handlers(stop)
+    daemon = ParticipantDaemon(config)
+    await daemon.start()
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(daemon.wait_stopped())]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+    error = daemon.error
+    await daemon.close("signal" if stop.is_set() else "stopped")
+    return 1 if error else 0

@@ -1,0 +1,53 @@
+"""What a site does with a task, off the event loop: train from the global model, compute the update, evaluate.
+
+Runs in a worker thread. The data stays in this process: only the update (local - global), sample counts and
+aggregate metrics leave it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.serde import EncodedTensors, encode, state_dict_float32
+from common.tasks.base import EvalResult, SiteData, Task, TrainResult, TrainSettings
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    update: EncodedTensors
+    result: TrainResult
+    seconds: float
+
+
+class Site:
+    def __init__(self, task: Task, data: SiteData) -> None:
+        self.task = task
+        self.data = data
+
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.data.train)  # type: ignore[arg-type]
+
+    def _model(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model = self.task.build_model(seed=0)
+        model.load_state_dict(tensors, strict=True)
+        return model
+
+    def train(self, global_tensors: dict[str, torch.Tensor], params: pb.TrainParams) -> LocalUpdate:
+        started = time.perf_counter()
+        model = self._model(global_tensors)
+        settings = TrainSettings(local_epochs=params.local_epochs, batch_size=params.batch_size,
+                                 learning_rate=params.learning_rate, seed=params.seed)
+        result = self.task.train(model, self.data, settings)
+        local = state_dict_float32(model)
+        delta = {name: local[name] - global_tensors[name] for name in global_tensors}
+        return LocalUpdate(encode(delta), result, time.perf_counter() - started)
+
+    def evaluate(self, global_tensors: dict[str, torch.Tensor], split: str) -> tuple[EvalResult, float]:
+        started = time.perf_counter()
+        result = self.task.evaluate(self._model(global_tensors), self.data.split(split))
+        return result, time.perf_counter() - started

@@ -1,0 +1,114 @@
+"""Test support: certificate identities, config builders binding to 127.0.0.1 port 0, and poll_until."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from common.certs import (
+    TlsFiles,
+    write_pem,
+)
+from common.settings import TlsConfig, TrainParamsConfig
+from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig
+from participant.config import CoordinatorEndpoint, ParticipantConfig, ReconnectConfig
+
+SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
+UNLISTED = "site-z"  # has a valid certificate from the federation CA, but is not on the allow-list
+
+torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class Pki:
+    root: Path
+    ids: dict[str, TlsFiles]
+    foreign: TlsFiles  # a participant certificate from another CA
+    expired: TlsFiles  # a participant certificate from our CA that has expired
+
+    def site(self, name: str) -> TlsFiles:
+        return self.ids[f"site:{name}"]
+
+    @property
+    def coordinator(self) -> TlsFiles:
+        return self.ids["coordinator"]
+
+    @property
+    def admin(self) -> TlsFiles:
+        return self.ids["admin:admin"]
+
+
+def tls(files: TlsFiles) -> TlsConfig:
+    return TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
+
+
+def write_identity(directory: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> TlsFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(ca=directory / "ca.crt", cert=directory / "tls.crt", key=directory / "tls.key")
+    write_pem(files.ca, ca_pem, private=False)
+    write_pem(files.cert, cert_pem, private=False)
+    write_pem(files.key, key_pem, private=True)
+    return files
+
+
+def cert_pem(cert: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509 import Certificate
+
+    assert isinstance(cert, Certificate)
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def coordinator_config(pki: Pki, state_dir: Path, *, sites: tuple[str, ...] = SITES, job: JobConfig | None = None,
+                       heartbeat_s: float = 1.0) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        federation=FederationConfig(name="test", sites=sites),
+        server=ServerConfig(listen="127.0.0.1:0", tls=tls(pki.coordinator), heartbeat_interval_s=heartbeat_s,
+                            shutdown_grace_s=1.0),
+        state_dir=state_dir,
+        job=job,
+    )
+
+
+def job_config(**overrides: object) -> JobConfig:
+    base = JobConfig(task="breast_cancer", name="test", rounds=2, fraction=1.0, min_sites=3, round_timeout_s=60,
+                     wait_for_sites_s=60, evaluate_every=1,
+                     params=TrainParamsConfig(local_epochs=1, batch_size=16, learning_rate=0.05, seed=3))
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def participant_config(files: TlsFiles, address: str, data_dir: Path, task: str = "breast_cancer") -> ParticipantConfig:
+    return ParticipantConfig(
+        tls=tls(files), data_dir=data_dir, task=task,
+        coordinator=CoordinatorEndpoint(address=address, rpc_timeout_s=10, transfer_timeout_s=60),
+        reconnect=ReconnectConfig(initial_backoff_s=0.05, max_backoff_s=0.5),
+    )
+
+
+async def poll_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 30.0,
+                     interval: float = 0.02, what: str = "condition") -> None:
+    """Wait until ``predicate()`` is true; fail the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
