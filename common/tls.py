@@ -70,10 +70,11 @@ def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
     """The verified identity of the caller. The TLS stack already checked the chain to the federation CA."""
     auth = context.auth_context()
     pems = auth.get("x509_pem_cert") if auth else None
-    if not pems:
+    first = next(iter(pems), None) if pems else None
+    if first is None:
         raise Unauthenticated("no client certificate was presented; connect with the site's certificate")
     try:
-        return _identity_cached(bytes(pems[0]))
+        return _identity_cached(bytes(first))
     except CertificateError as exc:
         raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
 

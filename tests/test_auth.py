@@ -1,0 +1,118 @@
+"""Who may talk to the coordinator: mutual TLS, the allow-list, certificate roles, and the job's task identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from support import SITES, UNLISTED, Pki, coordinator_config, job_config
+
+from common.certs import TlsFiles
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
+from common.tasks.base import load_task, task_digest
+
+
+def join_request(**overrides: object) -> pb.JoinRequest:
+    task = load_task("breast_cancer")
+    fields: dict[str, object] = {
+        "task_name": task.name,
+        "task_digest": task_digest(task),
+        "schema_fingerprint": task.schema.fingerprint(),
+        "software_version": "test",
+        "num_train_samples": 10,
+    }
+    fields.update(overrides)
+    return pb.JoinRequest(**fields)  # type: ignore[arg-type]
+
+
+def channel(address: str, files: TlsFiles | None, ca: Path) -> grpc.aio.Channel:
+    if files is None:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    else:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes(), private_key=files.key.read_bytes(),
+            certificate_chain=files.cert.read_bytes())
+    return grpc.aio.secure_channel(address, creds)
+
+
+async def join(address: str, files: TlsFiles | None, ca: Path, request: pb.JoinRequest) -> pb.JoinReply:
+    async with channel(address, files, ca) as ch:
+        reply: pb.JoinReply = await pb_grpc.FederationStub(ch).Join(request, timeout=10)
+        return reply
+
+
+@pytest.fixture
+async def coordinator(pki: Pki, tmp_path: Path, coordinator_factory):  # type: ignore[no-untyped-def]
+    # A running job (that waits for sites) so joins are checked against its task.
+    return await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job_config(min_sites=5)))
+
+
+@pytest.mark.parametrize("who", ["none", "foreign", "expired"])
+async def test_tls_handshake_refuses_bad_client_certificates(coordinator, pki: Pki, who: str) -> None:  # type: ignore[no-untyped-def]
+    files = {"none": None, "foreign": pki.foreign, "expired": pki.expired}[who]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await join(coordinator.address, files, pki.coordinator.ca, join_request())
+    # The TLS handshake fails before any RPC runs, so gRPC reports the channel as unavailable.
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert coordinator.coordinator.registry.sessions() == []
+
+
+async def test_site_not_on_allow_list_is_refused(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await join(coordinator.address, pki.site(UNLISTED), pki.coordinator.ca, join_request())
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "allow-list" in (info.value.details() or "")
+    assert coordinator.coordinator.registry.sessions() == []
+    refusals = coordinator.coordinator.store.audit_events("join_refused")
+    assert [e["actor"] for e in refusals] == [UNLISTED]
+
+
+async def test_valid_site_joins_with_identity_from_certificate(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+    reply = await join(coordinator.address, pki.site(SITES[1]), pki.coordinator.ca, join_request())
+    assert reply.site_id == SITES[1]
+    assert reply.job_id == coordinator.coordinator.runner.job_id
+    assert reply.heartbeat_interval_s > 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [
+        ("task_digest", "sha256:" + "0" * 64, "task code digest"),
+        ("schema_fingerprint", "sha256:" + "1" * 64, "data schema"),
+        ("task_name", "digits", "task name"),
+    ],
+)
+async def test_wrong_task_or_schema_is_failed_precondition(  # type: ignore[no-untyped-def]
+    coordinator, pki: Pki, field: str, value: str, named: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await join(coordinator.address, pki.site(SITES[0]), pki.coordinator.ca, join_request(**{field: value}))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert named in (info.value.details() or "")
+    assert coordinator.coordinator.registry.sessions() == []
+
+
+async def test_roles_are_enforced_both_ways(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+    # A participant certificate cannot use the admin API ...
+    async with channel(coordinator.address, pki.site(SITES[0]), pki.coordinator.ca) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.AdminStub(ch).GetStatus(pb.StatusRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # ... and an admin certificate cannot join as a site.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await join(coordinator.address, pki.admin, pki.coordinator.ca, join_request())
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    async with channel(coordinator.address, pki.admin, pki.coordinator.ca) as ch:
+        status = await pb_grpc.AdminStub(ch).GetStatus(pb.StatusRequest(), timeout=10)
+    assert [s.site_id for s in status.sites] == sorted(SITES)
+
+
+async def test_health_service_reports_serving(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with channel(coordinator.address, pki.admin, pki.coordinator.ca) as ch:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service="cohort.v1.Federation"), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
