@@ -101,7 +101,7 @@ def _round_line(job: pb.JobStatus, r: pb.RoundStatus) -> str:
     acc = f"{r.val_accuracy:.4f}" if r.val_samples else "-"
     loss = f"{r.val_loss:.4f}" if r.val_samples else "-"
     return (f"round {r.round:>2}/{job.spec.rounds} | sites {len(r.reported)}/{len(r.cohort)} | "
-            f"train loss {r.train_loss:.4f} | val loss {loss} | val acc {acc} | {r.seconds:.1f}s")
+            f"train loss {r.train_loss:.4f} | val loss {loss} | val acc {acc} | {r.seconds:.2f}s")
 
 
 async def follow(endpoint: AdminEndpoint, procs: Processes, timeout: float) -> pb.JobStatus:

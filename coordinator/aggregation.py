@@ -3,7 +3,7 @@
 An upload is first spooled to disk while its digest is computed chunk by chunk (:class:`UpdateSpool`); only an
 upload that arrived whole, hashes to its manifest's digest and holds finite values is folded into the round's
 :class:`RunningSum`, one ~1 MiB block at a time. So a broken or malicious stream never touches the sum (it changes
-no state), the coordinator holds one sum of the model's size plus a block of scratch space (memory O(model), not
+no state), the coordinator holds one float32 sum of the model's size plus a small scratch block (memory O(model), not
 O(sites x model)), and the spooled file is the durable record of the accepted upload.
 """
 
@@ -20,17 +20,22 @@ import torch
 from common.errors import InvalidArgument
 from common.serde import CHUNK_BYTES, Spec, new_hasher
 
-_BLOCK_ELEMS = CHUNK_BYTES // 4
+_BLOCK_ELEMS = 1 << 16  # scratch of 256 KiB: the fold never allocates per chunk
 
 
 class RunningSum:
-    """Sum of ``weight * update`` over accepted float32 updates, accumulated in float64."""
+    """Sum of ``weight * update`` over accepted float32 updates.
+
+    The sum is float32 like the updates, so the aggregator holds exactly one model-sized buffer. Rounding adds
+    at most about ``n * 2**-24`` relative error for n sites, far below the noise of SGD (and the secure-aggregation
+    path sums integers modulo 2**b, which is exact).
+    """
 
     def __init__(self, specs: Sequence[Spec]) -> None:
         self.specs = tuple(specs)
         self.numel = sum(s.numel for s in self.specs)
-        self._acc = np.zeros(self.numel, dtype=np.float64)
-        self._scratch = np.empty(_BLOCK_ELEMS, dtype=np.float64)
+        self._acc = np.zeros(self.numel, dtype=np.float32)
+        self._scratch = np.empty(_BLOCK_ELEMS, dtype=np.float32)
         self.total_weight = 0.0
         self.count = 0
 
@@ -71,7 +76,7 @@ class RunningSum:
     def mean(self) -> np.ndarray:
         if self.total_weight <= 0:
             raise ValueError("no update was accepted")
-        return self._acc / self.total_weight
+        return self._acc.astype(np.float64) / self.total_weight
 
     def apply_to(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """FedAvg: ``base + sum(w_k * delta_k) / sum(w_k)`` per tensor, as float32."""

@@ -60,6 +60,9 @@ class JobConfig:
     rounds: int = 10
     fraction: float = 1.0
     min_sites: int = 2
+    # Connected, eligible sites needed before a round starts (0: same as min_sites). Like Flower's
+    # min_available_clients: wait for the federation to assemble, then train with whoever is there.
+    min_available_sites: int = 0
     round_timeout_s: float = 300.0
     wait_for_sites_s: float = 600.0
     evaluate_every: int = 1
@@ -74,6 +77,8 @@ class JobConfig:
             raise ConfigError(f"{where}.fraction: must be in (0, 1]")
         if self.min_sites < 1:
             raise ConfigError(f"{where}.min_sites: must be >= 1")
+        if self.min_available_sites < 0:
+            raise ConfigError(f"{where}.min_available_sites: must be >= 0")
         if self.round_timeout_s <= 0 or self.wait_for_sites_s <= 0:
             raise ConfigError(f"{where}.round_timeout_s and wait_for_sites_s must be > 0")
         if self.evaluate_every < 0 or self.max_round_retries < 0:
@@ -90,8 +95,9 @@ class CoordinatorConfig:
     def check(self, path: str) -> None:
         if self.server.tls is None:
             raise ConfigError("server.tls: required (ca, cert, key); Cohort has no insecure mode")
-        if self.job is not None and self.job.min_sites > len(self.federation.sites):
-            raise ConfigError(
-                f"job.min_sites: {self.job.min_sites} is more than the {len(self.federation.sites)} "
-                "sites on the allow-list"
-            )
+        if self.job is not None:
+            for key in ("min_sites", "min_available_sites"):
+                value = getattr(self.job, key)
+                if value > len(self.federation.sites):
+                    raise ConfigError(f"job.{key}: {value} is more than the {len(self.federation.sites)} "
+                                      "sites on the allow-list")

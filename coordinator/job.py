@@ -214,10 +214,11 @@ class JobRunner:
         self.progress(f"job {self.job_id} {state}: {detail}")
 
     async def _wait_for_sites(self) -> list[str]:
+        needed = max(self.spec.min_sites, self.spec.min_available_sites)
         deadline = time.monotonic() + self.spec.wait_for_sites_s
         while not self._stop.is_set():
             eligible = self.eligible()
-            if len(eligible) >= self.spec.min_sites:
+            if len(eligible) >= needed:
                 return eligible
             self.registry.changed.clear()
             if not await self._wait(self.registry.changed, deadline - time.monotonic()) and (

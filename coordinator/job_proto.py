@@ -37,7 +37,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             name=spec["name"], task=spec["task"], rounds=spec["rounds"], fraction=spec["fraction"],
             min_sites=spec["min_sites"], round_timeout_s=spec["round_timeout_s"],
             evaluate_every=spec["evaluate_every"], wait_for_sites_s=spec["wait_for_sites_s"],
-            max_round_retries=spec["max_round_retries"],
+            max_round_retries=spec["max_round_retries"], min_available_sites=spec["min_available_sites"],
             params=pb.TrainParams(local_epochs=params.get("local_epochs", 0), batch_size=params.get("batch_size", 0),
                                   learning_rate=params.get("learning_rate", 0.0), seed=params.get("seed", 0)),
         ),
@@ -47,8 +47,8 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
 def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
     """A validated JobConfig from an admin's JobSpec; zero values mean "use the default"."""
     data: dict[str, Any] = {}
-    for key in ("name", "task", "rounds", "fraction", "min_sites", "round_timeout_s", "evaluate_every",
-                "wait_for_sites_s"):
+    for key in ("name", "task", "rounds", "fraction", "min_sites", "min_available_sites", "round_timeout_s",
+                "evaluate_every", "wait_for_sites_s"):
         value = getattr(spec, key)
         if value:
             data[key] = value

@@ -44,8 +44,8 @@ class Coordinator:
     def start_job(self, spec: JobConfig, actor: str = "coordinator") -> JobRunner:
         if self.runner is not None and self.runner.state == "running":
             raise FailedPrecondition(f"job {self.runner.job_id} is still running; stop it first")
-        if spec.min_sites > len(self.allowed):
-            raise InvalidArgument(f"min_sites {spec.min_sites} exceeds the {len(self.allowed)} allowed sites")
+        if max(spec.min_sites, spec.min_available_sites) > len(self.allowed):
+            raise InvalidArgument(f"min_sites/min_available_sites exceed the {len(self.allowed)} allowed sites")
         try:
             task = load_task(spec.task)
         except (ValueError, TaskError) as exc:

@@ -614,6 +614,7 @@ class JobSpec(_message.Message):
     EVALUATE_EVERY_FIELD_NUMBER: _builtins.int
     WAIT_FOR_SITES_S_FIELD_NUMBER: _builtins.int
     MAX_ROUND_RETRIES_FIELD_NUMBER: _builtins.int
+    MIN_AVAILABLE_SITES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -628,6 +629,8 @@ class JobSpec(_message.Message):
     wait_for_sites_s: _builtins.float
     """how long to wait for min_sites to be connected before failing a round"""
     max_round_retries: _builtins.int
+    min_available_sites: _builtins.int
+    """connected, eligible sites needed before a round starts (0: min_sites)"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     def __init__(
@@ -643,10 +646,11 @@ class JobSpec(_message.Message):
         evaluate_every: _builtins.int = ...,
         wait_for_sites_s: _builtins.float = ...,
         max_round_retries: _builtins.int | None = ...,
+        min_available_sites: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_sites", b"min_sites", "name", b"name", "params", b"params", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "params", b"params", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
     _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015

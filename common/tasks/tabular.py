@@ -1,0 +1,288 @@
+"""Shared machinery for tasks whose site data are CSV tables: checked reading, scaling, train and evaluate.
+
+A site's folder holds ``train.csv``, ``val.csv`` and ``test.csv``. Each starts with a header row equal to
+the task schema's columns, in order (features first, the label last); every other row is one record of
+numbers, the label being an integer class index.
+
+Error messages name the file, the line and the schema column, but never a cell's value or any other record
+content: raw records must not leave a site, and error text can end up in logs or be sent to the coordinator.
+For the same reason a parse failure is raised outside the ``except`` block that caught it, so no exception
+that quotes the value is chained onto the ``DataError``.
+
+Scaling is an affine ``(x - offset) / scale`` per feature from :meth:`TabularTask.fit_scaling`, which sees
+only the site's own train split and is applied to all three of its splits. The built-in tasks use fixed
+transforms that need no statistics at all: under label skew, standardizing with each site's own statistics
+maps the same measurement to different inputs at different sites and ruins the federated model (see
+``common.tasks.breast_cancer``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sized
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+from common.errors import ConfigError, DataError
+from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, TrainResult, TrainSettings
+
+FloatArray = npt.NDArray[np.float32]
+LabelArray = npt.NDArray[np.int64]
+
+
+def _parse_float(text: str) -> float | None:
+    """The finite float in ``text``, or None; never raises, so no exception quoting the value escapes."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_split(path: Path, schema: DataSchema) -> tuple[FloatArray, LabelArray]:
+    """Read one split file into ``(features float32 [n, f], labels int64 [n])``, checked against ``schema``.
+
+    Raises DataError naming the file (and the line and column where they apply) when the file is missing, is
+    not UTF-8 text, has the wrong header, a row of the wrong length, a non-numeric or non-finite feature, or a
+    label that is not a class index below ``schema.num_classes``. Blank lines are skipped.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing; expected a CSV file with the task schema's header")
+    columns = schema.columns()
+    width = len(columns)
+    rows: list[list[float]] = []
+    labels: list[int] = []
+    problem: str | None = None
+    try:
+        # utf-8-sig tolerates the byte-order mark that spreadsheets put at the start of exported CSV files.
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                problem = "file is empty; expected a header row"
+            else:
+                problem = _check_header([cell.strip() for cell in header], columns)
+            if problem is None:
+                for row in reader:
+                    if not row or (len(row) == 1 and not row[0].strip()):
+                        continue
+                    problem = _parse_row(row, columns, width, schema.num_classes, rows, labels)
+                    if problem is not None:
+                        problem = f"line {reader.line_num}: {problem}"
+                        break
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except csv.Error:
+        problem = "is not a readable CSV file"
+    if problem is not None:
+        raise DataError(f"{path}: {problem}")
+    features = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(schema.features))
+    return features, np.asarray(labels, dtype=np.int64)
+
+
+def _check_header(header: list[str], columns: tuple[str, ...]) -> str | None:
+    # The header cell found is never quoted back: in a file without a header, the first row is a record.
+    for position, expected in enumerate(columns, start=1):
+        if position > len(header):
+            return f"header has only {len(header)} columns; column {position} should be '{expected}'"
+        if header[position - 1] != expected:
+            return f"header column {position} should be '{expected}' (the schema's columns, in order)"
+    if len(header) > len(columns):
+        return f"header has {len(header)} columns; the schema has {len(columns)} (last: '{columns[-1]}')"
+    return None
+
+
+def _parse_row(
+    row: list[str],
+    columns: tuple[str, ...],
+    width: int,
+    num_classes: int,
+    rows: list[list[float]],
+    labels: list[int],
+) -> str | None:
+    if len(row) != width:
+        return f"expected {width} fields, found {len(row)}"
+    values: list[float] = []
+    for name, cell in zip(columns[:-1], row[:-1], strict=True):
+        value = _parse_float(cell)
+        if value is None:
+            return f"column '{name}' is not a finite number"
+        values.append(value)
+    label = _parse_float(row[-1])
+    if label is None or not label.is_integer() or not 0 <= label < num_classes:
+        return f"label column '{columns[-1]}' must be an integer class index from 0 to {num_classes - 1}"
+    rows.append(values)
+    labels.append(int(label))
+    return None
+
+
+def dataset_tensors(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``dataset`` as two tensors ``(x, y)``: free for a TensorDataset, stacked item by item otherwise.
+
+    Cross-silo tabular data fit in memory, and indexing whole tensors is much faster than a DataLoader.
+    """
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        x, y = dataset.tensors
+        return x, y
+    if not isinstance(dataset, Sized):
+        raise DataError("the dataset has no length; a task dataset must be a map-style dataset")
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """Raise ConfigError for hyper-parameters no training loop can use."""
+    if settings.local_epochs < 1:
+        raise ConfigError("local_epochs: must be at least 1")
+    if settings.batch_size < 1:
+        raise ConfigError("batch_size: must be at least 1")
+    if not 0 < settings.learning_rate < math.inf:
+        raise ConfigError("learning_rate: must be a positive number")
+
+
+class TabularTask:
+    """Base of CSV-backed classification tasks: subclasses set ``name`` and ``schema`` and define the model.
+
+    Each subclass lives in its own module, so that the task code digest (a hash of the class's source file)
+    changes whenever its model or constants change.
+    """
+
+    name: str
+    schema: DataSchema
+    # Hyper-parameters and round count that the task author measured to work; jobs may override them.
+    default_settings: TrainSettings = TrainSettings()
+    recommended_rounds: int = 10
+
+    def make_model(self) -> torch.nn.Module:
+        """The untrained network; called under a fixed seed by :meth:`build_model`."""
+        raise NotImplementedError
+
+    def make_optimizer(self, model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+        """A fresh optimizer for each round of local training: Adam, so one learning rate suits all layers."""
+        return torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+
+    def fit_scaling(self, x_train: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """``(offset, scale)``, applied as ``(x - offset) / scale`` to every split of this site.
+
+        It may use this site's train split only. The default is the identity; the built-in tasks override it
+        with fixed constants.
+        """
+        width = x_train.shape[1]
+        return np.zeros(width, dtype=np.float32), np.ones(width, dtype=np.float32)
+
+    def build_model(self, seed: int = 0) -> torch.nn.Module:
+        """A fresh model whose initial weights depend only on ``seed``; the global RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.make_model()
+        for key, tensor in model.state_dict().items():
+            # The coordinator aggregates every entry as float32: an integer buffer would be corrupted.
+            if tensor.dtype != torch.float32:
+                raise TypeError(f"task {self.name}: state-dict entry {key} is {tensor.dtype}, not float32")
+        return model
+
+    def load_data(self, data_dir: Path) -> SiteData:
+        """Read and scale this site's ``train.csv``, ``val.csv`` and ``test.csv`` (val, test may be empty)."""
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: data folder is missing")
+        arrays = {split: read_split(data_dir / f"{split}.csv", self.schema) for split in SPLITS}
+        if len(arrays["train"][1]) == 0:
+            raise DataError(f"{data_dir / 'train.csv'}: has no records; a site needs training data")
+        return self.site_data(arrays["train"], arrays["val"], arrays["test"])
+
+    def site_data(
+        self,
+        train: tuple[FloatArray, LabelArray],
+        val: tuple[FloatArray, LabelArray],
+        test: tuple[FloatArray, LabelArray],
+    ) -> SiteData:
+        """Scale raw arrays with statistics of ``train`` only and wrap them as tensor datasets."""
+        offset, scale = self.fit_scaling(train[0])
+
+        def wrap(split: tuple[FloatArray, LabelArray]) -> TensorDataset:
+            x = (split[0] - offset) / scale
+            return TensorDataset(
+                torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(split[1])
+            )
+
+        return SiteData(train=wrap(train), val=wrap(val), test=wrap(test))
+
+    def train(self, model: torch.nn.Module, data: SiteData, settings: TrainSettings) -> TrainResult:
+        """Minibatch training in place; loss and accuracy reported are running means over the last epoch.
+
+        Shuffling uses its own ``torch.Generator`` seeded from ``settings.seed``, so the result depends on the
+        seed and the data only, whatever else uses the global RNG.
+        """
+        check_settings(settings)
+        x, y = dataset_tensors(data.train)
+        n = len(y)
+        if n == 0:
+            raise DataError("the train split has no records")
+        generator = torch.Generator().manual_seed(settings.seed)
+        optimizer = self.make_optimizer(model, settings)
+        model.train()
+        steps = 0
+        loss_sum = 0.0
+        correct = 0
+        for epoch in range(settings.local_epochs):
+            last = epoch == settings.local_epochs - 1
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, settings.batch_size):
+                idx = order[start : start + settings.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x[idx])
+                loss = F.cross_entropy(logits, y[idx])
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                steps += 1
+                if last:
+                    loss_sum += float(loss.detach()) * len(idx)
+                    correct += int((logits.detach().argmax(dim=1) == y[idx]).sum())
+        return TrainResult(
+            num_samples=n, loss=loss_sum / n, accuracy=correct / n, extra={"steps": float(steps)}
+        )
+
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int = 256,
+    ) -> EvalResult:
+        """Mean cross-entropy and accuracy over ``dataset``; an empty one gives ``EvalResult(0, 0.0, 0.0)``."""
+        if batch_size < 1:
+            raise ConfigError("batch_size: must be at least 1")
+        x, y = dataset_tensors(dataset)
+        n = len(y)
+        if n == 0:
+            return EvalResult(num_samples=0, loss=0.0, accuracy=0.0)
+        was_training = model.training
+        model.eval()
+        loss_sum = 0.0
+        correct = 0
+        try:
+            with torch.no_grad():
+                for start in range(0, n, batch_size):
+                    logits = model(x[start : start + batch_size])
+                    target = y[start : start + batch_size]
+                    loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+                    correct += int((logits.argmax(dim=1) == target).sum())
+        finally:
+            model.train(was_training)
+        return EvalResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n)
+
+
+def describe(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> dict[str, Any]:
+    """Counts only (number of records, label histogram): safe to print or report, no record content."""
+    _, y = dataset_tensors(dataset)
+    histogram = torch.bincount(y, minlength=num_classes).tolist() if len(y) else [0] * num_classes
+    return {"count": len(y), "labels": histogram}

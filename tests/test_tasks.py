@@ -1,0 +1,258 @@
+"""The built-in tasks: interface, models, CSV loading and its error messages, training, and FedAvg quality."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from common.datasets import load_source, pooled_evaluation, simulate_fedavg, split_sites, centralized_baseline
+from common.errors import ConfigError, DataError
+from common.tasks import tabular
+from common.tasks.base import SPLITS, SiteData, Task, TrainSettings, load_task, task_digest
+from common.tasks.tabular import TabularTask
+
+NAMES = ["breast_cancer", "digits"]
+SECRET = "987654.321"  # a cell value that must never appear in an error message
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write(folder: Path, name: str, header: list[str], rows: list[list[str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def _site(tmp_path: Path, task: Task, rows: int = 20, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    columns = list(task.schema.columns())
+    for split, n in zip(SPLITS, (rows, 4, 4), strict=True):
+        data = [
+            [f"{v:.6g}" for v in rng.uniform(0, 10, len(columns) - 1)] + [str(i % task.schema.num_classes)]
+            for i in range(n)
+        ]
+        _write(tmp_path, f"{split}.csv", columns, data)
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builtin_tasks_implement_the_interface(name: str) -> None:
+    task = load_task(name)
+    assert isinstance(task, Task) and isinstance(task, TabularTask)
+    assert task.name == name
+    assert task_digest(task).startswith("sha256:")
+    assert task.recommended_rounds >= 1 and task.default_settings.learning_rate > 0
+    assert task.schema.columns()[-1] == task.schema.label
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_models_are_float32_and_seeded(name: str) -> None:
+    task = load_task(name)
+    before = torch.random.get_rng_state()
+    a, b, c = task.build_model(1), task.build_model(1), task.build_model(2)
+    assert torch.equal(torch.random.get_rng_state(), before), "build_model must not move the global RNG"
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(t.dtype == torch.float32 for t in sa.values())
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    logits = a(torch.zeros(3, len(task.schema.features)))
+    assert logits.shape == (3, task.schema.num_classes)
+
+
+def test_integer_buffers_are_refused() -> None:
+    class WithBatchNorm(TabularTask):
+        name = "bn"
+
+        def make_model(self) -> torch.nn.Module:
+            return torch.nn.BatchNorm1d(3)
+
+    with pytest.raises(TypeError, match="num_batches_tracked"):
+        WithBatchNorm().build_model()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_is_deterministic_and_reduces_loss(name: str) -> None:
+    task = load_task(name)
+    x, y, _ = load_source(name)
+    data = task.site_data((x[:300], y[:300]), (x[:0], y[:0]), (x[300:400], y[300:400]))
+    settings = TrainSettings(local_epochs=2, batch_size=32, learning_rate=0.005, seed=3)
+    model = task.build_model(0)
+    start = task.evaluate(model, data.train)
+    result = task.train(model, data, settings)
+    again = task.build_model(0)
+    task.train(again, data, settings)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    after = task.evaluate(model, data.train)
+    assert result.num_samples == 300 and result.extra["steps"] == 2 * 10
+    assert after.loss < start.loss * 0.7 and after.accuracy > start.accuracy
+    assert task.evaluate(model, data.test).accuracy > 0.7
+    assert task.evaluate(model, data.val) == type(after)(num_samples=0, loss=0.0, accuracy=0.0)
+    assert model.training, "evaluate restores the model's mode"
+
+
+def test_evaluate_accepts_any_map_style_dataset() -> None:
+    task = load_task("breast_cancer")
+    model = task.build_model(0)
+    x, y = torch.randn(10, 30), torch.randint(0, 2, (10,))
+    items = [(x[i], y[i]) for i in range(10)]
+    assert task.evaluate(model, items, batch_size=3) == task.evaluate(model, TensorDataset(x, y))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="batch_size"):
+        task.evaluate(model, TensorDataset(x, y), batch_size=0)
+
+
+def test_load_data_round_trip(tmp_path: Path) -> None:
+    task = load_task("digits")
+    data = task.load_data(_site(tmp_path, task))
+    x, y = tabular.dataset_tensors(data.train)
+    assert x.dtype == torch.float32 and x.shape == (20, 64) and y.dtype == torch.int64
+    assert float(x.max()) <= 10 / 16  # the fixed x / 16 transform
+    with pytest.raises(ValueError, match="unknown split"):
+        data.split("holdout")
+
+
+def _error(tmp_path: Path, split: str, header: list[str] | None, rows: list[list[str]]) -> DataError:
+    task = load_task("breast_cancer")
+    _site(tmp_path, task)
+    if header is not None:
+        _write(tmp_path, f"{split}.csv", header, rows)
+    with pytest.raises(DataError) as info:
+        task.load_data(tmp_path)
+    error = info.value
+    # Neither the message nor any chained exception may carry a record's content.
+    assert error.__cause__ is None and error.__context__ is None
+    assert SECRET not in str(error)
+    return error
+
+
+def _row(value: str = "1.0", label: str = "1") -> list[str]:
+    return [value] * 30 + [label]
+
+
+COLUMNS = list(load_task("breast_cancer").schema.columns())
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    _site(tmp_path, load_task("breast_cancer"))
+    (tmp_path / "val.csv").unlink()
+    with pytest.raises(DataError, match=r"val\.csv: file is missing"):
+        load_task("breast_cancer").load_data(tmp_path)
+
+
+def test_header_mismatch_names_file_and_column(tmp_path: Path) -> None:
+    header = [*COLUMNS]
+    header[2] = "perimeter"
+    error = _error(tmp_path, "test", header, [_row()])
+    assert "test.csv" in str(error) and "column 3 should be 'mean_perimeter'" in str(error)
+    # A file without a header: its first record is not quoted back.
+    error = _error(tmp_path, "train", [SECRET] * 31, [_row()])
+    assert "train.csv" in str(error) and "column 1 should be 'mean_radius'" in str(error)
+    assert "should be 'diagnosis'" in str(_error(tmp_path, "train", COLUMNS[:-1], []))
+    assert "has 32 columns" in str(_error(tmp_path, "train", [*COLUMNS, "extra"], []))
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        (_row(SECRET[:-1] + "x"), "line 3: column 'mean_radius' is not a finite number"),
+        (_row("nan"), "line 3: column 'mean_radius' is not a finite number"),
+        (_row(label=SECRET), "line 3: label column 'diagnosis' must be an integer class index from 0 to 1"),
+        (_row(label="0.5"), "label column 'diagnosis'"),
+        ([SECRET, "1"], "line 3: expected 31 fields, found 2"),
+    ],
+)
+def test_bad_values_name_file_and_line_only(tmp_path: Path, row: list[str], expected: str) -> None:
+    error = _error(tmp_path, "val", COLUMNS, [_row(), row])
+    assert "val.csv" in str(error) and expected in str(error)
+    assert SECRET[:-1] not in str(error)
+
+
+def test_empty_and_unreadable_files(tmp_path: Path) -> None:
+    task = load_task("breast_cancer")
+    _site(tmp_path, task)
+    (tmp_path / "test.csv").write_bytes(b"")
+    with pytest.raises(DataError, match=r"test\.csv: file is empty"):
+        task.load_data(tmp_path)
+    (tmp_path / "test.csv").write_bytes(",".join(COLUMNS).encode() + b"\n\xff\xfe1,2\n")
+    with pytest.raises(DataError, match=r"test\.csv: is not UTF-8 text") as info:
+        task.load_data(tmp_path)
+    assert info.value.__context__ is None
+    _write(tmp_path, "test.csv", COLUMNS, [])
+    _write(tmp_path, "val.csv", COLUMNS, [])
+    data = task.load_data(tmp_path)  # empty val and test are allowed
+    assert len(data.test) == 0  # type: ignore[arg-type]
+    _write(tmp_path, "train.csv", COLUMNS, [])
+    with pytest.raises(DataError, match=r"train\.csv: has no records"):
+        task.load_data(tmp_path)
+    with pytest.raises(DataError, match="data folder is missing"):
+        task.load_data(tmp_path / "nowhere")
+
+
+def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
+    task = load_task("breast_cancer")
+    data = task.load_data(_site(tmp_path, task))
+    for bad in [TrainSettings(local_epochs=0), TrainSettings(batch_size=0), TrainSettings(learning_rate=0.0)]:
+        with pytest.raises(ConfigError):
+            task.train(task.build_model(), data, bad)
+
+
+def test_site_standardization_survives_tiny_sites() -> None:
+    one = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    offset, scale = tabular.standardization(one)
+    assert np.array_equal(offset, one[0]) and np.array_equal(scale, np.ones(3, dtype=np.float32))
+
+
+def _federation(
+    name: str, seed: int
+) -> tuple[Task, dict[str, SiteData], dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
+    task = load_task(name)
+    x, y, _ = load_source(name)
+    splits = split_sites(x, y, [f"site-{i}" for i in range(5)], alpha=0.5, seed=seed)
+    assert isinstance(task, TabularTask)
+    data = {s: task.site_data(p["train"], p["val"], p["test"]) for s, p in splits.items()}
+    return task, data, splits
+
+
+def _pooled(
+    splits: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], split: str
+) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        np.concatenate([p[split][0] for p in splits.values()]),
+        np.concatenate([p[split][1] for p in splits.values()]),
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fedavg_matches_centralized_on_breast_cancer(seed: int) -> None:
+    """The project's acceptance bar, without a network: non-IID FedAvg within 2 points of pooled training."""
+    task, data, splits = _federation("breast_cancer", seed)
+    settings = TrainSettings(**{**task.default_settings.__dict__, "seed": seed})
+    rounds = task.recommended_rounds  # type: ignore[attr-defined]
+    federated = simulate_fedavg(task, data, settings, rounds)[-1]
+    central = centralized_baseline(
+        task, *_pooled(splits, "train"), *_pooled(splits, "test"), settings, rounds * settings.local_epochs
+    )
+    assert federated.num_samples == central.num_samples
+    assert federated.accuracy >= central.accuracy - 0.02
+    assert federated.accuracy > 0.93
+
+
+def test_fedavg_learns_digits() -> None:
+    task, data, _ = _federation("digits", 0)
+    settings = task.default_settings  # type: ignore[attr-defined]
+    history = simulate_fedavg(task, data, settings, 4)
+    assert history[-1].accuracy > 0.85
+    assert history[-1].accuracy == pytest.approx(
+        pooled_evaluation(task, task.build_model(), [d.test for d in data.values()]).accuracy, abs=1
+    )
