@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install
+test: install lint
 	$(BIN)/pytest
 
 demo: install
@@ -35,6 +35,7 @@ demo: install
 
 bench: install
 	$(PY) bench/aggregation.py
+	$(PY) bench/round.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

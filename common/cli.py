@@ -29,16 +29,23 @@ def _setup_logging(level: str) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="YAML configuration file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override one configuration value (repeatable); wins over the file and environment")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override one configuration value (repeatable); wins over the file and environment",
+    )
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator import config as cc
     from coordinator.daemon import run
 
-    cfg = config_loader.load(cc.CoordinatorConfig, args.config, env=os.environ, env_prefix=cc.ENV_PREFIX,
-                             overrides=args.overrides)
+    cfg = config_loader.load(
+        cc.CoordinatorConfig, args.config, env=os.environ, env_prefix=cc.ENV_PREFIX, overrides=args.overrides
+    )
     return asyncio.run(run(cfg, ready_file=args.ready_file, exit_when_done=args.exit_when_done))
 
 
@@ -46,8 +53,9 @@ def _cmd_participant(args: argparse.Namespace) -> int:
     from participant import config as pc
     from participant.daemon import run
 
-    cfg = config_loader.load(pc.ParticipantConfig, args.config, env=os.environ, env_prefix=pc.ENV_PREFIX,
-                             overrides=args.overrides)
+    cfg = config_loader.load(
+        pc.ParticipantConfig, args.config, env=os.environ, env_prefix=pc.ENV_PREFIX, overrides=args.overrides
+    )
     return asyncio.run(run(cfg))
 
 
@@ -58,10 +66,17 @@ def _endpoint(args: argparse.Namespace) -> object:
 
 
 def _add_admin_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coordinator", default=os.environ.get("COHORT_ADMIN_COORDINATOR", "127.0.0.1:50051"),
-                   help="coordinator host:port (env COHORT_ADMIN_COORDINATOR)")
-    p.add_argument("--tls-dir", type=Path, default=Path(os.environ.get("COHORT_ADMIN_TLS_DIR", "certs/admins/admin")),
-                   help="directory with the admin's ca.crt, tls.crt, tls.key (env COHORT_ADMIN_TLS_DIR)")
+    p.add_argument(
+        "--coordinator",
+        default=os.environ.get("COHORT_ADMIN_COORDINATOR", "127.0.0.1:50051"),
+        help="coordinator host:port (env COHORT_ADMIN_COORDINATOR)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=Path(os.environ.get("COHORT_ADMIN_TLS_DIR", "certs/admins/admin")),
+        help="directory with the admin's ca.crt, tls.crt, tls.key (env COHORT_ADMIN_TLS_DIR)",
+    )
     p.add_argument("--server-name", default="", help="name on the coordinator's certificate, if not the host")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -85,7 +100,9 @@ def _cmd_job_start(args: argparse.Namespace) -> int:
     ep = _endpoint(args)
     assert isinstance(ep, AdminEndpoint)
     reply = asyncio.run(start_job(ep, job_spec_to_proto(spec)))
-    print(to_json(reply) if args.json else f"started job {reply.job_id} ({reply.spec.task}, {reply.spec.rounds} rounds)")
+    print(
+        to_json(reply) if args.json else f"started job {reply.job_id} ({reply.spec.task}, {reply.spec.rounds} rounds)"
+    )
     return 0
 
 
@@ -110,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
-    parser.add_argument("--log-level", default=os.environ.get("COHORT_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("COHORT_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("coordinator", help="run the coordinator daemon")
@@ -163,7 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cohort {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except grpc.aio.AioRpcError as exc:
-        print(f"cohort {args.command}: the coordinator answered {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(
+            f"cohort {args.command}: the coordinator answered {exc.code().name}: {exc.details()}",
+            file=sys.stderr,
+        )
         return 3
     except KeyboardInterrupt:
         return 130

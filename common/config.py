@@ -71,8 +71,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         try:
             return tp(value)
         except ValueError:
-            allowed = ", ".join(repr(m.value) for m in tp)
-            raise ConfigError(f"{path}: expected one of {allowed}, got {value!r}") from None
+            choices = ", ".join(repr(m.value) for m in tp)
+            raise ConfigError(f"{path}: expected one of {choices}, got {value!r}") from None
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
@@ -106,9 +106,7 @@ def build(cls: type[T], data: Any, path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{_join(path, unknown[0])}: unknown key (expected one of: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown key (expected one of: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():

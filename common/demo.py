@@ -49,16 +49,23 @@ class Processes:
         log = log_path.open("wb")
         self._logs.append(log)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=self.run_dir, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "common.cli", *args],
+            cwd=self.run_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         self.procs[name] = proc
         return proc
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                raise CohortError(f"{name} exited with code {proc.returncode}; see "
-                                  f"{self.run_dir / 'logs' / (name + '.log')}")
+                raise CohortError(
+                    f"{name} exited with code {proc.returncode}; see {self.run_dir / 'logs' / (name + '.log')}"
+                )
 
     def stop_all(self, timeout: float = 15.0) -> None:
         for proc in self.procs.values():
@@ -100,8 +107,10 @@ def _wait_for_file(path: Path, procs: Processes, timeout: float) -> str:
 def _round_line(job: pb.JobStatus, r: pb.RoundStatus) -> str:
     acc = f"{r.val_accuracy:.4f}" if r.val_samples else "-"
     loss = f"{r.val_loss:.4f}" if r.val_samples else "-"
-    return (f"round {r.round:>2}/{job.spec.rounds} | sites {len(r.reported)}/{len(r.cohort)} | "
-            f"train loss {r.train_loss:.4f} | val loss {loss} | val acc {acc} | {r.seconds:.2f}s")
+    return (
+        f"round {r.round:>2}/{job.spec.rounds} | sites {len(r.reported)}/{len(r.cohort)} | "
+        f"train loss {r.train_loss:.4f} | val loss {loss} | val acc {acc} | {r.seconds:.2f}s"
+    )
 
 
 async def follow(endpoint: AdminEndpoint, procs: Processes, timeout: float) -> pb.JobStatus:
@@ -141,24 +150,40 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
     print("  issued certificates (CA, coordinator, 5 hospitals, admin) and split the data over the hospitals")
     procs = Processes(run_dir)
     try:
-        coordinator_args = ["coordinator", "--config", str(deploy / "coordinator.yaml"),
-                            "--set", "server.listen=127.0.0.1:0", "--ready-file", "coordinator.addr"]
+        coordinator_args = [
+            "coordinator",
+            "--config",
+            str(deploy / "coordinator.yaml"),
+            "--set",
+            "server.listen=127.0.0.1:0",
+            "--ready-file",
+            "coordinator.addr",
+        ]
         if rounds is not None:
             coordinator_args += ["--set", f"job.rounds={rounds}"]
         procs.start("coordinator", coordinator_args)
         address = _wait_for_file(run_dir / "coordinator.addr", procs, timeout=60)
         print(f"  coordinator listening on {address} (mutual TLS)")
         for site in SITES:
-            procs.start(site, ["participant", "--config", str(deploy / f"{site}.yaml"),
-                               "--set", f"coordinator.address={address}"])
+            procs.start(
+                site,
+                [
+                    "participant",
+                    "--config",
+                    str(deploy / f"{site}.yaml"),
+                    "--set",
+                    f"coordinator.address={address}",
+                ],
+            )
         print(f"  started {len(SITES)} participant daemons; training:")
         endpoint = AdminEndpoint.from_dir(address, run_dir / "certs" / "admins" / "admin")
         job = asyncio.run(follow(endpoint, procs, JOB_TIMEOUT_S))
     finally:
         procs.stop_all()
     seconds = time.monotonic() - started
-    model_path = run_dir / "state" / "coordinator" / "models" / (job.model_version.removeprefix("sha256:") +
-                                                                  ".safetensors")
+    model_path = (
+        run_dir / "state" / "coordinator" / "models" / (job.model_version.removeprefix("sha256:") + ".safetensors")
+    )
     completed = [r for r in job.rounds if r.state == "completed"]
     summary: dict[str, Any] = {
         "job_id": job.job_id,
@@ -177,8 +202,10 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         "differential_privacy": None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"job {job.state}: {len(completed)} rounds, federated test accuracy {job.test_accuracy:.4f}, "
-          f"loss {job.test_loss:.4f}, {seconds:.1f}s")
+    print(
+        f"job {job.state}: {len(completed)} rounds, federated test accuracy {job.test_accuracy:.4f}, "
+        f"loss {job.test_loss:.4f}, {seconds:.1f}s"
+    )
     print(f"  global model: {model_path}")
     print(f"  summary: {run_dir / 'summary.json'}; logs: {run_dir / 'logs'}")
     return 0 if job.state == "finished" else 1

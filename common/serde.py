@@ -28,7 +28,7 @@ CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit, l
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("Cohort's wire format is little-endian; this platform is not supported")
 
-_TORCH = {
+_TORCH: dict[int, torch.dtype] = {
     pb.DTYPE_FLOAT32: torch.float32,
     pb.DTYPE_FLOAT64: torch.float64,
     pb.DTYPE_INT64: torch.int64,
@@ -36,7 +36,7 @@ _TORCH = {
     pb.DTYPE_UINT32: torch.uint32,
     pb.DTYPE_UINT64: torch.uint64,
 }
-_NUMPY = {
+_NUMPY: dict[int, np.dtype[np.generic]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
     pb.DTYPE_INT64: np.dtype("<i8"),
@@ -44,7 +44,7 @@ _NUMPY = {
     pb.DTYPE_UINT32: np.dtype("<u4"),
     pb.DTYPE_UINT64: np.dtype("<u8"),
 }
-_FROM_TORCH = {v: k for k, v in _TORCH.items()}
+_FROM_TORCH: dict[torch.dtype, int] = {v: k for k, v in _TORCH.items()}
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,7 @@ class EncodedTensors:
         return "sha256:" + self.sha256
 
     def manifest(self) -> pb.Manifest:
-        return pb.Manifest(
-            tensors=[s.to_proto() for s in self.specs], total_bytes=len(self.data), sha256=self.sha256
-        )
+        return pb.Manifest(tensors=[s.to_proto() for s in self.specs], total_bytes=len(self.data), sha256=self.sha256)
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
         view = memoryview(self.data)

@@ -99,5 +99,6 @@ class CoordinatorConfig:
             for key in ("min_sites", "min_available_sites"):
                 value = getattr(self.job, key)
                 if value > len(self.federation.sites):
-                    raise ConfigError(f"job.{key}: {value} is more than the {len(self.federation.sites)} "
-                                      "sites on the allow-list")
+                    raise ConfigError(
+                        f"job.{key}: {value} is more than the {len(self.federation.sites)} sites on the allow-list"
+                    )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +31,7 @@ class CoordinatorDaemon:
     def __init__(self, config: CoordinatorConfig, progress: ProgressHook | None = None) -> None:
         self.config = config
         self.status = Status.INIT
-        self.coordinator: Coordinator | None = None
+        self._coordinator: Coordinator | None = None
         self.address = ""
         self._progress = progress
         self._server: grpc.aio.Server | None = None
@@ -60,7 +61,7 @@ class CoordinatorDaemon:
         await server.start()
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self._server, self.coordinator = server, coordinator
+        self._server, self._coordinator = server, coordinator
         self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.status = Status.RUNNING
         log.info("coordinator for federation %r listening on %s (mutual TLS)", cfg.federation.name, self.address)
@@ -76,12 +77,19 @@ class CoordinatorDaemon:
         log.info("coordinator closing: %s", reason)
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        if self.coordinator is not None:
-            await self.coordinator.close()
+        if self._coordinator is not None:
+            await self._coordinator.close()
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace_s)
         self.status = Status.CLOSED
         self._closed.set()
+
+    @property
+    def coordinator(self) -> Coordinator:
+        """The domain object (sessions, jobs, store); available once started."""
+        if self._coordinator is None:
+            raise RuntimeError("the coordinator daemon has not been started")
+        return self._coordinator
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -106,12 +114,12 @@ async def run(config: CoordinatorConfig, ready_file: Path | None = None, exit_wh
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(address + "\n")
         tmp.replace(ready_file)
-    waiters = [asyncio.ensure_future(stop.wait())]
-    if exit_when_done and daemon.coordinator is not None and daemon.coordinator.runner is not None:
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+    if exit_when_done and daemon.coordinator.runner is not None:
         waiters.append(asyncio.ensure_future(daemon.coordinator.wait_job()))
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:
         w.cancel()
     await daemon.close("signal" if stop.is_set() else "job finished")
-    runner = daemon.coordinator.runner if daemon.coordinator else None
+    runner = daemon.coordinator.runner
     return 0 if runner is None or runner.state in ("finished", "running", "stopped") else 1

@@ -27,7 +27,16 @@ from coordinator.aggregation import RunningSum, UpdateSpool, check_finite_file
 from coordinator.config import JobConfig
 from coordinator.model_store import ModelStore
 from coordinator.registry import Declaration, Registry
-from coordinator.rounds import CloseRound, DeadlinePassed, Event, RoundState, SiteBack, SiteLost, Stop, UploadAccepted
+from coordinator.rounds import (
+    CloseRound,
+    DeadlinePassed,
+    Event,
+    RoundState,
+    SiteBack,
+    SiteLost,
+    Stop,
+    UploadAccepted,
+)
 from coordinator.store import Store
 
 log = logging.getLogger("cohort.coordinator.job")
@@ -57,11 +66,15 @@ class JobIdentity:
         if decl.task_name != self.task_name:
             diffs.append(f"task name: site runs {decl.task_name!r}, the job needs {self.task_name!r}")
         if decl.task_digest != self.task_digest:
-            diffs.append(f"task code digest: site has {decl.task_digest[:19]}..., the job needs "
-                         f"{self.task_digest[:19]}... (install the same task version at the site)")
+            diffs.append(
+                f"task code digest: site has {decl.task_digest[:19]}..., the job needs "
+                f"{self.task_digest[:19]}... (install the same task version at the site)"
+            )
         if decl.schema_fingerprint != self.schema_fingerprint:
-            diffs.append(f"data schema: site declares {decl.schema_fingerprint[:19]}..., the job needs "
-                         f"{self.schema_fingerprint[:19]}... (the site's columns differ from the task's schema)")
+            diffs.append(
+                f"data schema: site declares {decl.schema_fingerprint[:19]}..., the job needs "
+                f"{self.schema_fingerprint[:19]}... (the site's columns differ from the task's schema)"
+            )
         return "; ".join(diffs) or None
 
 
@@ -143,8 +156,9 @@ class JobRunner:
         self.global_tensors = initial
         self.global_model = models.save(initial, {"job": job_id, "round": "0"})
         self.global_specs: tuple[Spec, ...] = self.global_model.specs
-        store.create_job(job_id, spec.name, asdict(spec) | {"identity": asdict(self.identity)},
-                         self.global_model.version)
+        store.create_job(
+            job_id, spec.name, asdict(spec) | {"identity": asdict(self.identity)}, self.global_model.version
+        )
         registry.subscribe(self._on_site)
 
     # -- control ------------------------------------------------------------------------------------------------
@@ -229,7 +243,8 @@ class JobRunner:
 
     def _select(self, eligible: list[str], number: int, attempt: int) -> list[str]:
         k = max(self.spec.min_sites, math.ceil(self.spec.fraction * len(eligible)))
-        rng = random.Random(f"{self.job_id}/{number}/{attempt}")
+        # Reproducible selection, not a secret: which sites train is visible to them anyway.
+        rng = random.Random(f"{self.job_id}/{number}/{attempt}")  # noqa: S311
         return sorted(rng.sample(eligible, min(k, len(eligible))))
 
     async def _run_round(self, number: int, attempt: int) -> bool:
@@ -238,23 +253,35 @@ class JobRunner:
         if self._stop.is_set():
             return False
         if len(eligible) < self.spec.min_sites:
-            self.progress(f"round {number}: only {len(eligible)} eligible sites connected, "
-                          f"{self.spec.min_sites} needed; retrying")
+            self.progress(
+                f"round {number}: only {len(eligible)} eligible sites connected, {self.spec.min_sites} needed; retrying"
+            )
             return False
         cohort = self._select(eligible, number, attempt)
         seed = round_seed(self.spec.params.seed, number)
         deadline = time.time() + self.spec.round_timeout_s
         task = pb.TrainTask(
-            job_id=self.job_id, round=number, attempt=attempt, model_version=self.global_model.version,
+            job_id=self.job_id,
+            round=number,
+            attempt=attempt,
+            model_version=self.global_model.version,
             deadline_unix=deadline,
-            params=pb.TrainParams(local_epochs=self.spec.params.local_epochs, batch_size=self.spec.params.batch_size,
-                                  learning_rate=self.spec.params.learning_rate, seed=seed),
+            params=pb.TrainParams(
+                local_epochs=self.spec.params.local_epochs,
+                batch_size=self.spec.params.batch_size,
+                learning_rate=self.spec.params.learning_rate,
+                seed=seed,
+            ),
         )
         rnd = ActiveRound(
-            number=number, attempt=attempt, base=self.global_model,
+            number=number,
+            attempt=attempt,
+            base=self.global_model,
             state=RoundState(frozenset(cohort), min(self.spec.min_sites, len(cohort))),
-            running=RunningSum(self.global_specs), deadline=deadline,
-            spool_dir=self.spool_root / self.job_id / f"round-{number}-{attempt}", task=task,
+            running=RunningSum(self.global_specs),
+            deadline=deadline,
+            spool_dir=self.spool_root / self.job_id / f"round-{number}-{attempt}",
+            task=task,
         )
         self.store.start_round(self.job_id, number, attempt, cohort, self.global_model.version)
         self._round = rnd
@@ -269,28 +296,58 @@ class JobRunner:
         train_s = time.monotonic() - started
         try:
             if not outcome.succeeded:
-                self.store.finish_round(self.job_id, number, attempt, state="failed",
-                                        reported=sorted(rnd.state.reported), detail=outcome.reason,
-                                        timings={"train_s": train_s})
-                self.store.audit("round_failed", "coordinator", job_id=self.job_id, round=number,
-                                 attempt=attempt, reason=outcome.reason)
+                self.store.finish_round(
+                    self.job_id,
+                    number,
+                    attempt,
+                    state="failed",
+                    reported=sorted(rnd.state.reported),
+                    detail=outcome.reason,
+                    timings={"train_s": train_s},
+                )
+                self.store.audit(
+                    "round_failed",
+                    "coordinator",
+                    job_id=self.job_id,
+                    round=number,
+                    attempt=attempt,
+                    reason=outcome.reason,
+                )
                 self.progress(f"round {number} attempt {attempt} failed: {outcome.reason}")
                 return False
             t0 = time.monotonic()
             new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
-            encoded = await asyncio.to_thread(self.models.save, new_tensors,
-                                              {"job": self.job_id, "round": str(number)})
+            encoded = await asyncio.to_thread(self.models.save, new_tensors, {"job": self.job_id, "round": str(number)})
             aggregate_s = time.monotonic() - t0
             train_loss = rnd.loss_sum / rnd.weight_sum if rnd.weight_sum else None
             self.global_tensors, self.global_model = new_tensors, encoded
             self.store.finish_round(
-                self.job_id, number, attempt, state="completed", reported=sorted(rnd.state.reported),
-                model_version=encoded.version, train_loss=train_loss, train_samples=rnd.weight_sum,
-                timings={"train_s": train_s, "aggregate_s": aggregate_s}, detail=outcome.reason,
+                self.job_id,
+                number,
+                attempt,
+                state="completed",
+                reported=sorted(rnd.state.reported),
+                model_version=encoded.version,
+                train_loss=train_loss,
+                train_samples=rnd.weight_sum,
+                timings={"train_s": train_s, "aggregate_s": aggregate_s},
+                detail=outcome.reason,
             )
-            self.store.audit("round_completed", "coordinator", job_id=self.job_id, round=number,
-                             sites=sorted(rnd.state.reported), model_version=encoded.version)
-            self._round_line = (number, len(rnd.state.reported), len(cohort), train_loss, time.monotonic() - started)
+            self.store.audit(
+                "round_completed",
+                "coordinator",
+                job_id=self.job_id,
+                round=number,
+                sites=sorted(rnd.state.reported),
+                model_version=encoded.version,
+            )
+            self._round_line = (
+                number,
+                len(rnd.state.reported),
+                len(cohort),
+                train_loss,
+                time.monotonic() - started,
+            )
             if not (self.spec.evaluate_every and number % self.spec.evaluate_every == 0):
                 self._print_round(None)
             return True
@@ -311,9 +368,15 @@ class JobRunner:
     async def _collect(self, number: int, split: str, sites: list[str]) -> Evaluation:
         ev = Evaluation(number, split, self.global_model.version, set(sites))
         self._eval = ev
-        item = pb.WorkItem(evaluate=pb.EvaluateTask(
-            job_id=self.job_id, round=number, model_version=ev.version, split=split,
-            deadline_unix=time.time() + self.spec.round_timeout_s))
+        item = pb.WorkItem(
+            evaluate=pb.EvaluateTask(
+                job_id=self.job_id,
+                round=number,
+                model_version=ev.version,
+                split=split,
+                deadline_unix=time.time() + self.spec.round_timeout_s,
+            )
+        )
         for site in sites:
             if not self.registry.send(site, item):
                 ev.expected.discard(site)
@@ -333,11 +396,13 @@ class JobRunner:
     async def _final_evaluation(self) -> None:
         ev = await self._collect(self.spec.rounds, "test", self.eligible())
         n, loss, acc = ev.aggregate()
-        self.store.update_job(self.job_id, test_loss=loss if n else None, test_accuracy=acc if n else None,
-                              test_samples=n)
+        self.store.update_job(
+            self.job_id, test_loss=loss if n else None, test_accuracy=acc if n else None, test_samples=n
+        )
         if n:
-            self.progress(f"federated test: {n} samples from {len(ev.reports)} sites | loss {loss:.4f} | "
-                          f"accuracy {acc:.4f}")
+            self.progress(
+                f"federated test: {n} samples from {len(ev.reports)} sites | loss {loss:.4f} | accuracy {acc:.4f}"
+            )
 
     # -- events from the registry -------------------------------------------------------------------------------
     def _on_site(self, site: str, connected: bool) -> None:
@@ -368,8 +433,10 @@ class JobRunner:
         if job_id != self.job_id:
             raise NotFound(f"job {job_id!r} is not the running job ({self.job_id})")
         if version != self.global_model.version:
-            raise NotFound(f"model {version[:19]}... is not the current global model "
-                           f"({self.global_model.version[:19]}...); wait for the next task")
+            raise NotFound(
+                f"model {version[:19]}... is not the current global model "
+                f"({self.global_model.version[:19]}...); wait for the next task"
+            )
         return self.global_model
 
     def _round_for(self, site: str, h: pb.UpdateHeader) -> ActiveRound:
@@ -393,8 +460,10 @@ class JobRunner:
                 if s.name not in expected:
                     raise InvalidArgument(f"update has tensor {s.name!r}, which the model does not have")
                 if s != expected[s.name]:
-                    raise InvalidArgument(f"tensor {s.name!r} has dtype/shape {s.dtype}/{list(s.shape)}; the model "
-                                          f"needs {expected[s.name].dtype}/{list(expected[s.name].shape)}")
+                    raise InvalidArgument(
+                        f"tensor {s.name!r} has dtype/shape {s.dtype}/{list(s.shape)}; the model "
+                        f"needs {expected[s.name].dtype}/{list(expected[s.name].shape)}"
+                    )
             raise InvalidArgument("update tensors are missing or out of order compared with the model")
         if not 1 <= h.num_samples <= MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be between 1 and {MAX_SAMPLES}")
@@ -404,8 +473,9 @@ class JobRunner:
             raise InvalidArgument("train_seconds must be a finite, non-negative number")
         return specs
 
-    async def receive_upload(self, site: str, header: pb.UpdateHeader,
-                             chunks: AsyncIterator[pb.UpdateChunk]) -> pb.UploadReply:
+    async def receive_upload(
+        self, site: str, header: pb.UpdateHeader, chunks: AsyncIterator[pb.UpdateChunk]
+    ) -> pb.UploadReply:
         rnd = self._round_for(site, header)
         specs = self._check_header(rnd, header)
         previous = rnd.accepted.get(site)
@@ -419,8 +489,13 @@ class JobRunner:
         if site in rnd.in_flight:
             raise FailedPrecondition(f"an upload from site {site!r} for this round is already in progress")
         rnd.in_flight.add(site)
-        spool = UpdateSpool(rnd.spool_dir / f"{site}.update", specs, header.manifest.total_bytes,
-                            header.manifest.sha256, self.limits.max_chunk_bytes)
+        spool = UpdateSpool(
+            rnd.spool_dir / f"{site}.update",
+            specs,
+            header.manifest.total_bytes,
+            header.manifest.sha256,
+            self.limits.max_chunk_bytes,
+        )
         try:
             async for msg in chunks:
                 if msg.WhichOneof("kind") != "data":
@@ -439,9 +514,16 @@ class JobRunner:
                 if refusal is not None:
                     raise FailedPrecondition(refusal)
                 await asyncio.to_thread(rnd.running.add_file, path, float(header.num_samples))
-                self.store.record_upload(self.job_id, rnd.number, rnd.attempt, site,
-                                         sha256=header.manifest.sha256, num_samples=header.num_samples,
-                                         metrics=dict(header.metrics), train_seconds=header.train_seconds)
+                self.store.record_upload(
+                    self.job_id,
+                    rnd.number,
+                    rnd.attempt,
+                    site,
+                    sha256=header.manifest.sha256,
+                    num_samples=header.num_samples,
+                    metrics=dict(header.metrics),
+                    train_seconds=header.train_seconds,
+                )
                 rnd.accepted[site] = header.manifest.sha256
                 if "loss" in header.metrics:
                     rnd.loss_sum += header.metrics["loss"] * header.num_samples
@@ -470,8 +552,16 @@ class JobRunner:
             raise InvalidArgument("loss, accuracy and eval_seconds must be finite; accuracy within [0, 1]")
         if report.num_samples > MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be at most {MAX_SAMPLES}")
-        self.store.record_evaluation(self.job_id, report.round, report.split, site, report.model_version,
-                                     report.num_samples, report.loss, report.accuracy)
+        self.store.record_evaluation(
+            self.job_id,
+            report.round,
+            report.split,
+            site,
+            report.model_version,
+            report.num_samples,
+            report.loss,
+            report.accuracy,
+        )
         ev.reports[site] = (report.num_samples, report.loss, report.accuracy)
         ev.check_done()
 

@@ -22,24 +22,46 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
     spec = row["spec"]
     rounds = [
         pb.RoundStatus(
-            round=r.round, state=r.state, cohort=r.cohort, reported=r.reported, model_version=r.model_version,
-            train_loss=r.train_loss or 0.0, val_loss=r.val_loss or 0.0, val_accuracy=r.val_accuracy or 0.0,
-            seconds=(r.finished - r.started) if r.finished else 0.0, val_samples=r.val_samples or 0,
+            round=r.round,
+            state=r.state,
+            cohort=r.cohort,
+            reported=r.reported,
+            model_version=r.model_version,
+            train_loss=r.train_loss or 0.0,
+            val_loss=r.val_loss or 0.0,
+            val_accuracy=r.val_accuracy or 0.0,
+            seconds=(r.finished - r.started) if r.finished else 0.0,
+            val_samples=r.val_samples or 0,
         )
         for r in store.rounds(row["job_id"])
     ]
     params = spec.get("params", {})
     return pb.JobStatus(
-        job_id=row["job_id"], state=row["state"], current_round=row["current_round"],
-        model_version=row["model_version"], rounds=rounds, detail=row["detail"],
-        test_loss=row["test_loss"] or 0.0, test_accuracy=row["test_accuracy"] or 0.0,
+        job_id=row["job_id"],
+        state=row["state"],
+        current_round=row["current_round"],
+        model_version=row["model_version"],
+        rounds=rounds,
+        detail=row["detail"],
+        test_loss=row["test_loss"] or 0.0,
+        test_accuracy=row["test_accuracy"] or 0.0,
         spec=pb.JobSpec(
-            name=spec["name"], task=spec["task"], rounds=spec["rounds"], fraction=spec["fraction"],
-            min_sites=spec["min_sites"], round_timeout_s=spec["round_timeout_s"],
-            evaluate_every=spec["evaluate_every"], wait_for_sites_s=spec["wait_for_sites_s"],
-            max_round_retries=spec["max_round_retries"], min_available_sites=spec["min_available_sites"],
-            params=pb.TrainParams(local_epochs=params.get("local_epochs", 0), batch_size=params.get("batch_size", 0),
-                                  learning_rate=params.get("learning_rate", 0.0), seed=params.get("seed", 0)),
+            name=spec["name"],
+            task=spec["task"],
+            rounds=spec["rounds"],
+            fraction=spec["fraction"],
+            min_sites=spec["min_sites"],
+            round_timeout_s=spec["round_timeout_s"],
+            evaluate_every=spec["evaluate_every"],
+            wait_for_sites_s=spec["wait_for_sites_s"],
+            max_round_retries=spec["max_round_retries"],
+            min_available_sites=spec["min_available_sites"],
+            params=pb.TrainParams(
+                local_epochs=params.get("local_epochs", 0),
+                batch_size=params.get("batch_size", 0),
+                learning_rate=params.get("learning_rate", 0.0),
+                seed=params.get("seed", 0),
+            ),
         ),
     )
 
@@ -47,8 +69,17 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
 def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
     """A validated JobConfig from an admin's JobSpec; zero values mean "use the default"."""
     data: dict[str, Any] = {}
-    for key in ("name", "task", "rounds", "fraction", "min_sites", "min_available_sites", "round_timeout_s",
-                "evaluate_every", "wait_for_sites_s"):
+    for key in (
+        "name",
+        "task",
+        "rounds",
+        "fraction",
+        "min_sites",
+        "min_available_sites",
+        "round_timeout_s",
+        "evaluate_every",
+        "wait_for_sites_s",
+    ):
         value = getattr(spec, key)
         if value:
             data[key] = value

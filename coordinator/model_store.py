@@ -30,9 +30,15 @@ class ModelStore:
         path = self.path_for(encoded.version)
         if not path.exists():
             tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={**(metadata or {}), "cohort_version": encoded.version,
-                                "cohort_order": json.dumps([s.name for s in encoded.specs])})
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                str(tmp),
+                metadata={
+                    **(metadata or {}),
+                    "cohort_version": encoded.version,
+                    "cohort_order": json.dumps([s.name for s in encoded.specs]),
+                },
+            )
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

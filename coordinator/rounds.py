@@ -106,8 +106,11 @@ class RoundState:
         pending = self.cohort - self.reported - self.lost
         if pending:
             if len(self.reported) + len(pending) < self.min_sites:
-                return self._close(False, f"too many sites dropped out: at most "
-                                          f"{len(self.reported) + len(pending)} of {self.min_sites} can report")
+                return self._close(
+                    False,
+                    f"too many sites dropped out: at most "
+                    f"{len(self.reported) + len(pending)} of {self.min_sites} can report",
+                )
             return []
         # Everyone still connected has reported.
         if len(self.reported) >= self.min_sites:

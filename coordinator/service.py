@@ -33,8 +33,9 @@ class Coordinator:
         self.models = ModelStore(state / "models")
         self.spool_root = state / "spool"
         self.registry = Registry()
-        self.limits = Limits(max_chunk_bytes=config.server.max_chunk_bytes,
-                             max_total_bytes=config.server.max_update_bytes)
+        self.limits = Limits(
+            max_chunk_bytes=config.server.max_chunk_bytes, max_total_bytes=config.server.max_update_bytes
+        )
         self.progress = progress
         self.runner: JobRunner | None = None
         self._job_task: asyncio.Task[None] | None = None
@@ -51,8 +52,17 @@ class Coordinator:
         except (ValueError, TaskError) as exc:
             raise FailedPrecondition(f"task {spec.task!r} cannot be loaded on the coordinator: {exc}") from None
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        runner = JobRunner(job_id, spec, task, store=self.store, models=self.models, registry=self.registry,
-                           spool_root=self.spool_root, limits=self.limits, progress=self.progress)
+        runner = JobRunner(
+            job_id,
+            spec,
+            task,
+            store=self.store,
+            models=self.models,
+            registry=self.registry,
+            spool_root=self.spool_root,
+            limits=self.limits,
+            progress=self.progress,
+        )
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
         self.runner = runner
         self.runners[job_id] = runner
@@ -92,10 +102,17 @@ class Coordinator:
     def join(self, site: str, req: pb.JoinRequest) -> pb.JoinReply:
         if site not in self.allowed:
             self.store.audit("join_refused", site, reason="not on the allow-list")
-            raise PermissionDenied(f"site {site!r} is not on the allow-list of federation "
-                                   f"{self.config.federation.name!r}; ask the operator to add it")
-        decl = Declaration(req.task_name, req.task_digest, req.schema_fingerprint, req.software_version,
-                           req.num_train_samples)
+            raise PermissionDenied(
+                f"site {site!r} is not on the allow-list of federation "
+                f"{self.config.federation.name!r}; ask the operator to add it"
+            )
+        decl = Declaration(
+            req.task_name,
+            req.task_digest,
+            req.schema_fingerprint,
+            req.software_version,
+            req.num_train_samples,
+        )
         runner = self.runner if self.runner is not None and self.runner.state == "running" else None
         if runner is not None:
             mismatch = runner.identity.mismatch(decl)
@@ -141,8 +158,9 @@ class Coordinator:
         self._require_member(site)
         return self._active(req.job_id).model_for(req.job_id, req.model_version)
 
-    async def receive_upload(self, site: str, header: pb.UpdateHeader,
-                             chunks: AsyncIterator[pb.UpdateChunk]) -> pb.UploadReply:
+    async def receive_upload(
+        self, site: str, header: pb.UpdateHeader, chunks: AsyncIterator[pb.UpdateChunk]
+    ) -> pb.UploadReply:
         self._require_member(site)
         return await self._active(header.job_id).receive_upload(site, header, chunks)
 
@@ -166,11 +184,14 @@ class Coordinator:
         sessions = {s.site: s for s in self.registry.sessions()}
         for site in sorted(self.allowed):
             s = sessions.get(site)
-            sites.append(pb.SiteStatus(
-                site_id=site, connected=bool(s and s.connected),
-                task_name=s.declaration.task_name if s else "",
-                software_version=s.declaration.software_version if s else "",
-                last_seen_unix=s.last_seen if s else 0.0))
+            sites.append(
+                pb.SiteStatus(
+                    site_id=site,
+                    connected=bool(s and s.connected),
+                    task_name=s.declaration.task_name if s else "",
+                    software_version=s.declaration.software_version if s else "",
+                    last_seen_unix=s.last_seen if s else 0.0,
+                )
+            )
         jobs = [job_status(row, self.store) for row in self.store.jobs()]
-        return pb.StatusReply(federation=self.config.federation.name, sites=sites, jobs=jobs,
-                              software_version=VERSION)
+        return pb.StatusReply(federation=self.config.federation.name, sites=sites, jobs=jobs, software_version=VERSION)

@@ -142,7 +142,15 @@ class Store:
             )
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        allowed = {"state", "current_round", "model_version", "detail", "test_loss", "test_accuracy", "test_samples"}
+        allowed = {
+            "state",
+            "current_round",
+            "model_version",
+            "detail",
+            "test_loss",
+            "test_accuracy",
+            "test_samples",
+        }
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
@@ -225,9 +233,7 @@ class Store:
             )
 
     def rounds(self, job_id: str) -> list[RoundRow]:
-        rows = self._db.execute(
-            "SELECT * FROM rounds WHERE job_id = ? ORDER BY round, attempt", (job_id,)
-        ).fetchall()
+        rows = self._db.execute("SELECT * FROM rounds WHERE job_id = ? ORDER BY round, attempt", (job_id,)).fetchall()
         out = []
         for r in rows:
             d = dict(r)
@@ -253,8 +259,17 @@ class Store:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, rnd, attempt, site, sha256, num_samples, json.dumps(dict(metrics)), train_seconds,
-                 time.time()),
+                (
+                    job_id,
+                    rnd,
+                    attempt,
+                    site,
+                    sha256,
+                    num_samples,
+                    json.dumps(dict(metrics)),
+                    train_seconds,
+                    time.time(),
+                ),
             )
 
     def uploads(self, job_id: str, rnd: int, attempt: int) -> list[dict[str, Any]]:
@@ -265,7 +280,15 @@ class Store:
         return [dict(r) | {"metrics": json.loads(r["metrics"])} for r in rows]
 
     def record_evaluation(
-        self, job_id: str, rnd: int, split: str, site: str, model_version: str, n: int, loss: float, acc: float
+        self,
+        job_id: str,
+        rnd: int,
+        split: str,
+        site: str,
+        model_version: str,
+        n: int,
+        loss: float,
+        acc: float,
     ) -> None:
         with self._tx() as db:
             db.execute(

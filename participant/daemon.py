@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -36,13 +37,15 @@ from participant.site import Site
 log = logging.getLogger("cohort.participant")
 
 # Refusals that retrying cannot fix: stop and tell the operator.
-FATAL_CODES = frozenset({
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.UNIMPLEMENTED,
-})
+FATAL_CODES = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
 
 WorkKey = tuple[str, ...]
 T = TypeVar("T")
@@ -67,7 +70,7 @@ class ParticipantDaemon:
         self._closed = asyncio.Event()
         self._work: asyncio.Queue[pb.WorkItem] = asyncio.Queue()
         self._pending: set[WorkKey] = set()
-        self._stub: pb_grpc.FederationStub | None = None
+        self._stub: pb_grpc.FederationAsyncStub | None = None
         self._channel: grpc.aio.Channel | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
@@ -86,8 +89,10 @@ class ParticipantDaemon:
         self._digest = task_digest(task)
         torch.set_num_threads(cfg.training.torch_threads)
         self.status = Status.RUNNING
-        self._tasks = [asyncio.create_task(self._connect_loop(), name="participant-connect"),
-                       asyncio.create_task(self._worker(), name="participant-worker")]
+        self._tasks = [
+            asyncio.create_task(self._connect_loop(), name="participant-connect"),
+            asyncio.create_task(self._worker(), name="participant-worker"),
+        ]
 
     async def close(self, reason: str = "shutdown") -> None:
         if self.status in (Status.CLOSING, Status.CLOSED):
@@ -123,13 +128,11 @@ class ParticipantDaemon:
         self._stop.set()
 
     async def _sleep(self, seconds: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     # -- connection ---------------------------------------------------------------------------------------------
-    def _open_channel(self) -> pb_grpc.FederationStub:
+    def _open_channel(self) -> pb_grpc.FederationAsyncStub:
         cfg = self.config.coordinator
         options = keepalive_options(5.0) + message_options(8 << 20)
         if cfg.server_name:
@@ -156,12 +159,17 @@ class ParticipantDaemon:
             self.joined.clear()
             await self._sleep(self._backoff.next_delay())
 
-    async def _session(self, stub: pb_grpc.FederationStub) -> None:
-        assert self.task is not None and self.site is not None
+    async def _session(self, stub: pb_grpc.FederationAsyncStub) -> None:
+        assert self.task is not None
+        assert self.site is not None
         reply: pb.JoinReply = await stub.Join(
-            pb.JoinRequest(task_name=self.task.name, task_digest=self._digest,
-                           schema_fingerprint=self.task.schema.fingerprint(), software_version=VERSION,
-                           num_train_samples=self.site.num_train_samples),
+            pb.JoinRequest(
+                task_name=self.task.name,
+                task_digest=self._digest,
+                schema_fingerprint=self.task.schema.fingerprint(),
+                software_version=VERSION,
+                num_train_samples=self.site.num_train_samples,
+            ),
             timeout=self.config.coordinator.rpc_timeout_s,
         )
         self.site_id, self.job_id = reply.site_id, reply.job_id
@@ -230,10 +238,12 @@ class ParticipantDaemon:
 
         async def download() -> dict[str, torch.Tensor]:
             assert self._stub is not None
-            stream = self._stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version),
-                                              timeout=self.config.coordinator.transfer_timeout_s)
+            stream = self._stub.DownloadModel(
+                pb.ModelRequest(job_id=job_id, model_version=version),
+                timeout=self.config.coordinator.transfer_timeout_s,
+            )
             first = await stream.read()
-            if first is grpc.aio.EOF or first.WhichOneof("kind") != "manifest":
+            if not isinstance(first, pb.ModelChunk) or first.WhichOneof("kind") != "manifest":
                 raise InvalidArgument("model stream did not start with a manifest")
             assembler = Assembler(first.manifest)
             while (chunk := await stream.read()) is not grpc.aio.EOF:
@@ -257,8 +267,13 @@ class ParticipantDaemon:
         metrics = {"loss": local.result.loss, "accuracy": local.result.accuracy}
         metrics |= {k: v for k, v in local.result.extra.items() if math.isfinite(v)}
         header = pb.UpdateHeader(
-            job_id=task.job_id, round=task.round, attempt=task.attempt, base_model_version=task.model_version,
-            num_samples=local.result.num_samples, metrics=metrics, manifest=local.update.manifest(),
+            job_id=task.job_id,
+            round=task.round,
+            attempt=task.attempt,
+            base_model_version=task.model_version,
+            num_samples=local.result.num_samples,
+            metrics=metrics,
+            manifest=local.update.manifest(),
             train_seconds=local.seconds,
         )
 
@@ -271,21 +286,35 @@ class ParticipantDaemon:
                     yield pb.UpdateChunk(data=bytes(part))
 
             reply: pb.UploadReply = await self._stub.UploadUpdate(
-                chunks(), timeout=self.config.coordinator.transfer_timeout_s)
+                chunks(), timeout=self.config.coordinator.transfer_timeout_s
+            )
             return reply
 
         reply = await self._retrying("upload", task.deadline_unix, upload)
-        log.info("round %d: trained on %d samples (loss %.4f) and uploaded %s in %.1fs%s", task.round,
-                 local.result.num_samples, local.result.loss, reply.update_sha256[:12], time.perf_counter() - t0,
-                 " (duplicate)" if reply.duplicate else "")
+        log.info(
+            "round %d: trained on %d samples (loss %.4f) and uploaded %s in %.1fs%s",
+            task.round,
+            local.result.num_samples,
+            local.result.loss,
+            reply.update_sha256[:12],
+            time.perf_counter() - t0,
+            " (duplicate)" if reply.duplicate else "",
+        )
 
     async def _evaluate(self, task: pb.EvaluateTask) -> None:
-        assert self.site is not None and self._stub is not None
+        assert self.site is not None
+        assert self._stub is not None
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split)
         report = pb.EvaluationReport(
-            job_id=task.job_id, round=task.round, model_version=task.model_version, split=task.split,
-            num_samples=result.num_samples, loss=result.loss, accuracy=result.accuracy, eval_seconds=seconds,
+            job_id=task.job_id,
+            round=task.round,
+            model_version=task.model_version,
+            split=task.split,
+            num_samples=result.num_samples,
+            loss=result.loss,
+            accuracy=result.accuracy,
+            eval_seconds=seconds,
         )
         stub = self._stub
 

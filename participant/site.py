@@ -40,8 +40,12 @@ class Site:
     def train(self, global_tensors: dict[str, torch.Tensor], params: pb.TrainParams) -> LocalUpdate:
         started = time.perf_counter()
         model = self._model(global_tensors)
-        settings = TrainSettings(local_epochs=params.local_epochs, batch_size=params.batch_size,
-                                 learning_rate=params.learning_rate, seed=params.seed)
+        settings = TrainSettings(
+            local_epochs=params.local_epochs,
+            batch_size=params.batch_size,
+            learning_rate=params.learning_rate,
+            seed=params.seed,
+        )
         result = self.task.train(model, self.data, settings)
         local = state_dict_float32(model)
         delta = {name: local[name] - global_tensors[name] for name in global_tensors}

@@ -28,17 +28,30 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     other_ca, other_key = create_ca("other", 30)
     key = new_private_key()
     now = dt.datetime.now(dt.UTC)
-    cert = issue_certificate(other_ca, other_key, name="site-a", role=Role.PARTICIPANT, public_key=key.public_key(),
-                             not_before=now - dt.timedelta(days=1), not_after=now + dt.timedelta(days=30))
+    cert = issue_certificate(
+        other_ca,
+        other_key,
+        name="site-a",
+        role=Role.PARTICIPANT,
+        public_key=key.public_key(),
+        not_before=now - dt.timedelta(days=1),
+        not_after=now + dt.timedelta(days=30),
+    )
     foreign = write_identity(root / "foreign", ca_pem, cert_pem(cert), key_pem(key))
 
     # An expired certificate for "site-a" from the real federation CA.
 
-
     real_ca, real_key = load_ca(root / "certs" / "ca")
     key = new_private_key()
-    cert = issue_certificate(real_ca, real_key, name="site-a", role=Role.PARTICIPANT, public_key=key.public_key(),
-                             not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1))
+    cert = issue_certificate(
+        real_ca,
+        real_key,
+        name="site-a",
+        role=Role.PARTICIPANT,
+        public_key=key.public_key(),
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=1),
+    )
     expired = write_identity(root / "expired", ca_pem, cert_pem(cert), key_pem(key))
     return Pki(root, ids, foreign, expired)
 
@@ -80,4 +93,3 @@ async def participant_factory() -> AsyncIterator[Callable[..., Awaitable[Partici
     yield make
     for d in started:
         await d.close("test teardown")
-

@@ -16,7 +16,10 @@ from common.certs import (
 )
 from common.settings import TlsConfig, TrainParamsConfig
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig
+from coordinator.daemon import CoordinatorDaemon
+from coordinator.job import JobRunner
 from participant.config import CoordinatorEndpoint, ParticipantConfig, ReconnectConfig
+from participant.daemon import ParticipantDaemon
 
 SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 UNLISTED = "site-z"  # has a valid certificate from the federation CA, but is not on the allow-list
@@ -69,38 +72,63 @@ def key_pem(key: object) -> bytes:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def coordinator_config(pki: Pki, state_dir: Path, *, sites: tuple[str, ...] = SITES, job: JobConfig | None = None,
-                       heartbeat_s: float = 1.0) -> CoordinatorConfig:
+def coordinator_config(
+    pki: Pki,
+    state_dir: Path,
+    *,
+    sites: tuple[str, ...] = SITES,
+    job: JobConfig | None = None,
+    heartbeat_s: float = 1.0,
+) -> CoordinatorConfig:
     return CoordinatorConfig(
         federation=FederationConfig(name="test", sites=sites),
-        server=ServerConfig(listen="127.0.0.1:0", tls=tls(pki.coordinator), heartbeat_interval_s=heartbeat_s,
-                            shutdown_grace_s=1.0),
+        server=ServerConfig(
+            listen="127.0.0.1:0",
+            tls=tls(pki.coordinator),
+            heartbeat_interval_s=heartbeat_s,
+            shutdown_grace_s=1.0,
+        ),
         state_dir=state_dir,
         job=job,
     )
 
 
 def job_config(**overrides: object) -> JobConfig:
-    base = JobConfig(task="breast_cancer", name="test", rounds=2, fraction=1.0, min_sites=3, round_timeout_s=60,
-                     wait_for_sites_s=60, evaluate_every=1,
-                     params=TrainParamsConfig(local_epochs=1, batch_size=16, learning_rate=0.05, seed=3))
+    base = JobConfig(
+        task="breast_cancer",
+        name="test",
+        rounds=2,
+        fraction=1.0,
+        min_sites=3,
+        round_timeout_s=60,
+        wait_for_sites_s=60,
+        evaluate_every=1,
+        params=TrainParamsConfig(local_epochs=1, batch_size=16, learning_rate=0.05, seed=3),
+    )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 
 def participant_config(files: TlsFiles, address: str, data_dir: Path, task: str = "breast_cancer") -> ParticipantConfig:
     return ParticipantConfig(
-        tls=tls(files), data_dir=data_dir, task=task,
+        tls=tls(files),
+        data_dir=data_dir,
+        task=task,
         coordinator=CoordinatorEndpoint(address=address, rpc_timeout_s=10, transfer_timeout_s=60),
         reconnect=ReconnectConfig(initial_backoff_s=0.05, max_backoff_s=0.5),
     )
 
 
-async def poll_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 30.0,
-                     interval: float = 0.02, what: str = "condition") -> None:
+async def poll_until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 30.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> None:
     """Wait until ``predicate()`` is true; fail the test with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -112,3 +140,13 @@ async def poll_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: f
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+CoordinatorFactory = Callable[[CoordinatorConfig], Awaitable[CoordinatorDaemon]]
+ParticipantFactory = Callable[[ParticipantConfig], Awaitable[ParticipantDaemon]]
+
+
+def runner_of(daemon: CoordinatorDaemon) -> JobRunner:
+    runner = daemon.coordinator.runner
+    assert runner is not None, "no job was started"
+    return runner

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from support import Pki, coordinator_config, job_config, participant_config, poll_until
+from support import (
+    CoordinatorFactory,
+    ParticipantFactory,
+    Pki,
+    coordinator_config,
+    job_config,
+    participant_config,
+    poll_until,
+    runner_of,
+)
 
 from common.datasets import centralized_baseline, load_source, split_sites, write_site_folders
 from common.settings import TrainParamsConfig
@@ -16,20 +25,24 @@ HOSPITALS = ("site-a", "site-b", "site-c", "site-d", "site-e")
 
 
 async def test_federated_accuracy_within_two_points_of_central(
-    pki: Pki, tmp_path: Path, coordinator_factory, participant_factory
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory, participant_factory: ParticipantFactory
 ) -> None:
     x, y, schema = load_source("breast_cancer")
     splits = split_sites(x, y, HOSPITALS, alpha=0.5, seed=42)
     folders = write_site_folders(tmp_path / "data", splits, schema)
     defaults = breast_cancer.DEFAULT_SETTINGS
     rounds = breast_cancer.RECOMMENDED_ROUNDS
-    params = TrainParamsConfig(local_epochs=defaults.local_epochs, batch_size=defaults.batch_size,
-                               learning_rate=defaults.learning_rate, seed=defaults.seed)
+    params = TrainParamsConfig(
+        local_epochs=defaults.local_epochs,
+        batch_size=defaults.batch_size,
+        learning_rate=defaults.learning_rate,
+        seed=defaults.seed,
+    )
     job = job_config(rounds=rounds, min_sites=5, evaluate_every=0, params=params)
     coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
     for site in HOSPITALS:
         await participant_factory(participant_config(pki.site(site), coord.address, folders[site]))
-    runner = coord.coordinator.runner
+    runner = runner_of(coord)
     await poll_until(lambda: runner.state != "running", timeout=240, what="the federated job to finish")
     assert runner.state == "finished", runner.detail
     [record] = coord.coordinator.store.jobs()
@@ -43,7 +56,11 @@ async def test_federated_accuracy_within_two_points_of_central(
     y_test = np.concatenate([splits[s]["test"][1] for s in HOSPITALS])
     assert record["test_samples"] == len(y_test)
     central = centralized_baseline(
-        breast_cancer.TASK, x_train, y_train, x_test, y_test,
+        breast_cancer.TASK,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
         TrainSettings(batch_size=defaults.batch_size, learning_rate=defaults.learning_rate, seed=defaults.seed),
         epochs=rounds * defaults.local_epochs,
     )

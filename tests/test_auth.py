@@ -6,12 +6,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import SITES, UNLISTED, Pki, coordinator_config, job_config
+from support import SITES, UNLISTED, CoordinatorFactory, Pki, coordinator_config, job_config, runner_of
 
 from common.certs import TlsFiles
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.tasks.base import load_task, task_digest
+from coordinator.daemon import CoordinatorDaemon
 
 
 def join_request(**overrides: object) -> pb.JoinRequest:
@@ -32,8 +33,10 @@ def channel(address: str, files: TlsFiles | None, ca: Path) -> grpc.aio.Channel:
         creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
     else:
         creds = grpc.ssl_channel_credentials(
-            root_certificates=ca.read_bytes(), private_key=files.key.read_bytes(),
-            certificate_chain=files.cert.read_bytes())
+            root_certificates=ca.read_bytes(),
+            private_key=files.key.read_bytes(),
+            certificate_chain=files.cert.read_bytes(),
+        )
     return grpc.aio.secure_channel(address, creds)
 
 
@@ -44,13 +47,18 @@ async def join(address: str, files: TlsFiles | None, ca: Path, request: pb.JoinR
 
 
 @pytest.fixture
-async def coordinator(pki: Pki, tmp_path: Path, coordinator_factory):  # type: ignore[no-untyped-def]
+async def coordinator(pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory) -> CoordinatorDaemon:
     # A running job (that waits for sites) so joins are checked against its task.
-    return await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job_config(min_sites=5)))
+    daemon: CoordinatorDaemon = await coordinator_factory(
+        coordinator_config(pki, tmp_path / "state", job=job_config(min_sites=5))
+    )
+    return daemon
 
 
 @pytest.mark.parametrize("who", ["none", "foreign", "expired"])
-async def test_tls_handshake_refuses_bad_client_certificates(coordinator, pki: Pki, who: str) -> None:  # type: ignore[no-untyped-def]
+async def test_tls_handshake_refuses_bad_client_certificates(
+    coordinator: CoordinatorDaemon, pki: Pki, who: str
+) -> None:
     files = {"none": None, "foreign": pki.foreign, "expired": pki.expired}[who]
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await join(coordinator.address, files, pki.coordinator.ca, join_request())
@@ -59,7 +67,7 @@ async def test_tls_handshake_refuses_bad_client_certificates(coordinator, pki: P
     assert coordinator.coordinator.registry.sessions() == []
 
 
-async def test_site_not_on_allow_list_is_refused(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+async def test_site_not_on_allow_list_is_refused(coordinator: CoordinatorDaemon, pki: Pki) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await join(coordinator.address, pki.site(UNLISTED), pki.coordinator.ca, join_request())
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -69,10 +77,10 @@ async def test_site_not_on_allow_list_is_refused(coordinator, pki: Pki) -> None:
     assert [e["actor"] for e in refusals] == [UNLISTED]
 
 
-async def test_valid_site_joins_with_identity_from_certificate(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+async def test_valid_site_joins_with_identity_from_certificate(coordinator: CoordinatorDaemon, pki: Pki) -> None:
     reply = await join(coordinator.address, pki.site(SITES[1]), pki.coordinator.ca, join_request())
     assert reply.site_id == SITES[1]
-    assert reply.job_id == coordinator.coordinator.runner.job_id
+    assert reply.job_id == runner_of(coordinator).job_id
     assert reply.heartbeat_interval_s > 0
 
 
@@ -84,8 +92,8 @@ async def test_valid_site_joins_with_identity_from_certificate(coordinator, pki:
         ("task_name", "digits", "task name"),
     ],
 )
-async def test_wrong_task_or_schema_is_failed_precondition(  # type: ignore[no-untyped-def]
-    coordinator, pki: Pki, field: str, value: str, named: str
+async def test_wrong_task_or_schema_is_failed_precondition(
+    coordinator: CoordinatorDaemon, pki: Pki, field: str, value: str, named: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await join(coordinator.address, pki.site(SITES[0]), pki.coordinator.ca, join_request(**{field: value}))
@@ -94,7 +102,7 @@ async def test_wrong_task_or_schema_is_failed_precondition(  # type: ignore[no-u
     assert coordinator.coordinator.registry.sessions() == []
 
 
-async def test_roles_are_enforced_both_ways(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+async def test_roles_are_enforced_both_ways(coordinator: CoordinatorDaemon, pki: Pki) -> None:
     # A participant certificate cannot use the admin API ...
     async with channel(coordinator.address, pki.site(SITES[0]), pki.coordinator.ca) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -109,10 +117,11 @@ async def test_roles_are_enforced_both_ways(coordinator, pki: Pki) -> None:  # t
     assert [s.site_id for s in status.sites] == sorted(SITES)
 
 
-async def test_health_service_reports_serving(coordinator, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+async def test_health_service_reports_serving(coordinator: CoordinatorDaemon, pki: Pki) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     async with channel(coordinator.address, pki.admin, pki.coordinator.ca) as ch:
         reply = await health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service="cohort.v1.Federation"), timeout=10)
+            health_pb2.HealthCheckRequest(service="cohort.v1.Federation"), timeout=10
+        )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING

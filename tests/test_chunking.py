@@ -6,25 +6,38 @@ from pathlib import Path
 
 import torch
 from big_task import STEP, WIDTH
-from support import SITES, Pki, coordinator_config, job_config, participant_config, poll_until
+from support import (
+    SITES,
+    CoordinatorFactory,
+    ParticipantFactory,
+    Pki,
+    coordinator_config,
+    job_config,
+    participant_config,
+    poll_until,
+    runner_of,
+)
 
 from common.serde import CHUNK_BYTES
 
 
 async def test_large_model_round_trip_through_chunked_streams(
-    pki: Pki, site_data: dict[str, Path], tmp_path: Path, coordinator_factory, participant_factory
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
 ) -> None:
     job = job_config(task="big_task:TASK", rounds=1, min_sites=1, evaluate_every=0)
     coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
-    runner = coord.coordinator.runner
+    runner = runner_of(coord)
     base_version = runner.global_model.version
     base = {k: v.clone() for k, v in runner.global_tensors.items()}
     assert sum(v.numel() for v in base.values()) >= 8_000_000
     assert len(runner.global_model.data) > 30 * CHUNK_BYTES  # it really takes many chunks
 
     site = SITES[0]
-    await participant_factory(participant_config(pki.site(site), coord.address, site_data[site],
-                                                 task="big_task:TASK"))
+    await participant_factory(participant_config(pki.site(site), coord.address, site_data[site], task="big_task:TASK"))
     await poll_until(lambda: runner.state != "running", timeout=120, what="the job to finish")
     assert runner.state == "finished", runner.detail
 

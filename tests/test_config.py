@@ -35,8 +35,7 @@ def test_valid_config_and_layers(tmp_path: Path) -> None:
     assert cfg.job.rounds == 3
     assert cfg.server.listen == "127.0.0.1:50051"  # default
     env = {"COHORT_COORDINATOR_SERVER__LISTEN": "0.0.0.0:6000", "COHORT_COORDINATOR_JOB__ROUNDS": "5"}
-    cfg = loader.load(CoordinatorConfig, path, env=env, env_prefix="COHORT_COORDINATOR_",
-                      overrides=["job.rounds=7"])
+    cfg = loader.load(CoordinatorConfig, path, env=env, env_prefix="COHORT_COORDINATOR_", overrides=["job.rounds=7"])
     assert cfg.server.listen == "0.0.0.0:6000"  # environment beats the file
     assert cfg.job is not None
     assert cfg.job.rounds == 7  # the command line beats the environment
@@ -66,10 +65,14 @@ def test_errors_name_the_bad_key(tmp_path: Path, text: str, named: str) -> None:
 
 def test_environment_and_override_errors_name_their_origin(tmp_path: Path) -> None:
     path = write(tmp_path, COORD)
-    with pytest.raises(ConfigError, match="job.rounds: expected an integer"):
-        loader.load(CoordinatorConfig, path, env={"COHORT_COORDINATOR_JOB__ROUNDS": "many"},
-                    env_prefix="COHORT_COORDINATOR_")
-    with pytest.raises(ConfigError, match="expected key.path=value"):
+    with pytest.raises(ConfigError, match=r"job\.rounds: expected an integer"):
+        loader.load(
+            CoordinatorConfig,
+            path,
+            env={"COHORT_COORDINATOR_JOB__ROUNDS": "many"},
+            env_prefix="COHORT_COORDINATOR_",
+        )
+    with pytest.raises(ConfigError, match=r"expected key\.path=value"):
         loader.load(CoordinatorConfig, path, overrides=["job.rounds"])
     with pytest.raises(ConfigError, match="bogus: unknown key"):
         loader.load(CoordinatorConfig, path, overrides=["bogus=1"])
@@ -78,21 +81,27 @@ def test_environment_and_override_errors_name_their_origin(tmp_path: Path) -> No
 def test_participant_requires_its_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data_dir: required key is missing"):
         loader.load(ParticipantConfig, write(tmp_path, "task: x\ntls: {ca: a, cert: b, key: c}\n"))
-    with pytest.raises(ConfigError, match="coordinator.address"):
-        loader.load(ParticipantConfig, write(
-            tmp_path, "task: x\ndata_dir: d\ntls: {ca: a, cert: b, key: c}\ncoordinator: {address: x}\n"))
+    with pytest.raises(ConfigError, match=r"coordinator\.address"):
+        loader.load(
+            ParticipantConfig,
+            write(tmp_path, "task: x\ndata_dir: d\ntls: {ca: a, cert: b, key: c}\ncoordinator: {address: x}\n"),
+        )
 
 
 def test_every_shipped_config_loads() -> None:
     files = sorted(DEPLOY.rglob("*.yaml"))
-    kinds = {"coordinator": CoordinatorConfig, "hospital": ParticipantConfig, "participant": ParticipantConfig,
-             "job": JobConfig}
+    kinds = {
+        "coordinator": CoordinatorConfig,
+        "hospital": ParticipantConfig,
+        "participant": ParticipantConfig,
+        "job": JobConfig,
+    }
     loaded = 0
     for path in files:
         if "compose" in path.name:
             continue
         kind = next((cls for prefix, cls in kinds.items() if path.name.startswith(prefix)), None)
         assert kind is not None, f"{path} is not a known kind of config; name it coordinator*, participant*, ..."
-        loader.load(kind, path)  # type: ignore[type-var]
+        loader.load(kind, path)
         loaded += 1
     assert loaded >= 7

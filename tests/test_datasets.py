@@ -185,9 +185,7 @@ def test_centralized_baseline_learns(breast_cancer: tuple[np.ndarray, np.ndarray
     torch.set_num_threads(1)
     x, y = breast_cancer
     task = load_task("breast_cancer")
-    result = centralized_baseline(
-        task, x[:450], y[:450], x[450:], y[450:], TrainSettings(batch_size=32), epochs=5
-    )
+    result = centralized_baseline(task, x[:450], y[:450], x[450:], y[450:], TrainSettings(batch_size=32), epochs=5)
     assert result.num_samples == len(y) - 450
     assert result.accuracy > 0.9
 
@@ -210,8 +208,7 @@ def test_cli_split_and_describe(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert [line.split(":")[0] for line in printed[1:]] == ["hospital-1", "hospital-2", "hospital-3"]
     assert sorted(p.name for p in out.iterdir()) == ["hospital-1", "hospital-2", "hospital-3"]
     counts = [
-        json.loads((out / s / "manifest.json").read_text())["splits"]
-        for s in sorted(p.name for p in out.iterdir())
+        json.loads((out / s / "manifest.json").read_text())["splits"] for s in sorted(p.name for p in out.iterdir())
     ]
     assert sum(c[s]["count"] for c in counts for s in SPLITS) == 1797
 
@@ -234,9 +231,7 @@ def test_cli_named_sites_iid(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "(IID, seed 42)" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     with pytest.raises(SystemExit):
-        parser.parse_args(
-            ["data", "split", "--dataset", "breast_cancer", "--out", "x", "--iid", "--alpha", "1"]
-        )
+        parser.parse_args(["data", "split", "--dataset", "breast_cancer", "--out", "x", "--iid", "--alpha", "1"])
     capsys.readouterr()
 
 

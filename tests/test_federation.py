@@ -7,11 +7,14 @@ from pathlib import Path
 import torch
 from support import (
     SITES,
+    CoordinatorFactory,
+    ParticipantFactory,
     Pki,
     coordinator_config,
     job_config,
     participant_config,
     poll_until,
+    runner_of,
 )
 
 from common.tasks.base import TrainSettings, load_task
@@ -19,14 +22,18 @@ from coordinator.job import round_seed
 
 
 async def test_fedavg_matches_independent_weighted_mean(
-    pki: Pki, site_data: dict[str, Path], tmp_path: Path, coordinator_factory, participant_factory
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
 ) -> None:
     job = job_config(rounds=2, min_sites=3)
     coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
     sites = SITES[:3]
     for site in sites:
         await participant_factory(participant_config(pki.site(site), coord.address, site_data[site]))
-    runner = coord.coordinator.runner
+    runner = runner_of(coord)
     await poll_until(lambda: runner.state != "running", timeout=120, what="the job to finish")
     assert runner.state == "finished", runner.detail
 
@@ -37,8 +44,12 @@ async def test_fedavg_matches_independent_weighted_mean(
     for r in rounds:
         assert sorted(r.reported) == sorted(sites)
         base = models.load(r.base_version)
-        settings = TrainSettings(local_epochs=job.params.local_epochs, batch_size=job.params.batch_size,
-                                 learning_rate=job.params.learning_rate, seed=round_seed(job.params.seed, r.round))
+        settings = TrainSettings(
+            local_epochs=job.params.local_epochs,
+            batch_size=job.params.batch_size,
+            learning_rate=job.params.learning_rate,
+            seed=round_seed(job.params.seed, r.round),
+        )
         weighted: dict[str, torch.Tensor] = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in base.items()}
         total = 0
         for site in sites:
@@ -53,6 +64,7 @@ async def test_fedavg_matches_independent_weighted_mean(
         aggregated = models.load(r.model_version)
         err = max(float((aggregated[k].to(torch.float64) - expected[k]).abs().max()) for k in expected)
         assert err <= 1e-6, f"round {r.round}: max abs error {err}"
-        assert r.val_samples and r.val_samples > 0  # federated evaluation ran on the validation splits
+        assert r.val_samples  # federated evaluation ran on the validation splits
     jobs = store.jobs()
-    assert jobs[-1]["test_samples"] > 0 and 0.5 < jobs[-1]["test_accuracy"] <= 1.0
+    assert jobs[-1]["test_samples"] > 0
+    assert 0.5 < jobs[-1]["test_accuracy"] <= 1.0

@@ -72,12 +72,19 @@ def test_manifest_validation_names_the_problem() -> None:
         "appears twice": pb.Manifest(tensors=[ok.tensors[0], ok.tensors[0]], total_bytes=32, sha256="0" * 64),
         "but its tensors need": pb.Manifest(tensors=ok.tensors, total_bytes=99, sha256="0" * 64),
         "64 lowercase hex": pb.Manifest(tensors=ok.tensors, total_bytes=16, sha256="xyz"),
-        "invalid shape": pb.Manifest(tensors=[pb.TensorSpec(name="w", dtype=pb.DTYPE_FLOAT32, shape=[-1])],
-                                     total_bytes=0, sha256="0" * 64),
-        "unsupported dtype": pb.Manifest(tensors=[pb.TensorSpec(name="w", dtype=0, shape=[1])], total_bytes=4,
-                                         sha256="0" * 64),
-        "size limit": pb.Manifest(tensors=[pb.TensorSpec(name="w", dtype=pb.DTYPE_FLOAT32, shape=[1 << 40])],
-                                  total_bytes=4 << 40, sha256="0" * 64),
+        "invalid shape": pb.Manifest(
+            tensors=[pb.TensorSpec(name="w", dtype=pb.DTYPE_FLOAT32, shape=[-1])],
+            total_bytes=0,
+            sha256="0" * 64,
+        ),
+        "unsupported dtype": pb.Manifest(
+            tensors=[pb.TensorSpec(name="w", dtype=pb.DTYPE_UNSPECIFIED, shape=[1])], total_bytes=4, sha256="0" * 64
+        ),
+        "size limit": pb.Manifest(
+            tensors=[pb.TensorSpec(name="w", dtype=pb.DTYPE_FLOAT32, shape=[1 << 40])],
+            total_bytes=4 << 40,
+            sha256="0" * 64,
+        ),
     }
     for message, manifest in cases.items():
         with pytest.raises(InvalidArgument, match=message):

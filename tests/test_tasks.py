@@ -224,9 +224,7 @@ def _federation(
     return task, data, splits
 
 
-def _pooled(
-    splits: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], split: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _pooled(splits: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], split: str) -> tuple[np.ndarray, np.ndarray]:
     return (
         np.concatenate([p[split][0] for p in splits.values()]),
         np.concatenate([p[split][1] for p in splits.values()]),
