@@ -263,7 +263,9 @@ class ParticipantDaemon:
         assert self.site is not None
         t0 = time.perf_counter()
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
+        t1 = time.perf_counter()
         local = await asyncio.to_thread(self.site.train, tensors, task.params)
+        t2 = time.perf_counter()
         metrics = {"loss": local.result.loss, "accuracy": local.result.accuracy}
         metrics |= {k: v for k, v in local.result.extra.items() if math.isfinite(v)}
         header = pb.UpdateHeader(
@@ -292,13 +294,15 @@ class ParticipantDaemon:
 
         reply = await self._retrying("upload", task.deadline_unix, upload)
         log.info(
-            "round %d: trained on %d samples (loss %.4f) and uploaded %s in %.1fs%s",
+            "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.2fs, train %.2fs, upload %.2fs",
             task.round,
             local.result.num_samples,
             local.result.loss,
             reply.update_sha256[:12],
-            time.perf_counter() - t0,
             " (duplicate)" if reply.duplicate else "",
+            t1 - t0,
+            t2 - t1,
+            time.perf_counter() - t2,
         )
 
     async def _evaluate(self, task: pb.EvaluateTask) -> None:
