@@ -40,7 +40,10 @@ class BigTask:
         return TrainResult(num_samples=len(data.train), loss=0.0, accuracy=0.0)  # type: ignore[arg-type]
 
     def evaluate(
-        self, model: torch.nn.Module, dataset: Dataset[tuple[torch.Tensor, torch.Tensor]], batch_size: int = 256
+        self,
+        model: torch.nn.Module,
+        dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int = 256,
     ) -> EvalResult:
         return EvalResult(num_samples=len(dataset), loss=0.0, accuracy=0.0)  # type: ignore[arg-type]
 

@@ -8,13 +8,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 import torch
 
 from common.certs import (
     TlsFiles,
     write_pem,
 )
+from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.settings import TlsConfig, TrainParamsConfig
+from common.tasks.base import load_task, task_digest
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.job import JobRunner
@@ -150,3 +153,28 @@ def runner_of(daemon: CoordinatorDaemon) -> JobRunner:
     runner = daemon.coordinator.runner
     assert runner is not None, "no job was started"
     return runner
+
+
+def join_request(**overrides: object) -> pb.JoinRequest:
+    task = load_task("breast_cancer")
+    fields: dict[str, object] = {
+        "task_name": task.name,
+        "task_digest": task_digest(task),
+        "schema_fingerprint": task.schema.fingerprint(),
+        "software_version": "test",
+        "num_train_samples": 10,
+    }
+    fields.update(overrides)
+    return pb.JoinRequest(**fields)  # type: ignore[arg-type]
+
+
+def channel(address: str, files: TlsFiles | None, ca: Path) -> grpc.aio.Channel:
+    if files is None:
+        creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    else:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca.read_bytes(),
+            private_key=files.key.read_bytes(),
+            certificate_chain=files.cert.read_bytes(),
+        )
+    return grpc.aio.secure_channel(address, creds)

@@ -6,38 +6,22 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import SITES, UNLISTED, CoordinatorFactory, Pki, coordinator_config, job_config, runner_of
+from support import (
+    SITES,
+    UNLISTED,
+    CoordinatorFactory,
+    Pki,
+    channel,
+    coordinator_config,
+    job_config,
+    join_request,
+    runner_of,
+)
 
 from common.certs import TlsFiles
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from common.tasks.base import load_task, task_digest
 from coordinator.daemon import CoordinatorDaemon
-
-
-def join_request(**overrides: object) -> pb.JoinRequest:
-    task = load_task("breast_cancer")
-    fields: dict[str, object] = {
-        "task_name": task.name,
-        "task_digest": task_digest(task),
-        "schema_fingerprint": task.schema.fingerprint(),
-        "software_version": "test",
-        "num_train_samples": 10,
-    }
-    fields.update(overrides)
-    return pb.JoinRequest(**fields)  # type: ignore[arg-type]
-
-
-def channel(address: str, files: TlsFiles | None, ca: Path) -> grpc.aio.Channel:
-    if files is None:
-        creds = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
-    else:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca.read_bytes(),
-            private_key=files.key.read_bytes(),
-            certificate_chain=files.cert.read_bytes(),
-        )
-    return grpc.aio.secure_channel(address, creds)
 
 
 async def join(address: str, files: TlsFiles | None, ca: Path, request: pb.JoinRequest) -> pb.JoinReply:

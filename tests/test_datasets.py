@@ -43,10 +43,13 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 def test_sources_agree_with_task_schemas() -> None:
     for name, shape, classes in [("breast_cancer", (569, 30), 2), ("digits", (1797, 64), 10)]:
         x, y, schema = load_source(name)
-        assert x.shape == shape and x.dtype == np.float32
-        assert y.shape == (shape[0],) and y.dtype == np.int64
+        assert x.shape == shape
+        assert x.dtype == np.float32
+        assert y.shape == (shape[0],)
+        assert y.dtype == np.int64
         assert schema == load_task(name).schema
-        assert schema.num_classes == classes and set(np.unique(y)) == set(range(classes))
+        assert schema.num_classes == classes
+        assert set(np.unique(y)) == set(range(classes))
     assert load_task("breast_cancer").schema.features[:2] == ("mean_radius", "mean_texture")
     assert load_task("digits").schema.features[9] == "px_1_1"
 
@@ -99,8 +102,8 @@ def test_dirichlet_skews_labels_more_than_iid(digits: tuple[np.ndarray, np.ndarr
     iid = _skew(assign_sites(y, SITES, alpha=None, seed=0), y, 10)
     mild = _skew(assign_sites(y, SITES, alpha=5.0, seed=0), y, 10)
     strong = _skew(assign_sites(y, SITES, alpha=0.1, seed=0), y, 10)
-    assert iid < 0.05 < mild < strong
-    assert strong > 0.4
+    # Measured over seeds 0-4: IID about 0.05 (sampling noise), alpha=5 about 0.15, alpha=0.1 about 0.63.
+    assert iid < 0.08 < mild < 0.3 < strong
 
 
 def test_iid_sites_are_even_and_stratified(breast_cancer: tuple[np.ndarray, np.ndarray]) -> None:
@@ -215,7 +218,9 @@ def test_cli_split_and_describe(tmp_path: Path, capsys: pytest.CaptureFixture[st
     args = parser.parse_args(["data", "describe", str(out / "hospital-2")])
     assert args.func(args) == 0
     described = capsys.readouterr().out
-    assert "task digits" in described and "train:" in described and "test:" in described
+    assert "task digits" in described
+    assert "train:" in described
+    assert "test:" in described
 
     args = parser.parse_args(["data", "split", "--dataset", "digits", "--out", str(out), "--num-sites", "3"])
     with pytest.raises(ConfigError, match="already exists"):

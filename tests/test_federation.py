@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from support import (
@@ -68,3 +70,53 @@ async def test_fedavg_matches_independent_weighted_mean(
     jobs = store.jobs()
     assert jobs[-1]["test_samples"] > 0
     assert 0.5 < jobs[-1]["test_accuracy"] <= 1.0
+
+
+async def test_round_survives_a_dropout_and_the_site_rejoins(
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+) -> None:
+    job = job_config(rounds=3, min_sites=2, min_available_sites=3, evaluate_every=0)
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
+    runner = runner_of(coord)
+    store = coord.coordinator.store
+    a, b, c = SITES[:3]
+    for site in (a, b):
+        await participant_factory(participant_config(pki.site(site), coord.address, site_data[site]))
+    victim = await participant_factory(participant_config(pki.site(c), coord.address, site_data[c]))
+
+    # The victim trains in round 1, then hangs in round 2 (as if its machine froze) until the test releases it.
+    release = threading.Event()
+    assert victim.site is not None
+    real_train = victim.site.train
+    calls = 0
+
+    def train_then_hang(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls >= 2:
+            release.wait(timeout=60)
+        return real_train(*args)
+
+    victim.site.train = train_then_hang  # type: ignore[method-assign,assignment]
+    try:
+        await poll_until(lambda: calls >= 2, timeout=60, what="the victim to start round 2")
+        await victim.close("simulated crash")
+        await poll_until(
+            lambda: any(r.round == 2 and r.state == "completed" for r in store.rounds(runner.job_id)),
+            timeout=60,
+            what="round 2 to complete without the victim",
+        )
+        # The site comes back with a fresh daemon; round 3 waits for three connected sites.
+        await participant_factory(participant_config(pki.site(c), coord.address, site_data[c]))
+        await poll_until(lambda: runner.state != "running", timeout=60, what="the job to finish")
+    finally:
+        release.set()
+    assert runner.state == "finished", runner.detail
+    rounds = {r.round: r for r in store.rounds(runner.job_id) if r.state == "completed"}
+    assert sorted(rounds[2].cohort) == [a, b, c]
+    assert sorted(rounds[2].reported) == [a, b]
+    assert sorted(rounds[3].reported) == [a, b, c]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +11,17 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from common.datasets import load_source, pooled_evaluation, simulate_fedavg, split_sites, centralized_baseline
+from common.datasets import centralized_baseline, load_source, simulate_fedavg, split_sites
 from common.errors import ConfigError, DataError
-from common.tasks import tabular
-from common.tasks.base import SPLITS, SiteData, Task, TrainSettings, load_task, task_digest
-from common.tasks.tabular import TabularTask
+from common.tasks import breast_cancer, digits
+from common.tasks.base import SPLITS, EvalResult, SiteData, Task, TrainSettings, load_task, task_digest
+from common.tasks.tabular import TabularTask, dataset_tensors, read_split
 
 NAMES = ["breast_cancer", "digits"]
 SECRET = "987654.321"  # a cell value that must never appear in an error message
+COLUMNS = list(breast_cancer.SCHEMA.columns())
+
+Arrays = tuple[np.ndarray, np.ndarray]
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +32,12 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def _tabular(name: str) -> TabularTask:
+    task = load_task(name)
+    assert isinstance(task, TabularTask)
+    return task
+
+
 def _write(folder: Path, name: str, header: list[str], rows: list[list[str]]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
@@ -35,7 +45,8 @@ def _write(folder: Path, name: str, header: list[str], rows: list[list[str]]) ->
     return path
 
 
-def _site(tmp_path: Path, task: Task, rows: int = 20, seed: int = 0) -> Path:
+def _site(folder: Path, task: Task, rows: int = 20, seed: int = 0) -> Path:
+    """A site folder with random values: ``rows`` training records, 4 in val and 4 in test."""
     rng = np.random.default_rng(seed)
     columns = list(task.schema.columns())
     for split, n in zip(SPLITS, (rows, 4, 4), strict=True):
@@ -43,18 +54,27 @@ def _site(tmp_path: Path, task: Task, rows: int = 20, seed: int = 0) -> Path:
             [f"{v:.6g}" for v in rng.uniform(0, 10, len(columns) - 1)] + [str(i % task.schema.num_classes)]
             for i in range(n)
         ]
-        _write(tmp_path, f"{split}.csv", columns, data)
-    return tmp_path
+        _write(folder, f"{split}.csv", columns, data)
+    return folder
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_builtin_tasks_implement_the_interface(name: str) -> None:
-    task = load_task(name)
-    assert isinstance(task, Task) and isinstance(task, TabularTask)
+    task = _tabular(name)
+    assert isinstance(task, Task)
     assert task.name == name
     assert task_digest(task).startswith("sha256:")
-    assert task.recommended_rounds >= 1 and task.default_settings.learning_rate > 0
+    assert task.recommended_rounds >= 1
+    assert task.default_settings.learning_rate > 0
     assert task.schema.columns()[-1] == task.schema.label
+    assert len(set(task.schema.columns())) == len(task.schema.columns())
+
+
+def test_module_defaults_match_the_task_objects() -> None:
+    assert breast_cancer.TASK.default_settings == breast_cancer.DEFAULT_SETTINGS
+    assert breast_cancer.TASK.recommended_rounds == breast_cancer.RECOMMENDED_ROUNDS
+    assert digits.TASK.default_settings == digits.DEFAULT_SETTINGS
+    assert digits.TASK.recommended_rounds == digits.RECOMMENDED_ROUNDS
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -67,8 +87,7 @@ def test_models_are_float32_and_seeded(name: str) -> None:
     assert all(t.dtype == torch.float32 for t in sa.values())
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
-    logits = a(torch.zeros(3, len(task.schema.features)))
-    assert logits.shape == (3, task.schema.num_classes)
+    assert a(torch.zeros(3, len(task.schema.features))).shape == (3, task.schema.num_classes)
 
 
 def test_integer_buffers_are_refused() -> None:
@@ -84,7 +103,7 @@ def test_integer_buffers_are_refused() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_train_is_deterministic_and_reduces_loss(name: str) -> None:
-    task = load_task(name)
+    task = _tabular(name)
     x, y, _ = load_source(name)
     data = task.site_data((x[:300], y[:300]), (x[:0], y[:0]), (x[300:400], y[300:400]))
     settings = TrainSettings(local_epochs=2, batch_size=32, learning_rate=0.005, seed=3)
@@ -95,11 +114,16 @@ def test_train_is_deterministic_and_reduces_loss(name: str) -> None:
     task.train(again, data, settings)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
     after = task.evaluate(model, data.train)
-    assert result.num_samples == 300 and result.extra["steps"] == 2 * 10
-    assert after.loss < start.loss * 0.7 and after.accuracy > start.accuracy
+    assert result.num_samples == 300
+    assert result.extra["steps"] == 2 * 10
+    assert after.loss < start.loss * 0.7
+    assert after.accuracy > start.accuracy
     assert task.evaluate(model, data.test).accuracy > 0.7
-    assert task.evaluate(model, data.val) == type(after)(num_samples=0, loss=0.0, accuracy=0.0)
+    assert task.evaluate(model, data.val) == EvalResult(num_samples=0, loss=0.0, accuracy=0.0)
     assert model.training, "evaluate restores the model's mode"
+    other = task.build_model(0)
+    task.train(other, data, replace(settings, seed=4))
+    assert not all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_evaluate_accepts_any_map_style_dataset() -> None:
@@ -107,19 +131,46 @@ def test_evaluate_accepts_any_map_style_dataset() -> None:
     model = task.build_model(0)
     x, y = torch.randn(10, 30), torch.randint(0, 2, (10,))
     items = [(x[i], y[i]) for i in range(10)]
-    assert task.evaluate(model, items, batch_size=3) == task.evaluate(model, TensorDataset(x, y))  # type: ignore[arg-type]
+    listed = task.evaluate(model, items, batch_size=3)  # type: ignore[arg-type]
+    tensors = task.evaluate(model, TensorDataset(x, y))  # type: ignore[arg-type]
+    assert listed.num_samples == tensors.num_samples == 10
+    assert listed.accuracy == tensors.accuracy
+    assert listed.loss == pytest.approx(tensors.loss, rel=1e-5)
     with pytest.raises(ConfigError, match="batch_size"):
-        task.evaluate(model, TensorDataset(x, y), batch_size=0)
+        task.evaluate(model, TensorDataset(x, y), batch_size=0)  # type: ignore[arg-type]
 
 
-def test_load_data_round_trip(tmp_path: Path) -> None:
+def test_load_data_applies_the_fixed_transforms(tmp_path: Path) -> None:
     task = load_task("digits")
-    data = task.load_data(_site(tmp_path, task))
-    x, y = tabular.dataset_tensors(data.train)
-    assert x.dtype == torch.float32 and x.shape == (20, 64) and y.dtype == torch.int64
-    assert float(x.max()) <= 10 / 16  # the fixed x / 16 transform
+    data = task.load_data(_site(tmp_path / "digits", task))
+    x, y = dataset_tensors(data.train)
+    assert x.dtype == torch.float32
+    assert x.shape == (20, 64)
+    assert y.dtype == torch.int64
+    raw, _ = read_split(tmp_path / "digits" / "train.csv", task.schema)
+    assert torch.allclose(x, torch.from_numpy(raw) / 16)
     with pytest.raises(ValueError, match="unknown split"):
         data.split("holdout")
+
+    bc = load_task("breast_cancer")
+    data = bc.load_data(_site(tmp_path / "bc", bc))
+    raw, _ = read_split(tmp_path / "bc" / "test.csv", bc.schema)
+    centre = np.array([c for _, c, _ in breast_cancer.FEATURES], dtype=np.float32)
+    scale = np.array([s for _, _, s in breast_cancer.FEATURES], dtype=np.float32)
+    assert torch.allclose(dataset_tensors(data.test)[0], torch.from_numpy((raw - centre) / scale))
+
+
+def test_a_tiny_one_class_site_still_trains(tmp_path: Path) -> None:
+    """Scaling must not depend on a site having many records or several classes."""
+    task = load_task("breast_cancer")
+    _site(tmp_path, task)
+    _write(tmp_path, "train.csv", COLUMNS, [["1.5"] * 30 + ["1"]])
+    _write(tmp_path, "val.csv", COLUMNS, [])
+    data = task.load_data(tmp_path)
+    model = task.build_model(0)
+    result = task.train(model, data, TrainSettings(batch_size=16))
+    assert result.num_samples == 1
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
 def _error(tmp_path: Path, split: str, header: list[str] | None, rows: list[list[str]]) -> DataError:
@@ -131,16 +182,14 @@ def _error(tmp_path: Path, split: str, header: list[str] | None, rows: list[list
         task.load_data(tmp_path)
     error = info.value
     # Neither the message nor any chained exception may carry a record's content.
-    assert error.__cause__ is None and error.__context__ is None
+    assert error.__cause__ is None
+    assert error.__context__ is None
     assert SECRET not in str(error)
     return error
 
 
 def _row(value: str = "1.0", label: str = "1") -> list[str]:
     return [value] * 30 + [label]
-
-
-COLUMNS = list(load_task("breast_cancer").schema.columns())
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
@@ -153,12 +202,14 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_header_mismatch_names_file_and_column(tmp_path: Path) -> None:
     header = [*COLUMNS]
     header[2] = "perimeter"
-    error = _error(tmp_path, "test", header, [_row()])
-    assert "test.csv" in str(error) and "column 3 should be 'mean_perimeter'" in str(error)
-    # A file without a header: its first record is not quoted back.
-    error = _error(tmp_path, "train", [SECRET] * 31, [_row()])
-    assert "train.csv" in str(error) and "column 1 should be 'mean_radius'" in str(error)
-    assert "should be 'diagnosis'" in str(_error(tmp_path, "train", COLUMNS[:-1], []))
+    error = str(_error(tmp_path, "test", header, [_row()]))
+    assert "test.csv" in error
+    assert "column 3 should be 'mean_perimeter'" in error
+    # A file without a header: its first row is a record and is not quoted back.
+    error = str(_error(tmp_path, "train", [SECRET] * 31, [_row()]))
+    assert "train.csv" in error
+    assert "column 1 should be 'mean_radius'" in error
+    assert "column 31 should be 'diagnosis'" in str(_error(tmp_path, "train", COLUMNS[:-1], []))
     assert "has 32 columns" in str(_error(tmp_path, "train", [*COLUMNS, "extra"], []))
 
 
@@ -168,14 +219,15 @@ def test_header_mismatch_names_file_and_column(tmp_path: Path) -> None:
         (_row(SECRET[:-1] + "x"), "line 3: column 'mean_radius' is not a finite number"),
         (_row("nan"), "line 3: column 'mean_radius' is not a finite number"),
         (_row(label=SECRET), "line 3: label column 'diagnosis' must be an integer class index from 0 to 1"),
-        (_row(label="0.5"), "label column 'diagnosis'"),
+        (_row(label="0.5"), "line 3: label column 'diagnosis'"),
         ([SECRET, "1"], "line 3: expected 31 fields, found 2"),
     ],
 )
 def test_bad_values_name_file_and_line_only(tmp_path: Path, row: list[str], expected: str) -> None:
-    error = _error(tmp_path, "val", COLUMNS, [_row(), row])
-    assert "val.csv" in str(error) and expected in str(error)
-    assert SECRET[:-1] not in str(error)
+    error = str(_error(tmp_path, "val", COLUMNS, [_row(), row]))
+    assert "val.csv" in error
+    assert expected in error
+    assert SECRET[:-1] not in error
 
 
 def test_empty_and_unreadable_files(tmp_path: Path) -> None:
@@ -188,6 +240,9 @@ def test_empty_and_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"test\.csv: is not UTF-8 text") as info:
         task.load_data(tmp_path)
     assert info.value.__context__ is None
+    # A byte-order mark and blank lines are tolerated.
+    (tmp_path / "test.csv").write_bytes(b"\xef\xbb\xbf" + ",".join(COLUMNS).encode() + b"\n\n" + b"1," * 30 + b"0\n\n")
+    assert len(task.load_data(tmp_path).test) == 1  # type: ignore[arg-type]
     _write(tmp_path, "test.csv", COLUMNS, [])
     _write(tmp_path, "val.csv", COLUMNS, [])
     data = task.load_data(tmp_path)  # empty val and test are allowed
@@ -207,50 +262,43 @@ def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
             task.train(task.build_model(), data, bad)
 
 
-def test_site_standardization_survives_tiny_sites() -> None:
-    one = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
-    offset, scale = tabular.standardization(one)
-    assert np.array_equal(offset, one[0]) and np.array_equal(scale, np.ones(3, dtype=np.float32))
-
-
-def _federation(
-    name: str, seed: int
-) -> tuple[Task, dict[str, SiteData], dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]]:
-    task = load_task(name)
+def _federation(name: str, seed: int) -> tuple[TabularTask, dict[str, SiteData], Arrays, Arrays]:
+    """5 sites with Dirichlet(0.5) label skew; returns the site data and the pooled train and test arrays."""
+    task = _tabular(name)
     x, y, _ = load_source(name)
     splits = split_sites(x, y, [f"site-{i}" for i in range(5)], alpha=0.5, seed=seed)
-    assert isinstance(task, TabularTask)
     data = {s: task.site_data(p["train"], p["val"], p["test"]) for s, p in splits.items()}
-    return task, data, splits
 
+    def pooled(split: str) -> Arrays:
+        return np.concatenate([p[split][0] for p in splits.values()]), np.concatenate(
+            [p[split][1] for p in splits.values()]
+        )
 
-def _pooled(splits: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], split: str) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        np.concatenate([p[split][0] for p in splits.values()]),
-        np.concatenate([p[split][1] for p in splits.values()]),
-    )
+    return task, data, pooled("train"), pooled("test")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fedavg_matches_centralized_on_breast_cancer(seed: int) -> None:
     """The project's acceptance bar, without a network: non-IID FedAvg within 2 points of pooled training."""
-    task, data, splits = _federation("breast_cancer", seed)
-    settings = TrainSettings(**{**task.default_settings.__dict__, "seed": seed})
-    rounds = task.recommended_rounds  # type: ignore[attr-defined]
-    federated = simulate_fedavg(task, data, settings, rounds)[-1]
-    central = centralized_baseline(
-        task, *_pooled(splits, "train"), *_pooled(splits, "test"), settings, rounds * settings.local_epochs
-    )
-    assert federated.num_samples == central.num_samples
-    assert federated.accuracy >= central.accuracy - 0.02
-    assert federated.accuracy > 0.93
+    task, data, train, test = _federation("breast_cancer", seed)
+    settings = replace(task.default_settings, seed=seed)
+    rounds = task.recommended_rounds
+    federated = simulate_fedavg(task, data, settings, rounds)
+    central = centralized_baseline(task, *train, *test, settings, epochs=rounds * settings.local_epochs)
+    assert federated[-1].num_samples == central.num_samples == len(test[1])
+    assert federated[-1].accuracy >= central.accuracy - 0.02
+    assert federated[-1].accuracy > 0.93
+    assert federated[-1].loss < federated[0].loss
 
 
 def test_fedavg_learns_digits() -> None:
-    task, data, _ = _federation("digits", 0)
-    settings = task.default_settings  # type: ignore[attr-defined]
-    history = simulate_fedavg(task, data, settings, 4)
+    task, data, _, test = _federation("digits", 0)
+    history = simulate_fedavg(task, data, task.default_settings, 3)
+    assert history[-1].num_samples == len(test[1])
     assert history[-1].accuracy > 0.85
-    assert history[-1].accuracy == pytest.approx(
-        pooled_evaluation(task, task.build_model(), [d.test for d in data.values()]).accuracy, abs=1
-    )
+
+
+def test_simulation_rejects_zero_rounds() -> None:
+    task, data, _, _ = _federation("breast_cancer", 0)
+    with pytest.raises(ConfigError, match="rounds"):
+        simulate_fedavg(task, data, task.default_settings, 0)
