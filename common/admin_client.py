@@ -25,8 +25,11 @@ class AdminEndpoint:
 
     @classmethod
     def from_dir(cls, address: str, tls_dir: Path, server_name: str = "") -> AdminEndpoint:
-        return cls(address, TlsFiles(ca=tls_dir / "ca.crt", cert=tls_dir / "tls.crt", key=tls_dir / "tls.key"),
-                   server_name)
+        return cls(
+            address,
+            TlsFiles(ca=tls_dir / "ca.crt", cert=tls_dir / "tls.crt", key=tls_dir / "tls.key"),
+            server_name,
+        )
 
     def channel(self) -> grpc.aio.Channel:
         options: list[tuple[str, Any]] = []
@@ -38,21 +41,24 @@ class AdminEndpoint:
 async def get_status(endpoint: AdminEndpoint) -> pb.StatusReply:
     async with endpoint.channel() as channel:
         reply: pb.StatusReply = await pb_grpc.AdminStub(channel).GetStatus(
-            pb.StatusRequest(), timeout=endpoint.timeout_s)
+            pb.StatusRequest(), timeout=endpoint.timeout_s
+        )
         return reply
 
 
 async def start_job(endpoint: AdminEndpoint, spec: pb.JobSpec) -> pb.JobStatus:
     async with endpoint.channel() as channel:
         reply: pb.JobStatus = await pb_grpc.AdminStub(channel).StartJob(
-            pb.StartJobRequest(spec=spec), timeout=endpoint.timeout_s)
+            pb.StartJobRequest(spec=spec), timeout=endpoint.timeout_s
+        )
         return reply
 
 
 async def stop_job(endpoint: AdminEndpoint, job_id: str, reason: str) -> pb.JobStatus:
     async with endpoint.channel() as channel:
         reply: pb.JobStatus = await pb_grpc.AdminStub(channel).StopJob(
-            pb.StopJobRequest(job_id=job_id, reason=reason), timeout=endpoint.timeout_s)
+            pb.StopJobRequest(job_id=job_id, reason=reason), timeout=endpoint.timeout_s
+        )
         return reply
 
 
@@ -66,11 +72,15 @@ def format_status(reply: pb.StatusReply) -> str:
         state = "connected" if s.connected else "offline"
         lines.append(f"  {s.site_id:<20} {state:<10} {s.task_name} {s.software_version}")
     for job in reply.jobs:
-        lines.append(f"job {job.job_id} [{job.spec.name}] task={job.spec.task} state={job.state} "
-                     f"round {job.current_round}/{job.spec.rounds}")
+        lines.append(
+            f"job {job.job_id} [{job.spec.name}] task={job.spec.task} state={job.state} "
+            f"round {job.current_round}/{job.spec.rounds}"
+        )
         for r in job.rounds:
-            lines.append(f"  round {r.round:>3} {r.state:<10} sites {len(r.reported)}/{len(r.cohort)} "
-                         f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f} {r.seconds:.1f}s")
+            lines.append(
+                f"  round {r.round:>3} {r.state:<10} sites {len(r.reported)}/{len(r.cohort)} "
+                f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f} {r.seconds:.1f}s"
+            )
         if job.detail:
             lines.append(f"  {job.detail}")
         if job.state == "finished":

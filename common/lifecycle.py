@@ -25,7 +25,10 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
     def first(signum: int) -> None:
-        log.info("received %s; shutting down gracefully (send it again to exit at once)", signal.Signals(signum).name)
+        log.info(
+            "received %s; shutting down gracefully (send it again to exit at once)",
+            signal.Signals(signum).name,
+        )
         stop.set()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, second, sig)

@@ -61,8 +61,9 @@ def generate(out_root: Path) -> list[Path]:
 def check() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        committed = sorted(p.relative_to(ROOT) for p in (ROOT / OUT_PACKAGE).rglob("*") if p.is_file()
-                           and "__pycache__" not in p.parts)
+        committed = sorted(
+            p.relative_to(ROOT) for p in (ROOT / OUT_PACKAGE).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        )
         drift = sorted(set(fresh) ^ set(committed))
         drift += [p for p in fresh if p in committed and not filecmp.cmp(Path(tmp) / p, ROOT / p, shallow=False)]
     if drift:
