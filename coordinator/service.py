@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
-from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, TaskError
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TaskError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits
 from common.tasks.base import load_task
@@ -76,7 +76,7 @@ class Coordinator:
     def stop_job(self, job_id: str, reason: str, actor: str) -> pb.JobStatus:
         runner = self.runners.get(job_id)
         if runner is None:
-            raise InvalidArgument(f"unknown job {job_id!r}")
+            raise NotFound(f"unknown job {job_id!r}; `cohort status` lists the jobs")
         if runner.state != "running":
             raise FailedPrecondition(f"job {job_id} is already {runner.state}")
         self.store.audit("job_stop_requested", actor, job_id=job_id, reason=reason)
@@ -176,7 +176,7 @@ class Coordinator:
     def job_status(self, job_id: str) -> pb.JobStatus:
         row = next((j for j in self.store.jobs() if j["job_id"] == job_id), None)
         if row is None:
-            raise InvalidArgument(f"unknown job {job_id!r}")
+            raise NotFound(f"unknown job {job_id!r}")
         return job_status(row, self.store)
 
     def status(self) -> pb.StatusReply:
