@@ -78,9 +78,11 @@ class CoordinatorDaemon:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._coordinator is not None:
-            await self._coordinator.close()
+            await self._coordinator.drain()
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace_s)
+        if self._coordinator is not None:
+            self._coordinator.close()
         self.status = Status.CLOSED
         self._closed.set()
 

@@ -220,6 +220,7 @@ class JobRunner:
 
     def _finish(self, state: str, detail: str) -> None:
         self.state, self.detail = state, detail
+        self.registry.unsubscribe(self._on_site)
         self.store.update_job(self.job_id, state=state, detail=detail)
         self.store.audit(f"job_{state}", "coordinator", job_id=self.job_id, detail=detail)
         done = pb.WorkItem(job_finished=pb.JobFinished(job_id=self.job_id, reason=detail))
@@ -500,7 +501,11 @@ class JobRunner:
             async for msg in chunks:
                 if msg.WhichOneof("kind") != "data":
                     raise InvalidArgument("only data chunks may follow the upload header")
+                if not rnd.state.open:
+                    raise FailedPrecondition(f"round {rnd.number} closed while this upload was in flight")
                 spool.write(msg.data)
+            if not rnd.state.open:
+                raise FailedPrecondition(f"round {rnd.number} closed while this upload was in flight")
             path = spool.finish()
         except BaseException:
             spool.discard()

@@ -54,6 +54,10 @@ class Registry:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def _notify(self, site: str, connected: bool) -> None:
         self.changed.set()
         for listener in list(self._listeners):

@@ -87,7 +87,8 @@ class Coordinator:
         if self._job_task is not None:
             await asyncio.shield(self._job_task)
 
-    async def close(self) -> None:
+    async def drain(self) -> None:
+        """First half of shutdown: stop the running job (recorded as stopped) and end every work stream."""
         if self.runner is not None and self.runner.state == "running":
             self.runner.stop("coordinator shutting down")
         if self._job_task is not None:
@@ -96,6 +97,9 @@ class Coordinator:
             except TimeoutError:
                 self._job_task.cancel()
         self.registry.close_all()
+
+    def close(self) -> None:
+        """Second half, after the server stopped: nothing can reach the store any more."""
         self.store.close()
 
     # -- participants -------------------------------------------------------------------------------------------
