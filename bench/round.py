@@ -39,23 +39,32 @@ async def federation_round(tmp: Path, sites: int, rounds: int) -> tuple[list[flo
     ids = init_federation(tmp / "certs", sites=names, admins=("admin",))
     x, y, schema = load_source("breast_cancer")
     folders = write_site_folders(tmp / "data", split_sites(x, y, names, alpha=None, seed=0), schema)
-    job = JobConfig(task="big_task:TASK", rounds=rounds, min_sites=sites, evaluate_every=0,
-                    params=TrainParamsConfig())
-    cfg = CoordinatorConfig(federation=FederationConfig(sites=tuple(names)),
-                            server=ServerConfig(listen="127.0.0.1:0", tls=tls(ids["coordinator"])),
-                            state_dir=tmp / "state", job=job)
+    job = JobConfig(task="big_task:TASK", rounds=rounds, min_sites=sites, evaluate_every=0, params=TrainParamsConfig())
+    cfg = CoordinatorConfig(
+        federation=FederationConfig(sites=tuple(names)),
+        server=ServerConfig(listen="127.0.0.1:0", tls=tls(ids["coordinator"])),
+        state_dir=tmp / "state",
+        job=job,
+    )
     coord = CoordinatorDaemon(cfg)
     await coord.start()
-    parts = [ParticipantDaemon(ParticipantConfig(tls=tls(ids[f"site:{n}"]), data_dir=folders[n], task="big_task:TASK",
-                                                 coordinator=CoordinatorEndpoint(address=coord.address)))
-             for n in names]
+    parts = [
+        ParticipantDaemon(
+            ParticipantConfig(
+                tls=tls(ids[f"site:{n}"]),
+                data_dir=folders[n],
+                task="big_task:TASK",
+                coordinator=CoordinatorEndpoint(address=coord.address),
+            )
+        )
+        for n in names
+    ]
     for p in parts:
         await p.start()
     runner = coord.coordinator.runner
     assert runner is not None
     model_bytes = len(runner.global_model.data)
-    while runner.state == "running":
-        await asyncio.sleep(0.05)
+    await coord.coordinator.wait_job()
     rows = [r for r in coord.coordinator.store.rounds(runner.job_id) if r.state == "completed"]
     for p in parts:
         await p.close()

@@ -143,9 +143,7 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def create_ca(
-    federation: str = "cohort", days: int = 3650
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def create_ca(federation: str = "cohort", days: int = 3650) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A new self-signed federation CA certificate and its private key."""
     _check_federation(federation)
     _check_days(days)
@@ -286,9 +284,7 @@ def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CertificateError(
-            f"{path}: {what} not found; fix the path or create it with `cohort certs`"
-        ) from None
+        raise CertificateError(f"{path}: {what} not found; fix the path or create it with `cohort certs`") from None
     except OSError as exc:
         msg = f"{path}: cannot read {what} ({exc.strerror}); make it readable by the user running Cohort"
         raise CertificateError(msg) from None
@@ -313,14 +309,10 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        msg = (
-            f"{path}: private key is encrypted; Cohort needs an unencrypted PKCS#8 key protected by mode 0600"
-        )
+        msg = f"{path}: private key is encrypted; Cohort needs an unencrypted PKCS#8 key protected by mode 0600"
         raise CertificateError(msg) from None
     except ValueError:
-        raise CertificateError(
-            f"{path}: not a PEM private key (expected '-----BEGIN PRIVATE KEY-----')"
-        ) from None
+        raise CertificateError(f"{path}: not a PEM private key (expected '-----BEGIN PRIVATE KEY-----')") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{path}: Cohort keys are ECDSA P-256; create one with `cohort certs`")
     _check_key_type(key.public_key(), path)
@@ -332,9 +324,7 @@ def _check_validity(cert: x509.Certificate, path: Path, now: datetime, renew: st
         when = f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
         raise CertificateError(f"{path}: certificate is not valid before {when}; check this machine's clock")
     if now > cert.not_valid_after_utc:
-        raise CertificateError(
-            f"{path}: certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {renew}"
-        )
+        raise CertificateError(f"{path}: certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; {renew}")
 
 
 def _issuer(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> x509.Certificate | None:
@@ -347,9 +337,7 @@ def _issuer(cert: x509.Certificate, cas: Sequence[x509.Certificate]) -> x509.Cer
     return None
 
 
-def check_tls_files(
-    files: TlsFiles, *, expect_role: Role | None = None, now: datetime | None = None
-) -> PeerIdentity:
+def check_tls_files(files: TlsFiles, *, expect_role: Role | None = None, now: datetime | None = None) -> PeerIdentity:
     """Start-up check of one identity's files; returns the identity in the certificate.
 
     All three files must be readable PEM; the CA and the certificate valid ``now``; the certificate issued by
@@ -396,9 +384,7 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
     key = _load_key(key_path)
     if _spki(key.public_key()) != _spki(cert.public_key()):
         raise CertificateError(f"{key_path}: CA key does not match the CA certificate {cert_path}")
-    _check_validity(
-        cert, cert_path, datetime.now(UTC), "start a new federation with `cohort certs init --force`"
-    )
+    _check_validity(cert, cert_path, datetime.now(UTC), "start a new federation with `cohort certs init --force`")
     return cert, key
 
 
@@ -529,9 +515,7 @@ def init_federation(
     return result
 
 
-def create_csr(
-    out_dir: Path, name: str, role: Role = Role.PARTICIPANT, *, force: bool = False
-) -> tuple[Path, Path]:
+def create_csr(out_dir: Path, name: str, role: Role = Role.PARTICIPANT, *, force: bool = False) -> tuple[Path, Path]:
     """At a site: write a new key ``tls.key`` (0600) and a signing request ``tls.csr`` to ``out_dir``.
 
     Only the CSR goes to the federation operator; the key never leaves the site. Returns (key path, CSR path).
@@ -544,9 +528,7 @@ def create_csr(
     # The request proposes only role and name; the operator decides the federation (O) and any SANs.
     builder = x509.CertificateSigningRequestBuilder().subject_name(_subject(None, role, name))
     write_pem(key_path, _key_pem(key), private=True)
-    write_pem(
-        csr_path, builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), private=False
-    )
+    write_pem(csr_path, builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), private=False)
     return key_path, csr_path
 
 
@@ -568,9 +550,7 @@ def sign_csr(
     _check_days(days)
     _split_host_names(dns_names)
     if out_path.name == "ca.crt":
-        raise ConfigError(
-            f"{out_path}: name the certificate otherwise; the CA certificate is written beside it"
-        )
+        raise ConfigError(f"{out_path}: name the certificate otherwise; the CA certificate is written beside it")
     try:
         csr = x509.load_pem_x509_csr(_read(csr_path, "certificate signing request"))
     except ValueError:

@@ -38,9 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     init.add_argument("--out", type=Path, required=True, help="directory to write the federation's files to")
     init.add_argument("--site", action="append", default=[], metavar="ID", help="a site id (repeatable)")
     init.add_argument("--sites", default="", metavar="A,B,C", help="comma-separated site ids")
-    init.add_argument(
-        "--admin", action="append", metavar="NAME", help="an admin name (repeatable; default: admin)"
-    )
+    init.add_argument("--admin", action="append", metavar="NAME", help="an admin name (repeatable; default: admin)")
     init.add_argument(
         "--coordinator-name",
         action="append",
@@ -48,9 +46,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="HOST",
         help="DNS name or IP address that sites dial (repeatable; localhost is always included)",
     )
-    init.add_argument(
-        "--federation", default="cohort", help="federation name, the certificates' O (default: cohort)"
-    )
+    init.add_argument("--federation", default="cohort", help="federation name, the certificates' O (default: cohort)")
     init.add_argument("--days", type=int, default=365, help=days_help)
     init.add_argument("--ca-days", type=int, default=3650, help="CA validity in days (default: %(default)s)")
     init.add_argument(
@@ -75,16 +71,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sign = _add(commands, "sign", _cmd_sign, "at the operator: issue a certificate for a site's CSR")
     sign.add_argument("--ca", type=Path, required=True, help="CA directory holding ca.crt and ca.key")
     sign.add_argument("--csr", type=Path, required=True, help="the tls.csr file the site sent")
-    sign.add_argument(
-        "--out", type=Path, required=True, help="certificate file to write (ca.crt goes beside it)"
-    )
+    sign.add_argument("--out", type=Path, required=True, help="certificate file to write (ca.crt goes beside it)")
     _add_role(sign, Role.PARTICIPANT, Role.ADMIN, Role.COORDINATOR)
     _add_dns_name(sign)
     sign.add_argument("--days", type=int, default=365, help=days_help)
 
-    show = _add(
-        commands, "show", _cmd_show, "print a certificate's role, name, federation, validity and fingerprint"
-    )
+    show = _add(commands, "show", _cmd_show, "print a certificate's role, name, federation, validity and fingerprint")
     show.add_argument("file", type=Path, help="a PEM certificate")
 
 
@@ -98,9 +90,7 @@ def _add(
 
 def _add_role(parser: argparse.ArgumentParser, *roles: Role) -> None:
     choices = [r.value for r in roles]
-    parser.add_argument(
-        "--role", choices=choices, default=Role.PARTICIPANT.value, help="default: participant"
-    )
+    parser.add_argument("--role", choices=choices, default=Role.PARTICIPANT.value, help="default: participant")
 
 
 def _add_dns_name(parser: argparse.ArgumentParser) -> None:
@@ -158,9 +148,7 @@ def _cmd_csr(args: argparse.Namespace) -> int:
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    out = certs.sign_csr(
-        args.ca, args.csr, args.out, role=Role(args.role), days=args.days, dns_names=args.dns_name
-    )
+    out = certs.sign_csr(args.ca, args.csr, args.out, role=Role(args.role), days=args.days, dns_names=args.dns_name)
     identity = certs.identity_from_pem(out.read_bytes())
     print(f"certificate  {out}  ({identity.role} {identity.name!r})")
     print(f"CA           {out.parent / 'ca.crt'}")

@@ -93,9 +93,7 @@ def test_identity_round_trip(fed: Path, directory: str, identity: PeerIdentity) 
 
 def test_certificate_profile(fed: Path) -> None:
     ca = _cert(fed / "ca" / "ca.crt")
-    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value == x509.BasicConstraints(
-        True, 0
-    )
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value == x509.BasicConstraints(True, 0)
     ca_usage = ca.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ca_usage.key_cert_sign
     assert ca_usage.crl_sign
@@ -116,9 +114,7 @@ def test_certificate_profile(fed: Path) -> None:
         assert not usage.key_cert_sign
         eku = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
         client_only = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        assert eku == (
-            [ExtendedKeyUsageOID.SERVER_AUTH, *client_only] if role is Role.COORDINATOR else client_only
-        )
+        assert eku == ([ExtendedKeyUsageOID.SERVER_AUTH, *client_only] if role is Role.COORDINATOR else client_only)
         aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
         assert aki.key_identifier == ca_ski.digest
         assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
@@ -129,9 +125,7 @@ def test_certificate_profile(fed: Path) -> None:
 
 
 def test_coordinator_sans(fed: Path) -> None:
-    sans = _cert(fed / "coordinator" / "tls.crt").extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    )
+    sans = _cert(fed / "coordinator" / "tls.crt").extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert set(sans.value.get_values_for_type(x509.DNSName)) == {"localhost", "coord.example.org"}
     assert set(sans.value.get_values_for_type(x509.IPAddress)) == {
         ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.1.2.3")
@@ -184,9 +178,7 @@ def test_ssl_context_loads_chain(fed: Path, directory: str) -> None:
 
 @pytest.mark.parametrize("hostname", ["localhost", "127.0.0.1", "coord.example.org", "10.1.2.3"])
 def test_mutual_tls_handshake(fed: Path, hostname: str) -> None:
-    peer = _handshake(
-        TlsFiles.in_dir(fed / "sites/hospital-a"), TlsFiles.in_dir(fed / "coordinator"), hostname
-    )
+    peer = _handshake(TlsFiles.in_dir(fed / "sites/hospital-a"), TlsFiles.in_dir(fed / "coordinator"), hostname)
     assert (("organizationalUnitName", "participant"),) in peer["subject"]  # type: ignore[operator]
 
 
@@ -221,9 +213,7 @@ def _one_day_identity(fed: Path, dst: Path, *, days_ago: int) -> TlsFiles:
     certs.write_pem(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
     certs.write_pem(
         files.key,
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         private=True,
     )
     shutil.copy(fed / "ca" / "ca.crt", files.ca)
@@ -321,9 +311,9 @@ def test_identity_from_pem_rejects_non_cohort_certs(fed: Path) -> None:
         ]
     )
     now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder(subject, subject, key.public_key(), 1, now, now + timedelta(days=1))
-    ).sign(key, hashes.SHA256())
+    cert = (x509.CertificateBuilder(subject, subject, key.public_key(), 1, now, now + timedelta(days=1))).sign(
+        key, hashes.SHA256()
+    )
     with pytest.raises(CertificateError, match="'root' is not one of"):
         certs.identity_from_pem(cert.public_bytes(serialization.Encoding.PEM))
 
@@ -466,9 +456,7 @@ def _cli(*argv: str) -> int:
 
 def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fed"
-    init = (
-        "certs init --sites a,b, --site c --admin ops --coordinator-name coord.example.org --federation acme"
-    )
+    init = "certs init --sites a,b, --site c --admin ops --coordinator-name coord.example.org --federation acme"
     assert _cli(*init.split(), "--days", "30", "--out", str(out)) == 0
     assert str(out / "sites" / "a") in capsys.readouterr().out
     assert sorted(p.name for p in (out / "sites").iterdir()) == ["a", "b", "c"]
@@ -476,9 +464,7 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(CertificateError, match="already exists"):
         _cli("certs", "init", "--out", str(out), "--site", "a")
 
-    assert (
-        _cli("certs", "add", "--ca", str(out / "ca"), "--out", str(out / "sites" / "d"), "--name", "d") == 0
-    )
+    assert _cli("certs", "add", "--ca", str(out / "ca"), "--out", str(out / "sites" / "d"), "--name", "d") == 0
     assert certs.check_tls_files(TlsFiles.in_dir(out / "sites" / "d")) == PeerIdentity(Role.PARTICIPANT, "d")
 
     site = tmp_path / "site-e"
@@ -488,10 +474,7 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(CertificateError, match="admin"):
         _cli(*sign)  # role defaults to participant
     assert _cli(*sign, "--role", "admin") == 0
-    assert (
-        certs.check_tls_files(TlsFiles(ca=signed.parent / "ca.crt", cert=signed, key=site / "tls.key")).name
-        == "e"
-    )
+    assert certs.check_tls_files(TlsFiles(ca=signed.parent / "ca.crt", cert=signed, key=site / "tls.key")).name == "e"
     capsys.readouterr()
 
     assert _cli("certs", "show", str(out / "coordinator" / "tls.crt")) == 0
