@@ -1,10 +1,11 @@
 """``cohort data``: prepare demo site folders and check a site's data.
 
-* ``cohort data split --dataset breast_cancer --out DIR --num-sites 5 --alpha 0.5 --seed 42`` divides one of the
-  bundled source data sets over simulated sites and writes one folder per site (see :mod:`common.datasets`).
-* ``cohort data describe DIR [--task NAME]`` loads one site folder with the task's own loader (so the files are
-  checked against the schema) and prints per-split record counts and label histograms. It prints counts only,
-  never records, so it is safe to run at a site and share the output.
+* ``cohort data split --dataset breast_cancer --out DIR --num-sites 5 --alpha 0.5 --seed 42`` divides one
+  of the bundled source data sets over simulated sites and writes one folder per site (see
+  :mod:`common.datasets`).
+* ``cohort data describe DIR [--task NAME]`` loads one site folder with the task's own loader (so the files
+  are checked against the schema) and prints per-split record counts and label histograms. It prints counts
+  only, never records, so it is safe to run at a site and to share the output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
-from common.datasets import MANIFEST, SOURCES, label_histogram, load_source, split_sites, write_site_folders
+from common.datasets import (
+    DEFAULT_MIN_PER_SITE,
+    MANIFEST,
+    SOURCES,
+    label_histogram,
+    load_source,
+    split_sites,
+    write_site_folders,
+)
 from common.errors import ConfigError, DataError
 from common.tasks.base import SPLITS, load_task
 from common.tasks.tabular import dataset_tensors
@@ -35,19 +44,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     who = split.add_mutually_exclusive_group(required=True)
     who.add_argument("--sites", help="comma-separated site names, e.g. a,b,c")
     who.add_argument("--num-sites", type=int, help="number of sites, named PREFIX1 .. PREFIXN")
-    split.add_argument(
-        "--prefix", default="hospital-", help="name prefix with --num-sites (default: hospital-)"
-    )
+    split.add_argument("--prefix", default="hospital-", help="name prefix with --num-sites (default: hospital-)")
     skew = split.add_mutually_exclusive_group()
     skew.add_argument("--iid", action="store_true", help="deal records evenly at random (the default)")
-    skew.add_argument(
-        "--alpha", type=float, help="Dirichlet label skew; smaller means more skewed (e.g. 0.5)"
-    )
+    skew.add_argument("--alpha", type=float, help="Dirichlet label skew; smaller means more skewed (e.g. 0.5)")
     split.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     split.add_argument("--val-fraction", type=float, default=0.15, help="share of each site's records (0.15)")
     split.add_argument("--test-fraction", type=float, default=0.2, help="share of each site's records (0.2)")
     split.add_argument(
-        "--min-train", type=int, default=10, help="minimum training records per site (default: 10)"
+        "--min-train",
+        type=int,
+        default=DEFAULT_MIN_PER_SITE,
+        help=f"minimum training records per site (default: {DEFAULT_MIN_PER_SITE})",
     )
     split.add_argument("--force", action="store_true", help="replace existing site files")
     split.set_defaults(func=run_split)
@@ -59,9 +67,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "per-split record counts and label histograms. Only counts are printed, never records.",
     )
     describe.add_argument("dir", type=Path, help="site folder holding train.csv, val.csv and test.csv")
-    describe.add_argument(
-        "--task", help="task name or package.module:ATTR (default: the dataset in manifest.json)"
-    )
+    describe.add_argument("--task", help="task name or package.module:ATTR (default: the dataset in manifest.json)")
     describe.set_defaults(func=run_describe)
 
 

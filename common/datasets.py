@@ -1,18 +1,22 @@
 """Demo data: scikit-learn's bundled data sets, divided over simulated sites, and reference trainings on them.
 
-Nothing is downloaded: ``load_breast_cancer`` and ``load_digits`` ship inside scikit-learn. scikit-learn is imported
+Nothing is downloaded: ``load_breast_cancer`` and ``load_digits`` ship inside scikit-learn, which is imported
 only when a source data set is loaded, so participants and the coordinator never need it.
 
 Site division (:func:`assign_sites`) comes in two flavours:
 
 * IID (``alpha=None``): shuffle and deal the records evenly over the sites;
-* label skew (``alpha > 0``): for each class, the proportions going to each site are drawn from Dirichlet(alpha)
-  (Hsu et al. 2019, "Measuring the effects of non-identical data distribution"); small alpha means sites see few
-  classes. Draws are repeated, deterministically from the seed, until every site gets ``min_per_site`` training
-  records.
+* label skew (``alpha > 0``): for each class, the shares going to the sites are drawn from Dirichlet(alpha)
+  (Hsu et al. 2019, "Measuring the effects of non-identical data distribution"); the smaller alpha, the
+  fewer classes a site sees. Draws are repeated, deterministically from the seed, until every site gets
+  ``min_per_site`` training records.
 
 Then each site's own records are split into train/val/test, stratified by label where the counts allow.
 Everything is deterministic for a fixed seed (one ``np.random.default_rng(seed)`` per call).
+
+Reference trainings: :func:`centralized_baseline` trains on pooled data (the yardstick that federated accuracy
+is held to), and :func:`simulate_fedavg` runs FedAvg in one process without a network; the built-in tasks'
+default hyper-parameters were chosen with them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.errors import ConfigError, DataError
-from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, Task, TrainSettings, load_task
+from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, Task, TrainSettings, load_task, round_seed
 from common.tasks.tabular import FloatArray, LabelArray
 
 IndexArray = npt.NDArray[np.int64]
@@ -39,22 +43,22 @@ Split = tuple[FloatArray, LabelArray]
 
 SOURCES = ("breast_cancer", "digits")
 DEFAULT_MIN_PER_SITE = 10
-# Enough redraws for any setting that has a realistic chance of success; beyond that the request is infeasible.
+# Enough redraws for any setting with a realistic chance of success; beyond that the request is infeasible.
 MAX_DIRICHLET_DRAWS = 10_000
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MANIFEST = "manifest.json"
 
 
 def snake_case(name: str) -> str:
-    """``"mean concave points"`` -> ``"mean_concave_points"``: lower case, runs of other characters -> ``_``."""
+    """``"mean concave points"`` -> ``"mean_concave_points"``: lower case, other character runs -> ``_``."""
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
 def load_source(name: str) -> tuple[FloatArray, LabelArray, DataSchema]:
     """Features (float32), labels (int64) and the built-in task's schema for source data set ``name``.
 
-    Features are float32 because that is what a site's loader produces from its CSV files, so a pooled baseline
-    sees exactly the values the sites see.
+    Features are float32 because that is what a site's loader produces from its CSV files, so a pooled
+    baseline sees exactly the values the sites see.
     """
     if name not in SOURCES:
         raise ConfigError(f"dataset: unknown source {name!r}; expected one of {', '.join(SOURCES)}")
@@ -79,9 +83,7 @@ def check_site_names(sites: Sequence[str]) -> None:
         raise ConfigError("sites: at least one site is needed")
     for site in sites:
         if not SITE_NAME.fullmatch(site):
-            raise ConfigError(
-                f"sites: {site!r} is not a valid site name (letters, digits, '.', '_', '-'; at most 64 characters)"
-            )
+            raise ConfigError(f"sites: {site!r} is not a valid site name (letters, digits, '.', '_', '-'; up to 64)")
     if len(set(sites)) != len(sites):
         raise ConfigError("sites: site names must be unique")
 
@@ -96,11 +98,11 @@ def train_count(n: int, val_fraction: float, test_fraction: float) -> int:
 
 
 def _allocate(counts: npt.NDArray[np.int64], total: int) -> npt.NDArray[np.int64]:
-    """Split ``total`` over classes in proportion to ``counts`` (largest remainder), never above a class's count."""
+    """Split ``total`` over classes in proportion to ``counts`` (largest remainder); never above a count."""
     if total == 0 or counts.sum() == 0:
         return np.zeros_like(counts)
     quota = counts * total / counts.sum()
-    take = np.floor(quota).astype(np.int64)
+    take: npt.NDArray[np.int64] = np.floor(quota).astype(np.int64)
     # Stable sort: ties go to the lower class index, so the result is deterministic.
     for c in np.argsort(-(quota - take), kind="stable")[: total - int(take.sum())]:
         take[c] += 1
@@ -157,17 +159,13 @@ def assign_sites(
     if alpha is None:
         parts = np.array_split(rng.permutation(n).astype(np.int64), k)
         if not enough(parts):
-            raise ConfigError(
-                f"sites: {n} records cannot give {k} sites {min_per_site} training records each"
-            )
+            raise ConfigError(f"sites: {n} records cannot give {k} sites {min_per_site} training records each")
     else:
         for _ in range(MAX_DIRICHLET_DRAWS):
             shares: list[list[IndexArray]] = [[] for _ in range(k)]
             for c in np.unique(y):
                 members = rng.permutation(np.flatnonzero(y == c)).astype(np.int64)
-                cuts = np.round(np.cumsum(rng.dirichlet(np.full(k, alpha)))[:-1] * len(members)).astype(
-                    np.int64
-                )
+                cuts = np.round(np.cumsum(rng.dirichlet(np.full(k, alpha)))[:-1] * len(members)).astype(np.int64)
                 for share, piece in zip(shares, np.split(members, cuts), strict=True):
                     share.append(piece)
             parts = [np.concatenate(s) for s in shares]
@@ -178,10 +176,7 @@ def assign_sites(
                 f"alpha: no Dirichlet({alpha}) draw gave each of {k} sites {min_per_site} training records; "
                 "use a larger alpha, fewer sites or a smaller minimum"
             )
-    return {
-        site: _split_site(p, y, rng, val_fraction, test_fraction)
-        for site, p in zip(sites, parts, strict=True)
-    }
+    return {site: _split_site(p, y, rng, val_fraction, test_fraction) for site, p in zip(sites, parts, strict=True)}
 
 
 def split_sites(
@@ -232,14 +227,17 @@ def write_site_folders(
     splits: Mapping[str, Mapping[str, Split]],
     schema: DataSchema,
     *,
-    dataset: str = "custom",
+    dataset: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``out_dir/<site>/{train,val,test}.csv`` and ``manifest.json`` (counts only) for every site.
 
-    Refuses (ConfigError) to replace existing site files unless ``overwrite``. Returns each site's folder.
+    ``dataset`` names the data in the manifest; by default the built-in task whose schema this is, or
+    ``"custom"``. Refuses (ConfigError) to replace existing site files unless ``overwrite``. Returns each
+    site's folder.
     """
     check_site_names(list(splits))
+    name = dataset or next((s for s in SOURCES if load_task(s).schema == schema), "custom")
     out_dir = Path(out_dir)
     names = [f"{s}.csv" for s in SPLITS] + [MANIFEST]
     if not overwrite:
@@ -251,32 +249,28 @@ def write_site_folders(
     for site, site_splits in splits.items():
         folder = out_dir / site
         folder.mkdir(parents=True, exist_ok=True)
-        manifest: dict[str, object] = {
-            "dataset": dataset,
-            "site": site,
-            "columns": len(schema.columns()),
-            "schema_fingerprint": schema.fingerprint(),
-            "splits": {},
-        }
+        counts: dict[str, dict[str, object]] = {}
         for split in SPLITS:
             x, y = site_splits[split]
             write_split(folder / f"{split}.csv", (x, y), schema)
-            manifest["splits"][split] = {  # type: ignore[index]
-                "count": len(y),
-                "label_histogram": label_histogram(y, schema.num_classes),
-            }
+            counts[split] = {"count": len(y), "label_histogram": label_histogram(y, schema.num_classes)}
+        manifest = {
+            "dataset": name,
+            "site": site,
+            "columns": len(schema.columns()),
+            "schema_fingerprint": schema.fingerprint(),
+            "splits": counts,
+        }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         folders[site] = folder
     return folders
 
 
 def _pooled_site(task: Task, train: Split, test: Split) -> SiteData:
-    """Load pooled arrays through the task's own loader, so pooled data get the same (site-local) scaling rule."""
+    """Load pooled arrays through the task's own loader, so they get the same (site-local) scaling rule."""
     empty = (train[0][:0], train[1][:0])
     with tempfile.TemporaryDirectory(prefix="cohort-pooled-") as tmp:
-        folders = write_site_folders(
-            Path(tmp), {"pooled": {"train": train, "val": empty, "test": test}}, task.schema
-        )
+        folders = write_site_folders(Path(tmp), {"pooled": {"train": train, "val": empty, "test": test}}, task.schema)
         return task.load_data(folders["pooled"])
 
 
@@ -289,7 +283,7 @@ def centralized_baseline(
     settings: TrainSettings,
     epochs: int,
 ) -> EvalResult:
-    """Train ``task``'s model (seed ``settings.seed``) on pooled data for ``epochs`` and evaluate it on pooled test.
+    """Train ``task``'s model (seed ``settings.seed``) on pooled data for ``epochs``; evaluate on pooled test.
 
     The pooled set is treated as one big site: scaled with its own train statistics, like any site.
     """
@@ -299,30 +293,26 @@ def centralized_baseline(
     return task.evaluate(model, data.test)
 
 
-def round_seed(seed: int, round_index: int, site_index: int) -> int:
-    """A distinct, reproducible shuffling seed for each (round, site) of a simulated federation."""
-    return (seed * 1_000_003 + round_index * 1009 + site_index) % (1 << 63)
-
-
 def simulate_fedavg(
     task: Task, sites: Mapping[str, SiteData], settings: TrainSettings, rounds: int
 ) -> list[EvalResult]:
-    """FedAvg without a network: each round every site trains from the global weights, and the new global model is
-    the train-sample-weighted mean of the site models (every entry as float32, as the coordinator does).
+    """FedAvg without a network: each round every site trains from the global weights, and the new global
+    model is the train-sample-weighted mean of the site models (every entry as float32, like the coordinator).
 
-    Returns, for each round, the global model's test result pooled over all sites' test splits (sample weighted).
+    Returns, for each round, the global model's test result pooled over all sites' test splits.
     """
     if rounds < 1:
         raise ConfigError("rounds: must be at least 1")
     model = task.build_model(settings.seed)
     global_state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     history: list[EvalResult] = []
-    for r in range(rounds):
+    for number in range(1, rounds + 1):
         total = 0
         summed = {k: torch.zeros_like(v) for k, v in global_state.items()}
-        for i, data in enumerate(sites.values()):
+        round_settings = replace(settings, seed=round_seed(settings.seed, number))
+        for data in sites.values():
             model.load_state_dict(global_state)
-            result = task.train(model, data, replace(settings, seed=round_seed(settings.seed, r, i)))
+            result = task.train(model, data, round_settings)
             for k, v in model.state_dict().items():
                 summed[k] += v.float() * result.num_samples
             total += result.num_samples

@@ -86,7 +86,8 @@ def prepare(run_dir: Path) -> None:
     """Fresh certificates, data and state for one demo run."""
     for sub in ("certs", "data", "state", "logs"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
-    (run_dir / "summary.json").unlink(missing_ok=True)
+    for stale in ("summary.json", "coordinator.addr"):
+        (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     init_federation(run_dir / "certs", sites=SITES, admins=("admin",), federation="cohort-demo")
     x, y, schema = load_source(DATASET)

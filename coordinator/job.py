@@ -22,7 +22,7 @@ import torch
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, specs_from_manifest, state_dict_float32
-from common.tasks.base import Task, task_digest
+from common.tasks.base import Task, round_seed, task_digest
 from coordinator.aggregation import RunningSum, UpdateSpool, check_finite_file
 from coordinator.config import JobConfig
 from coordinator.model_store import ModelStore
@@ -43,11 +43,6 @@ log = logging.getLogger("cohort.coordinator.job")
 
 MAX_SAMPLES = 1_000_000_000
 MAX_METRICS = 32
-
-
-def round_seed(job_seed: int, number: int) -> int:
-    """The training seed sent to every site in round ``number`` (sites mix in nothing else: reproducible runs)."""
-    return (job_seed * 1_000_003 + number) % (1 << 63)
 
 
 @dataclass(frozen=True)

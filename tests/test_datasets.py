@@ -21,8 +21,9 @@ from common.datasets import (
     train_count,
     write_site_folders,
 )
-from common.errors import ConfigError
-from common.tasks.base import SPLITS, TrainSettings, load_task
+from common.errors import ConfigError, DataError
+from common.tasks import breast_cancer as bc_task
+from common.tasks.base import SPLITS, load_task
 from common.tasks.tabular import read_split
 
 SITES = [f"hospital-{i}" for i in range(1, 6)]
@@ -157,7 +158,7 @@ def test_site_folders_round_trip(tmp_path: Path, breast_cancer: tuple[np.ndarray
     x, y = breast_cancer
     task = load_task("breast_cancer")
     splits = split_sites(x, y, SITES[:3], alpha=0.5, seed=7)
-    folders = write_site_folders(tmp_path, splits, task.schema, dataset="breast_cancer")
+    folders = write_site_folders(tmp_path, splits, task.schema)  # the data set name is inferred
     assert sorted(folders) == SITES[:3]
     for site, folder in folders.items():
         assert sorted(p.name for p in folder.iterdir()) == [
@@ -185,10 +186,15 @@ def test_site_folders_round_trip(tmp_path: Path, breast_cancer: tuple[np.ndarray
 
 
 def test_centralized_baseline_learns(breast_cancer: tuple[np.ndarray, np.ndarray]) -> None:
-    torch.set_num_threads(1)
     x, y = breast_cancer
-    task = load_task("breast_cancer")
-    result = centralized_baseline(task, x[:450], y[:450], x[450:], y[450:], TrainSettings(batch_size=32), epochs=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = centralized_baseline(
+            bc_task.TASK, x[:450], y[:450], x[450:], y[450:], bc_task.DEFAULT_SETTINGS, epochs=5
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert result.num_samples == len(y) - 450
     assert result.accuracy > 0.9
 
@@ -240,8 +246,24 @@ def test_cli_named_sites_iid(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     capsys.readouterr()
 
 
-def test_cli_describe_needs_a_task(tmp_path: Path) -> None:
+def test_cli_describe_checks_the_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = _parser()
     args = parser.parse_args(["data", "describe", str(tmp_path)])
+    with pytest.raises(ConfigError, match="--task"):
+        args.func(args)
+    x, y, schema = load_source("breast_cancer")
+    splits = split_sites(x, y, ["solo"], alpha=None, seed=0)
+    folder = write_site_folders(tmp_path, splits, schema, dataset="custom")["solo"]
+    args = parser.parse_args(["data", "describe", str(folder), "--task", "breast_cancer"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    histogram = label_histogram(splits["solo"]["test"][1], 2)
+    assert f"test: {len(splits['solo']['test'][1])} records, labels [0:{histogram[0]} 1:{histogram[1]}]" in out
+    # Only counts are printed: no feature value of any record.
+    assert f"{x[0, 0]:.9g}" not in out
+    args = parser.parse_args(["data", "describe", str(folder), "--task", "digits"])
+    with pytest.raises(DataError, match="header column 1 should be 'px_0_0'"):
+        args.func(args)
+    args = parser.parse_args(["data", "describe", str(folder), "--task", "no_such_task"])
     with pytest.raises(ConfigError, match="--task"):
         args.func(args)

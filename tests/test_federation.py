@@ -19,8 +19,7 @@ from support import (
     runner_of,
 )
 
-from common.tasks.base import TrainSettings, load_task
-from coordinator.job import round_seed
+from common.tasks.base import TrainSettings, load_task, round_seed
 
 
 async def test_fedavg_matches_independent_weighted_mean(

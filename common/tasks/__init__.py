@@ -1,4 +1,4 @@
-"""Task plug-ins: the interface (``common.tasks.base``) and the built-in tasks ``breast_cancer`` and ``digits``."""
+"""Task plug-ins: the interface (``common.tasks.base``) and the built-in tasks ``breast_cancer``, ``digits``."""
 
 from common.tasks.base import (
     BUILTIN_TASKS,

@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -119,12 +120,37 @@ class Task(Protocol):
         ...
 
 
+def round_seed(job_seed: int, number: int) -> int:
+    """The training seed every site gets in round ``number`` (from 1): reproducible runs, and simulations that
+    predict what the real federation does."""
+    return (job_seed * 1_000_003 + number) % (1 << 63)
+
+
 def task_digest(task: Task) -> str:
-    """SHA-256 of the source file that defines the task's class: the "task code digest" a site declares."""
-    source = inspect.getsourcefile(type(task))
-    if source is None:
-        raise ValueError(f"cannot locate the source of task {task.name!r}")
-    return "sha256:" + hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    """SHA-256 of the source files that define the task's class: the "task code digest" a site declares.
+
+    The files are the one defining the class and those defining its base classes (a shared training loop, say),
+    in method-resolution order, skipping the standard library and this interface module. For a class without
+    such bases this is the hash of its one file.
+    """
+    files: list[Path] = []
+    for cls in type(task).__mro__:
+        if cls.__module__.partition(".")[0] in sys.stdlib_module_names or cls.__module__ == __name__:
+            continue
+        try:
+            source = inspect.getsourcefile(cls)
+        except TypeError:  # a class without a Python source file (a C extension)
+            source = None
+        if source is None:
+            if cls is type(task):
+                raise ValueError(f"cannot locate the source of task {task.name!r}")
+            continue
+        if Path(source) not in files:
+            files.append(Path(source))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return "sha256:" + digest.hexdigest()
 
 
 BUILTIN_TASKS = {

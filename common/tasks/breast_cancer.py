@@ -1,19 +1,27 @@
 """Built-in task ``breast_cancer``: a small MLP on the Wisconsin diagnostic breast-cancer data (569 records).
 
-Schema: the 30 features of scikit-learn's ``load_breast_cancer`` with their names in snake case (``mean_radius``,
-..., ``worst_fractal_dimension``), then the label ``diagnosis`` as scikit-learn codes it: 0 malignant, 1 benign.
+Schema: the 30 features of scikit-learn's ``load_breast_cancer`` with their names in snake case
+(``mean_radius`` ... ``worst_fractal_dimension``), then the label ``diagnosis`` as scikit-learn codes it:
+0 malignant, 1 benign.
 
-Scaling: a fixed transform, ``(x - centre) / scale`` with per-feature reference constants published with the task
-(:data:`FEATURES`), the way a clinical task would ship reference ranges. Every site applies the same transform to
-all its splits, so it needs no statistics from any other site, works for a site with a handful of records or of one
-class, and maps the same measurement to the same model input everywhere. The constants are the population mean and
-standard deviation of the public data set, rounded to two significant digits.
+Scaling: a fixed transform, ``(x - centre) / scale``, with per-feature reference constants published with the
+task (:data:`FEATURES`), the way a clinical task would ship reference ranges. Every site applies the same
+transform to all its splits: it needs no statistics from any other site, works for a site with a handful of
+records or only one class, and maps the same measurement to the same model input everywhere. The constants are
+the mean and standard deviation of the public data set, rounded to two significant digits.
 
-Why not standardize with each site's own train statistics: under label skew that removes the signal. A site that
-sees mostly benign tumours centres its features on benign values, another on malignant ones, so the same input means
-different things at different sites. Measured with :func:`common.datasets.simulate_fedavg` (5 sites, Dirichlet
-alpha 0.5, seeds 0-5): site-local standardization reached 67-85% federated test accuracy against 95-99% centralized;
-the fixed transform is within about one point of centralized.
+Why not standardize with each site's own train statistics: under label skew that erases the signal. A site that
+sees mostly benign tumours centres its features on benign values, another on malignant ones, so the same input
+means different things at different sites. With 5 sites, Dirichlet alpha 0.5, seeds 0-4, site-local
+standardization reached 67-86% federated test accuracy against 94-100% for centralized training.
+
+Defaults (:data:`DEFAULT_SETTINGS`, :data:`RECOMMENDED_ROUNDS`), measured with ``common.datasets``'
+``simulate_fedavg`` against ``centralized_baseline`` (same model, pooled train data, rounds x local_epochs
+epochs, pooled test data), 5 sites, Dirichlet alpha 0.5: over split seeds 0-119 the federated accuracy averages
+97.3% against 97.0% centralized; it is more than 2 points below centralized for 3 seeds of 120 (at most 2.65
+points: 3 test records of about 114). Alpha 0.1, 1.0 and IID: no seed of 30 more than 2 points below; alpha 0.3:
+one. All 20 rounds of the 5-site federation take about 0.2 s of one CPU core. Adam (2 local epochs, lr 0.01,
+10 rounds) had as good an average but misses of up to 6 points under strong skew.
 
 The schema is written out here rather than read from scikit-learn at import time, so that participants and the
 coordinator do not need scikit-learn and the schema fingerprint cannot change with a scikit-learn upgrade;
@@ -66,13 +74,14 @@ SCHEMA = DataSchema(features=tuple(f for f, _, _ in FEATURES), label="diagnosis"
 
 HIDDEN = 32
 
-# Measured with common.datasets.simulate_fedavg: 5 sites, Dirichlet alpha 0.5 (see tests/test_tasks.py).
-DEFAULT_SETTINGS = TrainSettings(local_epochs=2, batch_size=16, learning_rate=0.005, seed=0)
-RECOMMENDED_ROUNDS = 10
+# Chosen with common.datasets.simulate_fedavg (5 sites, Dirichlet alpha 0.5, 120 split seeds) against
+# centralized_baseline trained for rounds x local_epochs epochs on the pooled train data; see the module docstring.
+DEFAULT_SETTINGS = TrainSettings(local_epochs=1, batch_size=16, learning_rate=0.5, seed=0)
+RECOMMENDED_ROUNDS = 20
 
 
 class BreastCancerTask(TabularTask):
-    """30 reference-scaled features -> 32 ReLU units -> 2 logits."""
+    """30 reference-scaled features -> 32 ReLU units -> 2 logits, trained with plain SGD."""
 
     name = "breast_cancer"
     schema = SCHEMA
@@ -85,6 +94,12 @@ class BreastCancerTask(TabularTask):
             torch.nn.ReLU(),
             torch.nn.Linear(HIDDEN, SCHEMA.num_classes),
         )
+
+    def make_optimizer(self, model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+        # Plain SGD, not Adam: its steps shrink as a site's local loss falls, so a site that sees almost one
+        # class drifts less from the global model; Adam's normalized steps keep pushing (more and larger
+        # misses against centralized training in the measurements below).
+        return torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
 
     def fit_scaling(self, x_train: FloatArray) -> tuple[FloatArray, FloatArray]:
         return (

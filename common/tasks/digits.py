@@ -1,11 +1,16 @@
 """Built-in task ``digits``: a small CNN on scikit-learn's 8x8 handwritten digits (1,797 records, 10 classes).
 
-Schema: 64 pixel columns ``px_<row>_<col>`` (row and column 0..7, row-major as scikit-learn flattens the image),
-then the label ``digit`` (0..9).
+Schema: 64 pixel columns ``px_<row>_<col>`` (row and column 0..7, row-major as scikit-learn flattens the
+image), then the label ``digit`` (0..9).
 
-Scaling: a fixed transform, ``x / 16``: the pixels are grey levels 0..16 by construction of the data set, so no
-statistics are needed from any site and every site maps the same pixel value to the same input. The model reshapes
-the 64 columns to a 1x8x8 image itself, so the loader stays the generic tabular one.
+Scaling: a fixed transform, ``x / 16``: the pixels are grey levels 0..16 by construction of the data set, so
+no statistics are needed from any site and every site maps the same pixel value to the same input. The model
+reshapes the 64 columns to a 1x8x8 image itself, so the loader stays the generic tabular one.
+
+Defaults (Adam, the base class's optimizer; plain SGD trained this CNN far more slowly), measured with
+``common.datasets``' ``simulate_fedavg`` against ``centralized_baseline`` on 5 sites, Dirichlet alpha 0.5, split
+seeds 0-7: federated 98.5% test accuracy on average against 98.9% centralized, at most 1.4 points below; about
+3.5 s of one CPU core for all 20 rounds of the 5-site federation.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ SCHEMA = DataSchema(
     num_classes=10,
 )
 
-DEFAULT_SETTINGS = TrainSettings(local_epochs=2, batch_size=32, learning_rate=0.003, seed=0)
-RECOMMENDED_ROUNDS = 15
+# Measured like breast_cancer's defaults; see the module docstring.
+DEFAULT_SETTINGS = TrainSettings(local_epochs=2, batch_size=32, learning_rate=0.01, seed=0)
+RECOMMENDED_ROUNDS = 20
 
 
 class DigitsNet(torch.nn.Module):

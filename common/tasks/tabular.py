@@ -22,7 +22,7 @@ import csv
 import math
 from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -59,6 +59,7 @@ def read_split(path: Path, schema: DataSchema) -> tuple[FloatArray, LabelArray]:
     width = len(columns)
     rows: list[list[float]] = []
     labels: list[int] = []
+    lines: list[int] = []
     problem: str | None = None
     try:
         # utf-8-sig tolerates the byte-order mark that spreadsheets put at the start of exported CSV files.
@@ -77,14 +78,22 @@ def read_split(path: Path, schema: DataSchema) -> tuple[FloatArray, LabelArray]:
                     if problem is not None:
                         problem = f"line {reader.line_num}: {problem}"
                         break
+                    lines.append(reader.line_num)
     except UnicodeDecodeError:
         problem = "is not UTF-8 text"
     except csv.Error:
         problem = "is not a readable CSV file"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror})"
     if problem is not None:
         raise DataError(f"{path}: {problem}")
-    features = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(schema.features))
-    return features, np.asarray(labels, dtype=np.int64)
+    features = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(schema.features))
+    # A value beyond float32's range would become infinite in the model's input.
+    too_big = np.argwhere(np.abs(features) > np.finfo(np.float32).max)
+    if len(too_big):
+        row_index, column = too_big[0]
+        raise DataError(f"{path}: line {lines[row_index]}: column '{columns[column]}' is too large for float32")
+    return features.astype(np.float32), np.asarray(labels, dtype=np.int64)
 
 
 def _check_header(header: list[str], columns: tuple[str, ...]) -> str | None:
@@ -209,10 +218,12 @@ class TabularTask:
         """Scale raw arrays with statistics of ``train`` only and wrap them as tensor datasets."""
         offset, scale = self.fit_scaling(train[0])
 
-        def wrap(split: tuple[FloatArray, LabelArray]) -> TensorDataset:
-            x = (split[0] - offset) / scale
-            return TensorDataset(
-                torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(split[1])
+        def wrap(split: tuple[FloatArray, LabelArray]) -> Dataset[tuple[torch.Tensor, torch.Tensor]]:
+            x = np.ascontiguousarray((split[0] - offset) / scale, dtype=np.float32)
+            y = np.ascontiguousarray(split[1], dtype=np.int64)
+            return cast(
+                Dataset[tuple[torch.Tensor, torch.Tensor]],
+                TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
             )
 
         return SiteData(train=wrap(train), val=wrap(val), test=wrap(test))
@@ -248,9 +259,7 @@ class TabularTask:
                 if last:
                     loss_sum += float(loss.detach()) * len(idx)
                     correct += int((logits.detach().argmax(dim=1) == y[idx]).sum())
-        return TrainResult(
-            num_samples=n, loss=loss_sum / n, accuracy=correct / n, extra={"steps": float(steps)}
-        )
+        return TrainResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n, extra={"steps": float(steps)})
 
     def evaluate(
         self,
@@ -258,7 +267,7 @@ class TabularTask:
         dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
         batch_size: int = 256,
     ) -> EvalResult:
-        """Mean cross-entropy and accuracy over ``dataset``; an empty one gives ``EvalResult(0, 0.0, 0.0)``."""
+        """Mean cross-entropy and accuracy on ``dataset``; an empty one gives ``EvalResult(0, 0.0, 0.0)``."""
         if batch_size < 1:
             raise ConfigError("batch_size: must be at least 1")
         x, y = dataset_tensors(dataset)
@@ -279,10 +288,3 @@ class TabularTask:
         finally:
             model.train(was_training)
         return EvalResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n)
-
-
-def describe(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]], num_classes: int) -> dict[str, Any]:
-    """Counts only (number of records, label histogram): safe to print or report, no record content."""
-    _, y = dataset_tensors(dataset)
-    histogram = torch.bincount(y, minlength=num_classes).tolist() if len(y) else [0] * num_classes
-    return {"count": len(y), "labels": histogram}
