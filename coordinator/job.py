@@ -143,6 +143,7 @@ class JobRunner:
         self.progress = progress or (lambda line: log.info("%s", line))
         self.state = "running"
         self.detail = ""
+        self.final_version = ""
         self._stop = asyncio.Event()
         self._round: ActiveRound | None = None
         self._eval: Evaluation | None = None
@@ -222,6 +223,11 @@ class JobRunner:
         for session in self.registry.connected():
             self.registry.send(session.site, done)
         self.progress(f"job {self.job_id} {state}: {detail}")
+        # The final model is on disk (models/<digest>.safetensors); a finished job holds no model in memory, so the
+        # coordinator's memory does not grow with the number of jobs it has run.
+        self.final_version = self.global_model.version
+        self.global_tensors = {}
+        self.global_model = EncodedTensors(self.global_model.specs, b"", self.global_model.sha256)
 
     async def _wait_for_sites(self) -> list[str]:
         needed = max(self.spec.min_sites, self.spec.min_available_sites)

@@ -200,6 +200,8 @@ class ParticipantDaemon:
             self._work.put_nowait(item)
         elif kind == "job_finished":
             log.info("job %s finished: %s", item.job_finished.job_id, item.job_finished.reason)
+            if self._cache is not None and self._pending == set():
+                self._cache = None  # free the model until the next job needs one
 
     # -- work ---------------------------------------------------------------------------------------------------
     async def _worker(self) -> None:
