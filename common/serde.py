@@ -35,6 +35,7 @@ _TORCH: dict[int, torch.dtype] = {
     pb.DTYPE_INT32: torch.int32,
     pb.DTYPE_UINT32: torch.uint32,
     pb.DTYPE_UINT64: torch.uint64,
+    pb.DTYPE_UINT8: torch.uint8,
 }
 _NUMPY: dict[int, np.dtype[np.generic]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -43,6 +44,7 @@ _NUMPY: dict[int, np.dtype[np.generic]] = {
     pb.DTYPE_INT32: np.dtype("<i4"),
     pb.DTYPE_UINT32: np.dtype("<u4"),
     pb.DTYPE_UINT64: np.dtype("<u8"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
 }
 _FROM_TORCH: dict[torch.dtype, int] = {v: k for k, v in _TORCH.items()}
 

@@ -80,15 +80,20 @@ class RunningSum:
 
     def apply_to(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """FedAvg: ``base + sum(w_k * delta_k) / sum(w_k)`` per tensor, as float32."""
-        mean = self.mean()
-        out: dict[str, torch.Tensor] = {}
-        offset = 0
-        for s in self.specs:
-            delta = mean[offset : offset + s.numel].reshape(s.shape)
-            base_t = base[s.name].to(torch.float64)
-            out[s.name] = (base_t + torch.from_numpy(delta)).to(torch.float32)
-            offset += s.numel
-        return out
+        return apply_flat(base, self.specs, self.mean())
+
+
+def apply_flat(base: dict[str, torch.Tensor], specs: Sequence[Spec], delta: np.ndarray) -> dict[str, torch.Tensor]:
+    """``base + delta`` where ``delta`` is the flat concatenation of the tensors in ``specs`` order."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for s in specs:
+        part = np.asarray(delta[offset : offset + s.numel], dtype=np.float64).reshape(s.shape)
+        out[s.name] = (base[s.name].to(torch.float64) + torch.from_numpy(part)).to(torch.float32)
+        offset += s.numel
+    if offset != len(delta):
+        raise ValueError(f"update has {len(delta)} values, the model {offset}")
+    return out
 
 
 def check_finite_file(path: Path) -> None:

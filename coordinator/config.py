@@ -52,6 +52,39 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """SecAgg+ for the job's rounds: the coordinator only ever sees the sum of the sites' updates.
+
+    ``clip`` bounds every coordinate of a site's update before it is encoded (the encoding's range); ``weight_cap``
+    bounds a site's FedAvg weight (sample counts above it count as the cap). ``dropout_rate`` and
+    ``corruption_rate`` choose the neighbour count k and threshold t for large cohorts (see common/secagg/graph.py);
+    up to ``full_graph_max`` sites every site is every site's neighbour (classic SecAgg).
+    """
+
+    enabled: bool = False
+    bits: int = 32
+    clip: float = 1.0
+    weight_cap: int = 10_000
+    dropout_rate: float = 0.2
+    corruption_rate: float = 0.0
+    stage_timeout_s: float = 60.0
+    full_graph_max: int = 64
+
+    def check(self, path: str) -> None:
+        where = path or "secure_aggregation"
+        if not 16 <= self.bits <= 32:
+            raise ConfigError(f"{where}.bits: must be between 16 and 32")
+        if not 0 < self.clip < 1e6:
+            raise ConfigError(f"{where}.clip: must be > 0")
+        if self.weight_cap < 1:
+            raise ConfigError(f"{where}.weight_cap: must be >= 1")
+        if not (0 <= self.dropout_rate < 1 and 0 <= self.corruption_rate < 1):
+            raise ConfigError(f"{where}.dropout_rate and corruption_rate: must be in [0, 1)")
+        if self.stage_timeout_s <= 0 or self.full_graph_max < 2:
+            raise ConfigError(f"{where}.stage_timeout_s must be > 0 and full_graph_max >= 2")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A training job: which task, how many rounds, how the cohort is picked, local hyper-parameters."""
 
@@ -68,9 +101,12 @@ class JobConfig:
     evaluate_every: int = 1
     max_round_retries: int = 3
     params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
     def check(self, path: str) -> None:
         where = path or "job"
+        if self.secure_aggregation.enabled and self.min_sites < 2:
+            raise ConfigError(f"{where}.min_sites: secure aggregation needs at least 2 sites per round")
         if not 1 <= self.rounds <= 100_000:
             raise ConfigError(f"{where}.rounds: must be between 1 and 100000")
         if not 0 < self.fraction <= 1:

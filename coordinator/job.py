@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from cryptography import x509
 
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, specs_from_manifest, state_dict_float32
 from common.tasks.base import Task, round_seed, task_digest
-from coordinator.aggregation import RunningSum, UpdateSpool, check_finite_file
+from coordinator.aggregation import RunningSum, UpdateSpool, apply_flat, check_finite_file
 from coordinator.config import JobConfig
 from coordinator.model_store import ModelStore
 from coordinator.registry import Declaration, Registry
@@ -37,6 +38,7 @@ from coordinator.rounds import (
     Stop,
     UploadAccepted,
 )
+from coordinator.secagg_round import SecAggRound, key_stages, unmask_stages
 from coordinator.store import Store
 
 log = logging.getLogger("cohort.coordinator.job")
@@ -90,6 +92,8 @@ class ActiveRound:
     in_flight: set[str] = field(default_factory=set)
     loss_sum: float = 0.0
     weight_sum: int = 0
+    secagg: SecAggRound | None = None
+    uploads_open: bool = True  # with secure aggregation, masked inputs are taken once the keys are shared
 
 
 @dataclass(eq=False)
@@ -130,6 +134,7 @@ class JobRunner:
         spool_root: Path,
         limits: Limits,
         progress: ProgressHook | None = None,
+        ca_certs: list[x509.Certificate] | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -140,6 +145,7 @@ class JobRunner:
         self.registry = registry
         self.spool_root = spool_root
         self.limits = limits
+        self.ca_certs = ca_certs or []
         self.progress = progress or (lambda line: log.info("%s", line))
         self.state = "running"
         self.detail = ""
@@ -183,6 +189,11 @@ class JobRunner:
             stop.cancel()
             target.cancel()
         return event.is_set()
+
+    @property
+    def current_round(self) -> ActiveRound | None:
+        """The open round, if any (read-only view for status and tests)."""
+        return self._round
 
     def eligible(self) -> list[str]:
         return sorted(s.site for s in self.registry.connected() if self.identity.mismatch(s.declaration) is None)
@@ -275,26 +286,44 @@ class JobRunner:
                 seed=seed,
             ),
         )
+        secagg = None
+        if self.spec.secure_aggregation.enabled:
+            numel = sum(s.numel for s in self.global_specs)
+            secagg = SecAggRound.create(
+                self.job_id, number, attempt, cohort, numel, self.spec.secure_aggregation, self.ca_certs
+            )
+            task.secagg.CopyFrom(secagg.setup())
         rnd = ActiveRound(
             number=number,
             attempt=attempt,
             base=self.global_model,
             state=RoundState(frozenset(cohort), min(self.spec.min_sites, len(cohort))),
-            running=RunningSum(self.global_specs),
+            running=RunningSum(self.global_specs if secagg is None else ()),
             deadline=deadline,
             spool_dir=self.spool_root / self.job_id / f"round-{number}-{attempt}",
             task=task,
+            secagg=secagg,
+            uploads_open=secagg is None,
         )
         self.store.start_round(self.job_id, number, attempt, cohort, self.global_model.version)
         self._round = rnd
         for site in cohort:
             if not self.registry.send(site, pb.WorkItem(train=task)):
                 await self._apply(rnd, SiteLost(site))
-        if not await self._wait(rnd.done, self.spec.round_timeout_s):
+        if secagg is not None:
+            await self._secagg_key_stages(rnd, secagg)
+        if not await self._wait(rnd.done, deadline - time.time()):
             await self._apply(rnd, DeadlinePassed())
         await rnd.done.wait()
         outcome = rnd.outcome
         assert outcome is not None
+        secagg_mean = None
+        if outcome.succeeded and secagg is not None:
+            result = await unmask_stages(secagg, self.registry.send, self._wait)
+            if isinstance(result, str):
+                outcome = CloseRound(False, result)
+            else:
+                secagg_mean = result[0]
         train_s = time.monotonic() - started
         try:
             if not outcome.succeeded:
@@ -318,7 +347,10 @@ class JobRunner:
                 self.progress(f"round {number} attempt {attempt} failed: {outcome.reason}")
                 return False
             t0 = time.monotonic()
-            new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
+            if secagg_mean is not None:
+                new_tensors = apply_flat(self.global_tensors, self.global_specs, secagg_mean)
+            else:
+                new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
             encoded = await asyncio.to_thread(self.models.save, new_tensors, {"job": self.job_id, "round": str(number)})
             aggregate_s = time.monotonic() - t0
             train_loss = rnd.loss_sum / rnd.weight_sum if rnd.weight_sum else None
@@ -356,6 +388,23 @@ class JobRunner:
         finally:
             self._round = None
             shutil.rmtree(rnd.spool_dir, ignore_errors=True)
+
+    async def _secagg_key_stages(self, rnd: ActiveRound, secagg: SecAggRound) -> None:
+        """Stages 0 and 1 of secure aggregation; then only the sites that shared their keys (U2) may upload."""
+        reason = await key_stages(secagg, self.registry.send, self._wait, rnd.done)
+        if reason is None and not rnd.done.is_set():
+            u2 = secagg.u2
+            if len(u2) < self.spec.min_sites:
+                reason = f"only {len(u2)} sites shared their keys; the round needs {self.spec.min_sites}"
+            else:
+                async with rnd.lock:
+                    old, rnd.state = rnd.state, RoundState(frozenset(u2), min(self.spec.min_sites, len(u2)))
+                    for site in old.lost & u2:
+                        rnd.state.handle(SiteLost(site))
+                    rnd.uploads_open = True
+        if reason is not None:
+            self.store.audit("secagg_aborted", "coordinator", job_id=self.job_id, round=rnd.number, reason=reason)
+            await self._apply(rnd, Stop(reason))
 
     def _print_round(self, val: tuple[int, float, float] | None, extra_s: float = 0.0) -> None:
         number, reported, size, train_loss, seconds = self._round_line
@@ -410,12 +459,16 @@ class JobRunner:
     def _on_site(self, site: str, connected: bool) -> None:
         rnd = self._round
         if rnd is not None and site in rnd.state.cohort and rnd.state.open:
-            if connected:
+            if connected and rnd.secagg is None:
+                # A restarted site picks the task up again. Not under secure aggregation: a restarted site lost
+                # this round's keys, so it stays a dropout until the next round.
                 self._spawn(self._apply(rnd, SiteBack(site)))
                 if site not in rnd.state.reported:
-                    self.registry.send(site, pb.WorkItem(train=rnd.task))  # a restarted site picks the task up again
-            else:
+                    self.registry.send(site, pb.WorkItem(train=rnd.task))
+            elif not connected:
                 self._spawn(self._apply(rnd, SiteLost(site)))
+        if rnd is not None and rnd.secagg is not None and not connected:
+            rnd.secagg.site_lost(site)
         ev = self._eval
         if ev is not None and not connected and site in ev.expected and site not in ev.reports:
             ev.expected.discard(site)
@@ -456,7 +509,15 @@ class JobRunner:
 
     def _check_header(self, rnd: ActiveRound, h: pb.UpdateHeader) -> tuple[Spec, ...]:
         specs = specs_from_manifest(h.manifest, self.limits)
-        if specs != self.global_specs:
+        if rnd.secagg is not None:
+            if not rnd.uploads_open:
+                raise FailedPrecondition("masked inputs are taken once the keys are shared; wait for the shares")
+            if specs != (rnd.secagg.masked_spec,):
+                raise InvalidArgument(
+                    f"this round uses secure aggregation: upload one tensor {rnd.secagg.masked_spec.name!r} of "
+                    f"{rnd.secagg.masked_spec.shape[0]} bytes (uint8)"
+                )
+        elif specs != self.global_specs:
             expected = {s.name: s for s in self.global_specs}
             for s in specs:
                 if s.name not in expected:
@@ -514,12 +575,16 @@ class JobRunner:
         finally:
             rnd.in_flight.discard(site)
         try:
-            await asyncio.to_thread(check_finite_file, path)
+            if rnd.secagg is None:
+                await asyncio.to_thread(check_finite_file, path)
             async with rnd.lock:
                 refusal = rnd.state.refusal(site)
                 if refusal is not None:
                     raise FailedPrecondition(refusal)
-                await asyncio.to_thread(rnd.running.add_file, path, float(header.num_samples))
+                if rnd.secagg is not None:
+                    await asyncio.to_thread(rnd.secagg.fold_masked_file, site, path)
+                else:
+                    await asyncio.to_thread(rnd.running.add_file, path, float(header.num_samples))
                 self.store.record_upload(
                     self.job_id,
                     rnd.number,
@@ -540,6 +605,20 @@ class JobRunner:
                 path.unlink(missing_ok=True)
             raise
         return pb.UploadReply(accepted=True, duplicate=False, update_sha256=header.manifest.sha256)
+
+    def receive_secagg(self, site: str, msg: pb.SecAggMessage) -> None:
+        rnd = self._round
+        if rnd is None or rnd.secagg is None:
+            raise FailedPrecondition("no secure-aggregation round is open")
+        try:
+            rnd.secagg.receive(site, msg)
+        except Exception as exc:
+            self.store.audit("secagg_refused", site, job_id=self.job_id, round=rnd.number, reason=str(exc)[:500])
+            raise
+        if msg.WhichOneof("stage") == "abort_reason":
+            self.store.audit(
+                "secagg_site_abort", site, job_id=self.job_id, round=rnd.number, reason=msg.abort_reason[:500]
+            )
 
     def receive_evaluation(self, site: str, report: pb.EvaluationReport) -> None:
         if report.job_id != self.job_id:

@@ -15,7 +15,9 @@ from coordinator.store import Store
 def job_spec_to_proto(spec: JobConfig) -> pb.JobSpec:
     d = asdict(spec)
     params = d.pop("params")
-    return pb.JobSpec(params=pb.TrainParams(**params), **d)
+    secagg = d.pop("secure_aggregation")
+    secagg.pop("full_graph_max")
+    return pb.JobSpec(params=pb.TrainParams(**params), secure_aggregation=pb.SecureAggregationSpec(**secagg), **d)
 
 
 def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
@@ -56,6 +58,9 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             wait_for_sites_s=spec["wait_for_sites_s"],
             max_round_retries=spec["max_round_retries"],
             min_available_sites=spec["min_available_sites"],
+            secure_aggregation=pb.SecureAggregationSpec(
+                **{k: v for k, v in spec.get("secure_aggregation", {}).items() if k != "full_graph_max"}
+            ),
             params=pb.TrainParams(
                 local_epochs=params.get("local_epochs", 0),
                 batch_size=params.get("batch_size", 0),
@@ -88,6 +93,10 @@ def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
     if spec.HasField("params"):
         params = {k: getattr(spec.params, k) for k in ("local_epochs", "batch_size", "learning_rate", "seed")}
         data["params"] = {k: v for k, v in params.items() if v}
+    if spec.HasField("secure_aggregation"):
+        sa = spec.secure_aggregation
+        fields = ("bits", "clip", "weight_cap", "dropout_rate", "corruption_rate", "stage_timeout_s")
+        data["secure_aggregation"] = {"enabled": sa.enabled} | {k: getattr(sa, k) for k in fields if getattr(sa, k)}
     try:
         return config_loader.build(JobConfig, data, "job")
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from coordinator.job import JobRunner, ProgressHook
 from coordinator.job_proto import job_config_from_proto, job_status
 from coordinator.model_store import ModelStore
 from coordinator.registry import Declaration, Registry
+from coordinator.secagg_round import load_ca_certs
 from coordinator.store import Store
 
 log = logging.getLogger("cohort.coordinator")
@@ -40,6 +41,8 @@ class Coordinator:
         self.runner: JobRunner | None = None
         self._job_task: asyncio.Task[None] | None = None
         self.runners: dict[str, JobRunner] = {}
+        assert config.server.tls is not None
+        self.ca_certs = load_ca_certs(config.server.tls.ca)  # verifies sites' signed secure-aggregation keys
 
     # -- jobs ---------------------------------------------------------------------------------------------------
     def start_job(self, spec: JobConfig, actor: str = "coordinator") -> JobRunner:
@@ -62,6 +65,7 @@ class Coordinator:
             spool_root=self.spool_root,
             limits=self.limits,
             progress=self.progress,
+            ca_certs=self.ca_certs,
         )
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
         self.runner = runner
@@ -167,6 +171,10 @@ class Coordinator:
     ) -> pb.UploadReply:
         self._require_member(site)
         return await self._active(header.job_id).receive_upload(site, header, chunks)
+
+    def receive_secagg(self, site: str, msg: pb.SecAggMessage) -> None:
+        self._require_member(site)
+        self._active(msg.job_id).receive_secagg(site, msg)
 
     def receive_evaluation(self, site: str, report: pb.EvaluationReport) -> None:
         self._require_member(site)

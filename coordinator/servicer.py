@@ -104,6 +104,12 @@ class FederationServicer(pb_grpc.FederationServicer):
         return await self.c.receive_upload(site, first.header, iterator)
 
     @translated
+    async def SecAgg(self, request: pb.SecAggMessage, context: Ctx) -> pb.Ack:
+        site = require_role(context, Role.PARTICIPANT).name
+        self.c.receive_secagg(site, request)
+        return pb.Ack()
+
+    @translated
     async def ReportEvaluation(self, request: pb.EvaluationReport, context: Ctx) -> pb.Ack:
         site = require_role(context, Role.PARTICIPANT).name
         self.c.receive_evaluation(site, request)

@@ -14,24 +14,26 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import torch
 
 from common.certs import Role
-from common.errors import RETRYABLE_CODES, InvalidArgument
+from common.errors import RETRYABLE_CODES, CohortError, InvalidArgument
 from common.lifecycle import Status
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
-from common.serde import CHUNK_BYTES, Assembler
+from common.secagg.errors import SecAggAborted
+from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
 from common.tasks.base import Task, load_task, task_digest
 from common.tls import channel_credentials, keepalive_options, message_options, tls_files
 from common.version import VERSION
 from participant.config import ParticipantConfig
+from participant.secagg_session import SecAggSession, SiteKeys
 from participant.site import Site
 
 log = logging.getLogger("cohort.participant")
@@ -75,6 +77,9 @@ class ParticipantDaemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
         self._backoff = Backoff(config.reconnect.initial_backoff_s, config.reconnect.max_backoff_s)
+        self._site_keys: SiteKeys | None = None
+        self._secagg: dict[tuple[str, int, int], SecAggSession] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -83,6 +88,7 @@ class ParticipantDaemon:
         self.status = Status.STARTING
         cfg = self.config
         self._credentials = channel_credentials(tls_files(cfg.tls), Role.PARTICIPANT)
+        self._site_keys = SiteKeys.load(tls_files(cfg.tls))
         task = self.task or load_task(cfg.task)
         data = await asyncio.to_thread(task.load_data, cfg.data_dir)
         self.task, self.site = task, Site(task, data)
@@ -101,9 +107,9 @@ class ParticipantDaemon:
         self.status = Status.CLOSING
         log.info("participant closing: %s", reason)
         self._stop.set()
-        for t in self._tasks:
+        for t in (*self._tasks, *self._side_tasks):
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
         self.status = Status.CLOSED
@@ -197,11 +203,84 @@ class ParticipantDaemon:
             if key in self._pending or key in self.completed:
                 return  # the coordinator re-sent a task we already have
             self._pending.add(key)
+            if kind == "train" and item.train.HasField("secagg"):
+                self._spawn(self._secagg_start(item.train))
             self._work.put_nowait(item)
+        elif kind == "secagg":
+            self._spawn(self._secagg_step(item.secagg))
         elif kind == "job_finished":
             log.info("job %s finished: %s", item.job_finished.job_id, item.job_finished.reason)
             if self._cache is not None and self._pending == set():
                 self._cache = None  # free the model until the next job needs one
+
+    # -- secure aggregation -------------------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _secagg_send(self, session: SecAggSession, msg: pb.SecAggMessage) -> None:
+        stub = self._stub
+        assert stub is not None
+
+        async def send() -> pb.Ack:
+            ack: pb.Ack = await stub.SecAgg(msg, timeout=self.config.coordinator.rpc_timeout_s)
+            return ack
+
+        await self._retrying("secure-aggregation message", session.task.deadline_unix, send)
+
+    async def _secagg_abort(self, session: SecAggSession, reason: str) -> None:
+        session.aborted = reason
+        session.shares_ready.set()  # wake the trainer: it will not upload
+        log.error("secure aggregation of round %d aborted: %s", session.task.round, reason)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._secagg_send(session, session.message(abort_reason=reason))
+
+    async def _secagg_start(self, task: pb.TrainTask) -> None:
+        assert self._site_keys is not None
+        key = (task.job_id, task.round, task.attempt)
+        try:
+            session = SecAggSession.start(task, self.site_id, self._site_keys)
+            self._secagg[key] = session
+            while len(self._secagg) > 4:
+                self._secagg.pop(next(iter(self._secagg)))
+            msg = await asyncio.to_thread(session.advertise)
+            await self._secagg_send(session, msg)
+        except (CohortError, grpc.aio.AioRpcError) as exc:
+            log.error("round %d: cannot take part in secure aggregation: %s", task.round, exc)
+
+    async def _secagg_step(self, step: pb.SecAggStep) -> None:
+        session = self._secagg.get((step.job_id, step.round, step.attempt))
+        if session is None or session.aborted:
+            return
+        try:
+            reply = await asyncio.to_thread(session.on_step, step)
+        except SecAggAborted as exc:
+            await self._secagg_abort(session, str(exc))
+            return
+        except CohortError as exc:
+            log.error("round %d: secure-aggregation step refused: %s", step.round, exc)
+            return
+        if reply is not None:
+            try:
+                await self._secagg_send(session, reply)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("round %d: secure-aggregation message not delivered: %s", step.round, exc.details())
+
+    async def _masked(self, task: pb.TrainTask, update: EncodedTensors, num_samples: int) -> EncodedTensors | None:
+        session = self._secagg.get((task.job_id, task.round, task.attempt))
+        if session is None:
+            log.error("round %d: no secure-aggregation session; not uploading", task.round)
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(session.shares_ready.wait(), timeout=max(0.0, task.deadline_unix - time.time()))
+        if session.aborted or not session.shares_ready.is_set():
+            return None
+        try:
+            return await asyncio.to_thread(session.masked_update, update, num_samples)
+        except SecAggAborted as exc:
+            await self._secagg_abort(session, str(exc))
+            return None
 
     # -- work ---------------------------------------------------------------------------------------------------
     async def _worker(self) -> None:
@@ -268,6 +347,12 @@ class ParticipantDaemon:
         t1 = time.perf_counter()
         local = await asyncio.to_thread(self.site.train, tensors, task.params)
         t2 = time.perf_counter()
+        upload_tensors = local.update
+        if task.HasField("secagg"):
+            masked = await self._masked(task, local.update, local.result.num_samples)
+            if masked is None:
+                return
+            upload_tensors = masked
         metrics = {"loss": local.result.loss, "accuracy": local.result.accuracy}
         metrics |= {k: v for k, v in local.result.extra.items() if math.isfinite(v)}
         header = pb.UpdateHeader(
@@ -277,7 +362,7 @@ class ParticipantDaemon:
             base_model_version=task.model_version,
             num_samples=local.result.num_samples,
             metrics=metrics,
-            manifest=local.update.manifest(),
+            manifest=upload_tensors.manifest(),
             train_seconds=local.seconds,
         )
 
@@ -286,7 +371,7 @@ class ParticipantDaemon:
 
             async def chunks() -> AsyncIterator[pb.UpdateChunk]:
                 yield pb.UpdateChunk(header=header)
-                for part in local.update.chunks(CHUNK_BYTES):
+                for part in upload_tensors.chunks(CHUNK_BYTES):
                     yield pb.UpdateChunk(data=bytes(part))
 
             reply: pb.UploadReply = await self._stub.UploadUpdate(

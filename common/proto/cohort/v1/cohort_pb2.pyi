@@ -37,6 +37,8 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DTYPE_INT32: _DType.ValueType  # 4
     DTYPE_UINT32: _DType.ValueType  # 5
     DTYPE_UINT64: _DType.ValueType  # 6
+    DTYPE_UINT8: _DType.ValueType  # 7
+    """raw bytes, e.g. a bit-packed masked input"""
 
 class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
     """---------------------------------------------------------------------------------------------------------------
@@ -51,6 +53,8 @@ DTYPE_INT64: DType.ValueType  # 3
 DTYPE_INT32: DType.ValueType  # 4
 DTYPE_UINT32: DType.ValueType  # 5
 DTYPE_UINT64: DType.ValueType  # 6
+DTYPE_UINT8: DType.ValueType  # 7
+"""raw bytes, e.g. a bit-packed masked input"""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 @_typing.final
@@ -228,6 +232,7 @@ class TrainTask(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -238,6 +243,10 @@ class TrainTask(_message.Message):
     """a failed round is retried with a new cohort under the same round number"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggSetup:
+        """set when the round uses secure aggregation"""
+
     def __init__(
         self,
         *,
@@ -247,14 +256,430 @@ class TrainTask(_message.Message):
         deadline_unix: _builtins.float = ...,
         params: Global___TrainParams | None = ...,
         attempt: _builtins.int = ...,
+        secagg: Global___SecAggSetup | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainTask: _TypeAlias = TrainTask  # noqa: Y015
+
+@_typing.final
+class SecAggSetup(_message.Message):
+    """---------------------------------------------------------------------------------------------------------------
+    Secure aggregation (SecAgg+; see common/secagg/protocol.py). Shares between sites are end-to-end encrypted and
+    only routed by the coordinator; every advertisement and the survivor list are signed with site certificate keys.
+    ---------------------------------------------------------------------------------------------------------------
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COHORT_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    T_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    DIM_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    MAX_N_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    WEIGHT_CAP_FIELD_NUMBER: _builtins.int
+    k: _builtins.int
+    """neighbours per site (cohort size - 1: full graph)"""
+    t: _builtins.int
+    """Shamir threshold"""
+    bits: _builtins.int
+    """ring Z_2^bits"""
+    dim: _builtins.int
+    """encoded coordinates: model parameters + 1 weight lane"""
+    clip: _builtins.float
+    """per-coordinate clip range of the update"""
+    max_n: _builtins.int
+    """largest number of summands the encoding is sized for"""
+    levels: _builtins.int
+    """integer levels per unit of clip"""
+    weight_cap: _builtins.int
+    """sample counts are capped here and normalised to [0, 1]"""
+    @_builtins.property
+    def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sorted; a site's Shamir point is its 1-based position"""
+
+    def __init__(
+        self,
+        *,
+        cohort: _abc.Iterable[_builtins.str] | None = ...,
+        k: _builtins.int = ...,
+        t: _builtins.int = ...,
+        bits: _builtins.int = ...,
+        dim: _builtins.int = ...,
+        clip: _builtins.float = ...,
+        max_n: _builtins.int = ...,
+        levels: _builtins.int = ...,
+        weight_cap: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "cohort", b"cohort", "dim", b"dim", "k", b"k", "levels", b"levels", "max_n", b"max_n", "t", b"t", "weight_cap", b"weight_cap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggSetup: _TypeAlias = SecAggSetup  # noqa: Y015
+
+@_typing.final
+class SecAggAdvertisement(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    C_PK_FIELD_NUMBER: _builtins.int
+    S_PK_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERT_PEM_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    c_pk: _builtins.bytes
+    s_pk: _builtins.bytes
+    signature: _builtins.bytes
+    cert_pem: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        c_pk: _builtins.bytes = ...,
+        s_pk: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        cert_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["c_pk", b"c_pk", "cert_pem", b"cert_pem", "s_pk", b"s_pk", "signature", b"signature", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggAdvertisement: _TypeAlias = SecAggAdvertisement  # noqa: Y015
+
+@_typing.final
+class SecAggEncryptedShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECEIVER_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    sender: _builtins.str
+    receiver: _builtins.str
+    ciphertext: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        sender: _builtins.str = ...,
+        receiver: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "receiver", b"receiver", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggEncryptedShare: _TypeAlias = SecAggEncryptedShare  # noqa: Y015
+
+@_typing.final
+class SecAggShareCommitment(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDER_FIELD_NUMBER: _builtins.int
+    B_COMMITMENT_FIELD_NUMBER: _builtins.int
+    S_COMMITMENT_FIELD_NUMBER: _builtins.int
+    holder: _builtins.str
+    b_commitment: _builtins.bytes
+    s_commitment: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        holder: _builtins.str = ...,
+        b_commitment: _builtins.bytes = ...,
+        s_commitment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["b_commitment", b"b_commitment", "holder", b"holder", "s_commitment", b"s_commitment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShareCommitment: _TypeAlias = SecAggShareCommitment  # noqa: Y015
+
+@_typing.final
+class SecAggShareKeys(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARES_FIELD_NUMBER: _builtins.int
+    COMMITMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggEncryptedShare]: ...
+    @_builtins.property
+    def commitments(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggShareCommitment]: ...
+    def __init__(
+        self,
+        *,
+        shares: _abc.Iterable[Global___SecAggEncryptedShare] | None = ...,
+        commitments: _abc.Iterable[Global___SecAggShareCommitment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitments", b"commitments", "shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShareKeys: _TypeAlias = SecAggShareKeys  # noqa: Y015
+
+@_typing.final
+class SecAggSignature(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signature", b"signature", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggSignature: _TypeAlias = SecAggSignature  # noqa: Y015
+
+@_typing.final
+class SecAggRevealedShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    kind: _builtins.str
+    """"b" (self-mask seed) or "s" (mask key)"""
+    share: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        share: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "owner", b"owner", "share", b"share"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggRevealedShare: _TypeAlias = SecAggRevealedShare  # noqa: Y015
+
+@_typing.final
+class SecAggUnmask(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggRevealedShare]: ...
+    def __init__(
+        self,
+        *,
+        shares: _abc.Iterable[Global___SecAggRevealedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggUnmask: _TypeAlias = SecAggUnmask  # noqa: Y015
+
+@_typing.final
+class SecAggMessage(_message.Message):
+    """Site -> coordinator, for every stage but the masked input (which is an UploadUpdate)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ADVERTISEMENT_FIELD_NUMBER: _builtins.int
+    SHARE_KEYS_FIELD_NUMBER: _builtins.int
+    SURVIVOR_SIGNATURE_FIELD_NUMBER: _builtins.int
+    UNMASK_FIELD_NUMBER: _builtins.int
+    ABORT_REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    attempt: _builtins.int
+    abort_reason: _builtins.str
+    """the site found tampering and aborts the round"""
+    @_builtins.property
+    def advertisement(self) -> Global___SecAggAdvertisement: ...
+    @_builtins.property
+    def share_keys(self) -> Global___SecAggShareKeys: ...
+    @_builtins.property
+    def survivor_signature(self) -> Global___SecAggSignature: ...
+    @_builtins.property
+    def unmask(self) -> Global___SecAggUnmask: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        advertisement: Global___SecAggAdvertisement | None = ...,
+        share_keys: Global___SecAggShareKeys | None = ...,
+        survivor_signature: Global___SecAggSignature | None = ...,
+        unmask: Global___SecAggUnmask | None = ...,
+        abort_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "share_keys", b"share_keys", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "attempt", b"attempt", "job_id", b"job_id", "round", b"round", "share_keys", b"share_keys", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_stage: _TypeAlias = _typing.Literal["advertisement", "share_keys", "survivor_signature", "unmask", "abort_reason"]  # noqa: Y015
+    _WhichOneofArgType_stage: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_stage) -> _WhichOneofReturnType_stage | None: ...
+
+Global___SecAggMessage: _TypeAlias = SecAggMessage  # noqa: Y015
+
+@_typing.final
+class SecAggAdvertisements(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADVERTISEMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def advertisements(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggAdvertisement]: ...
+    def __init__(
+        self,
+        *,
+        advertisements: _abc.Iterable[Global___SecAggAdvertisement] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertisements", b"advertisements"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggAdvertisements: _TypeAlias = SecAggAdvertisements  # noqa: Y015
+
+@_typing.final
+class SecAggShares(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shares(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggEncryptedShare]: ...
+    def __init__(
+        self,
+        *,
+        shares: _abc.Iterable[Global___SecAggEncryptedShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shares", b"shares"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggShares: _TypeAlias = SecAggShares  # noqa: Y015
+
+@_typing.final
+class SecAggSurvivors(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggSurvivors: _TypeAlias = SecAggSurvivors  # noqa: Y015
+
+@_typing.final
+class SecAggSignatures(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecAggSignature]: ...
+    def __init__(
+        self,
+        *,
+        signatures: _abc.Iterable[Global___SecAggSignature] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["signatures", b"signatures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecAggSignatures: _TypeAlias = SecAggSignatures  # noqa: Y015
+
+@_typing.final
+class SecAggStep(_message.Message):
+    """Coordinator -> site, on the work stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ADVERTISEMENTS_FIELD_NUMBER: _builtins.int
+    SHARES_FIELD_NUMBER: _builtins.int
+    SURVIVORS_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    attempt: _builtins.int
+    @_builtins.property
+    def advertisements(self) -> Global___SecAggAdvertisements:
+        """the neighbours' keys (after stage 0)"""
+
+    @_builtins.property
+    def shares(self) -> Global___SecAggShares:
+        """the shares addressed to this site (after stage 1)"""
+
+    @_builtins.property
+    def survivors(self) -> Global___SecAggSurvivors:
+        """U3, to check and sign (after stage 2)"""
+
+    @_builtins.property
+    def signatures(self) -> Global___SecAggSignatures:
+        """the neighbours' signatures on U3 (after stage 3)"""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        advertisements: Global___SecAggAdvertisements | None = ...,
+        shares: Global___SecAggShares | None = ...,
+        survivors: Global___SecAggSurvivors | None = ...,
+        signatures: Global___SecAggSignatures | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["advertisements", b"advertisements", "shares", b"shares", "signatures", b"signatures", "stage", b"stage", "survivors", b"survivors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertisements", b"advertisements", "attempt", b"attempt", "job_id", b"job_id", "round", b"round", "shares", b"shares", "signatures", b"signatures", "stage", b"stage", "survivors", b"survivors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_stage: _TypeAlias = _typing.Literal["advertisements", "shares", "survivors", "signatures"]  # noqa: Y015
+    _WhichOneofArgType_stage: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_stage) -> _WhichOneofReturnType_stage | None: ...
+
+Global___SecAggStep: _TypeAlias = SecAggStep  # noqa: Y015
 
 @_typing.final
 class TrainParams(_message.Message):
@@ -346,6 +771,7 @@ class WorkItem(_message.Message):
     TRAIN_FIELD_NUMBER: _builtins.int
     EVALUATE_FIELD_NUMBER: _builtins.int
     JOB_FINISHED_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
@@ -354,6 +780,8 @@ class WorkItem(_message.Message):
     def evaluate(self) -> Global___EvaluateTask: ...
     @_builtins.property
     def job_finished(self) -> Global___JobFinished: ...
+    @_builtins.property
+    def secagg(self) -> Global___SecAggStep: ...
     def __init__(
         self,
         *,
@@ -361,12 +789,13 @@ class WorkItem(_message.Message):
         train: Global___TrainTask | None = ...,
         evaluate: Global___EvaluateTask | None = ...,
         job_finished: Global___JobFinished | None = ...,
+        secagg: Global___SecAggStep | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate", b"evaluate", "heartbeat", b"heartbeat", "job_finished", b"job_finished", "kind", b"kind", "train", b"train"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluate", b"evaluate", "heartbeat", b"heartbeat", "job_finished", b"job_finished", "kind", b"kind", "secagg", b"secagg", "train", b"train"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluate", b"evaluate", "heartbeat", b"heartbeat", "job_finished", b"job_finished", "kind", b"kind", "train", b"train"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluate", b"evaluate", "heartbeat", b"heartbeat", "job_finished", b"job_finished", "kind", b"kind", "secagg", b"secagg", "train", b"train"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["heartbeat", "train", "evaluate", "job_finished"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["heartbeat", "train", "evaluate", "job_finished", "secagg"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -615,6 +1044,7 @@ class JobSpec(_message.Message):
     WAIT_FOR_SITES_S_FIELD_NUMBER: _builtins.int
     MAX_ROUND_RETRIES_FIELD_NUMBER: _builtins.int
     MIN_AVAILABLE_SITES_FIELD_NUMBER: _builtins.int
+    SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -633,6 +1063,8 @@ class JobSpec(_message.Message):
     """connected, eligible sites needed before a round starts (0: min_sites)"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
+    @_builtins.property
+    def secure_aggregation(self) -> Global___SecureAggregationSpec: ...
     def __init__(
         self,
         *,
@@ -647,16 +1079,54 @@ class JobSpec(_message.Message):
         wait_for_sites_s: _builtins.float = ...,
         max_round_retries: _builtins.int | None = ...,
         min_available_sites: _builtins.int = ...,
+        secure_aggregation: Global___SecureAggregationSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "params", b"params", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "params", b"params", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
     _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_round_retries) -> _WhichOneofReturnType__max_round_retries | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class SecureAggregationSpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    BITS_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    WEIGHT_CAP_FIELD_NUMBER: _builtins.int
+    DROPOUT_RATE_FIELD_NUMBER: _builtins.int
+    CORRUPTION_RATE_FIELD_NUMBER: _builtins.int
+    STAGE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    bits: _builtins.int
+    clip: _builtins.float
+    weight_cap: _builtins.int
+    dropout_rate: _builtins.float
+    corruption_rate: _builtins.float
+    stage_timeout_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        bits: _builtins.int = ...,
+        clip: _builtins.float = ...,
+        weight_cap: _builtins.int = ...,
+        dropout_rate: _builtins.float = ...,
+        corruption_rate: _builtins.float = ...,
+        stage_timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "corruption_rate", b"corruption_rate", "dropout_rate", b"dropout_rate", "enabled", b"enabled", "stage_timeout_s", b"stage_timeout_s", "weight_cap", b"weight_cap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecureAggregationSpec: _TypeAlias = SecureAggregationSpec  # noqa: Y015
 
 @_typing.final
 class StartJobRequest(_message.Message):

@@ -59,6 +59,11 @@ class FederationStub:
                 request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/cohort.v1.Federation/SecAgg',
+                request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.SecAggMessage.SerializeToString,
+                response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -96,6 +101,12 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +133,11 @@ def add_FederationServicer_to_server(servicer, server):
             'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvaluation,
                     request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.EvaluationReport.FromString,
+                    response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.SecAggMessage.FromString,
                     response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.SerializeToString,
             ),
     }
@@ -259,6 +275,33 @@ class Federation:
             target,
             '/cohort.v1.Federation/ReportEvaluation',
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.EvaluationReport.SerializeToString,
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohort.v1.Federation/SecAgg',
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.SecAggMessage.SerializeToString,
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
             options,
             channel_credentials,

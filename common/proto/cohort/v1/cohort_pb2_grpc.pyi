@@ -44,6 +44,7 @@ class FederationStub:
     DownloadModel: _grpc.UnaryStreamMultiCallable[_cohort_pb2.ModelRequest, _cohort_pb2.ModelChunk]
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_cohort_pb2.UpdateChunk, _cohort_pb2.UploadReply]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.EvaluationReport, _cohort_pb2.Ack]
+    SecAgg: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.SecAggMessage, _cohort_pb2.Ack]
 
 @_typing.type_check_only
 class FederationAsyncStub(FederationStub):
@@ -56,6 +57,7 @@ class FederationAsyncStub(FederationStub):
     DownloadModel: _aio.UnaryStreamMultiCallable[_cohort_pb2.ModelRequest, _cohort_pb2.ModelChunk]  # type: ignore[assignment]
     UploadUpdate: _aio.StreamUnaryMultiCallable[_cohort_pb2.UpdateChunk, _cohort_pb2.UploadReply]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_cohort_pb2.EvaluationReport, _cohort_pb2.Ack]  # type: ignore[assignment]
+    SecAgg: _aio.UnaryUnaryMultiCallable[_cohort_pb2.SecAggMessage, _cohort_pb2.Ack]  # type: ignore[assignment]
 
 class FederationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -93,6 +95,13 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     def ReportEvaluation(
         self,
         request: _cohort_pb2.EvaluationReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cohort_pb2.Ack, _abc.Awaitable[_cohort_pb2.Ack]]: ...
+
+    @_abc_1.abstractmethod
+    def SecAgg(
+        self,
+        request: _cohort_pb2.SecAggMessage,
         context: _ServicerContext,
     ) -> _typing.Union[_cohort_pb2.Ack, _abc.Awaitable[_cohort_pb2.Ack]]: ...
 

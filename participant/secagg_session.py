@@ -1,0 +1,103 @@
+"""A site's side of one secure-aggregation round, around :class:`common.secagg.protocol.SecAggClient`.
+
+The daemon creates a session when a train task carries a ``secagg`` setup, sends the signed advertisement at once
+(while training runs), answers each step the coordinator routes to it, and masks its update once the neighbours'
+shares have arrived. Any tampering the library detects aborts the session: the site reveals nothing more and tells
+the coordinator why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common.certs import TlsFiles
+from common.errors import CertificateError
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.secagg import protocol as sa
+from common.secagg.encoding import EncodingParams, encode, weight_of, with_weight_lane
+from common.secagg_wire import (
+    MASKED_TENSOR,
+    ad_from_proto,
+    ad_to_proto,
+    setup_from_proto,
+    share_from_proto,
+    share_keys_to_proto,
+    signature_from_proto,
+    signature_to_proto,
+    unmask_to_proto,
+)
+from common.serde import EncodedTensors, Spec, new_hasher
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """The site's certificate, its private key (signs this round's keys) and the federation CA certificates."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert_pem: bytes
+    ca_certs: tuple[x509.Certificate, ...]
+
+    @classmethod
+    def load(cls, files: TlsFiles) -> SiteKeys:
+        key = serialization.load_pem_private_key(files.key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CertificateError(f"{files.key}: secure aggregation needs an ECDSA certificate key")
+        return cls(key, files.cert.read_bytes(), tuple(x509.load_pem_x509_certificates(files.ca.read_bytes())))
+
+
+@dataclass(eq=False)
+class SecAggSession:
+    task: pb.TrainTask
+    params: sa.RoundParams
+    enc: EncodingParams
+    weight_cap: int
+    client: sa.SecAggClient
+    shares_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: str | None = None
+
+    @classmethod
+    def start(cls, task: pb.TrainTask, site: str, keys: SiteKeys) -> SecAggSession:
+        params, enc = setup_from_proto(task.job_id, task.round, task.attempt, task.secagg)
+        client = sa.SecAggClient(params, site, keys.key, keys.cert_pem, keys.ca_certs)
+        return cls(task, params, enc, int(task.secagg.weight_cap), client)
+
+    def message(self, **stage: object) -> pb.SecAggMessage:
+        t = self.task
+        return pb.SecAggMessage(job_id=t.job_id, round=t.round, attempt=t.attempt, **stage)  # type: ignore[arg-type]
+
+    def advertise(self) -> pb.SecAggMessage:
+        return self.message(advertisement=ad_to_proto(self.client.advertise()))
+
+    def on_step(self, step: pb.SecAggStep) -> pb.SecAggMessage | None:
+        """Run the client stage a coordinator step calls for; the reply to send, if any. Raises SecAggAborted."""
+        kind = step.WhichOneof("stage")
+        if kind == "advertisements":
+            ads = [ad_from_proto(a) for a in step.advertisements.advertisements]
+            return self.message(share_keys=share_keys_to_proto(self.client.share_keys(ads)))
+        if kind == "shares":
+            self.client.receive_shares([share_from_proto(e) for e in step.shares.shares])
+            self.shares_ready.set()
+            return None
+        if kind == "survivors":
+            sig = self.client.consistency_check(list(step.survivors.sites))
+            return self.message(survivor_signature=signature_to_proto(sig))
+        if kind == "signatures":
+            unmask = self.client.unmask([signature_from_proto(s) for s in step.signatures.signatures])
+            return self.message(unmask=unmask_to_proto(unmask))
+        return None
+
+    def masked_update(self, update: EncodedTensors, num_samples: int) -> EncodedTensors:
+        """The update, clipped, weighted, encoded, masked and bit-packed: one uint8 tensor for the upload."""
+        flat = np.frombuffer(update.data, dtype="<f4")
+        encoded = encode(with_weight_lane(flat, self.enc), self.enc, weight_of(num_samples, self.weight_cap))
+        data = self.client.masked_input(encoded).data
+        spec = Spec(MASKED_TENSOR, pb.DTYPE_UINT8, (len(data),))
+        h = new_hasher([spec])
+        h.update(data)
+        return EncodedTensors((spec,), data, h.hexdigest())
