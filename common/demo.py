@@ -140,6 +140,19 @@ async def follow(endpoint: AdminEndpoint, procs: Processes, timeout: float) -> p
     raise CohortError(f"the job did not finish within {timeout:.0f}s")
 
 
+def _secagg_summary(job: pb.JobStatus) -> dict[str, Any] | bool:
+    sa = job.spec.secure_aggregation
+    if not sa.enabled:
+        return False
+    return {
+        "enabled": True,
+        "protocol": "SecAgg+ (full graph up to 64 sites)",
+        "bits": sa.bits,
+        "clip": sa.clip,
+        "weight_cap": sa.weight_cap,
+    }
+
+
 def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None = None) -> int:
     deploy = (deploy_dir or default_deploy_dir()).resolve()
     if not (deploy / "coordinator.yaml").exists():
@@ -199,7 +212,7 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         "seconds": round(seconds, 2),
         "model_path": str(model_path),
         "model_version": job.model_version,
-        "secure_aggregation": False,
+        "secure_aggregation": _secagg_summary(job),
         "differential_privacy": None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -207,6 +220,8 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         f"job {job.state}: {len(completed)} rounds, federated test accuracy {job.test_accuracy:.4f}, "
         f"loss {job.test_loss:.4f}, {seconds:.1f}s"
     )
+    if job.spec.secure_aggregation.enabled:
+        print("  secure aggregation: on (SecAgg+); the coordinator saw only the sum of the hospitals' updates")
     print(f"  global model: {model_path}")
     print(f"  summary: {run_dir / 'summary.json'}; logs: {run_dir / 'logs'}")
     return 0 if job.state == "finished" else 1

@@ -239,6 +239,11 @@ class ParticipantDaemon:
     async def _secagg_start(self, task: pb.TrainTask) -> None:
         assert self._site_keys is not None
         key = (task.job_id, task.round, task.attempt)
+        for (job, rnd, attempt), old in self._secagg.items():
+            if job == task.job_id and (rnd, attempt) < (task.round, task.attempt) and not old.aborted:
+                # The coordinator moved on (the round failed and is retried): stop waiting for that round's shares.
+                old.aborted = "superseded by a later round"
+                old.shares_ready.set()
         try:
             session = SecAggSession.start(task, self.site_id, self._site_keys)
             self._secagg[key] = session

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from support import (
     SITES,
@@ -132,3 +133,44 @@ async def test_secure_round_with_dropouts_before_and_after_masked_input(
     # The coordinator never stored a site's update in the clear: the only upload tensors were masked bytes.
     events = [e["kind"] for e in coord.coordinator.store.audit_events()]
     assert "secagg_aborted" not in events
+
+
+async def test_substituted_key_makes_sites_abort_and_the_round_is_retried(
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator that swaps one site's advertised mask key (to unmask it later) is caught by the sites."""
+    from coordinator.secagg_round import SecAggRound
+
+    real_close = SecAggRound.close_advertise
+    tampered: list[int] = []
+
+    def substitute_key(self: SecAggRound) -> dict[str, pb.WorkItem]:
+        items = real_close(self)
+        if not tampered:  # only the first attempt: the retry runs honestly
+            tampered.append(self.attempt)
+            for item in items.values():
+                for ad in item.secagg.advertisements.advertisements:
+                    if ad.site == SITES[0]:
+                        ad.s_pk = bytes(32)  # not what hospital A signed
+        return items
+
+    monkeypatch.setattr(SecAggRound, "close_advertise", substitute_key)
+    job = replace(job_config(rounds=1, min_sites=3, min_available_sites=3, evaluate_every=0), secure_aggregation=SECAGG)
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
+    runner = runner_of(coord)
+    for site in SITES[:3]:
+        await participant_factory(participant_config(pki.site(site), coord.address, site_data[site]))
+    await poll_until(lambda: runner.state != "running", timeout=90, what="the job to finish")
+    assert runner.state == "finished", runner.detail
+    rounds = coord.coordinator.store.rounds(runner.job_id)
+    assert [(r.attempt, r.state) for r in rounds] == [(0, "failed"), (1, "completed")]
+    assert "aborted" in rounds[0].detail
+    aborts = coord.coordinator.store.audit_events("secagg_site_abort")
+    assert aborts, "the sites did not report the tampering"
+    assert all(e["detail"]["round"] == 1 for e in aborts)
+    assert any(SITES[0] in e["detail"]["reason"] for e in aborts)
