@@ -123,7 +123,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common import certs_cmd, data_cmd
+    from common import certs_cmd, data_cmd, privacy_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     certs_cmd.register(sub)
     data_cmd.register(sub)
+    privacy_cmd.register(sub)
 
     p = sub.add_parser("demo", help="run a 5-hospital federation on this machine")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))

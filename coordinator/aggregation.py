@@ -78,6 +78,12 @@ class RunningSum:
             raise ValueError("no update was accepted")
         return self._acc.astype(np.float64) / self.total_weight
 
+    def apply_noisy_sum(
+        self, base: dict[str, torch.Tensor], noise: np.ndarray, denominator: float
+    ) -> dict[str, torch.Tensor]:
+        """DP-FedAvg (central): ``base + (sum + noise) / denominator`` with a fixed, public denominator."""
+        return apply_flat(base, self.specs, (self._acc.astype(np.float64) + noise) / denominator)
+
     def apply_to(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """FedAvg: ``base + sum(w_k * delta_k) / sum(w_k)`` per tensor, as float32."""
         return apply_flat(base, self.specs, self.mean())
@@ -94,6 +100,16 @@ def apply_flat(base: dict[str, torch.Tensor], specs: Sequence[Spec], delta: np.n
     if offset != len(delta):
         raise ValueError(f"update has {len(delta)} values, the model {offset}")
     return out
+
+
+def l2_norm_file(path: Path) -> float:
+    """L2 norm of a spooled float32 update, block by block."""
+    total = 0.0
+    with path.open("rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            values = np.frombuffer(block, dtype="<f4", count=len(block) // 4).astype(np.float64)
+            total += float(values @ values)
+    return float(np.sqrt(total))
 
 
 def check_finite_file(path: Path) -> None:

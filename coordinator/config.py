@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from common.errors import ConfigError
 from common.settings import TlsConfig, TrainParamsConfig, parse_address
@@ -85,6 +86,36 @@ class SecureAggregationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy for the job, and its budget.
+
+    ``unit``: "none"; "record" (each site trains with DP-SGD and owns its record-level budget; the coordinator
+    collects and reports each site's epsilon); "site" (DP-FedAvg: each site's whole update is clipped to
+    ``clip_norm`` and noise with std ``noise_multiplier * clip_norm`` is added to the sum: by the coordinator
+    ("central", without secure aggregation) or by the sites in the integer domain (Skellam, with it)).
+    ``target_epsilon`` (0: no budget, report only) and ``delta`` bound the job; the coordinator refuses a job whose
+    plan exceeds the budget (unless ``refuse_over_budget`` is false) and stops before a round that would exceed it.
+    """
+
+    unit: Literal["none", "record", "site"] = "none"
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    accountant: Literal["pld", "rdp"] = "pld"
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    refuse_over_budget: bool = True
+
+    def check(self, path: str) -> None:
+        where = path or "privacy"
+        if self.target_epsilon < 0:
+            raise ConfigError(f"{where}.target_epsilon: must be >= 0 (0: no budget)")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"{where}.delta: must be in (0, 1)")
+        if self.noise_multiplier <= 0 or self.clip_norm <= 0:
+            raise ConfigError(f"{where}.noise_multiplier and clip_norm: must be > 0")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A training job: which task, how many rounds, how the cohort is picked, local hyper-parameters."""
 
@@ -102,6 +133,7 @@ class JobConfig:
     max_round_retries: int = 3
     params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def check(self, path: str) -> None:
         where = path or "job"

@@ -8,6 +8,7 @@ Servicers call its ``receive_*`` methods; everything it learns goes to the store
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -24,9 +25,10 @@ from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, specs_from_manifest, state_dict_float32
 from common.tasks.base import Task, round_seed, task_digest
-from coordinator.aggregation import RunningSum, UpdateSpool, apply_flat, check_finite_file
+from coordinator.aggregation import RunningSum, UpdateSpool, apply_flat, check_finite_file, l2_norm_file
 from coordinator.config import JobConfig
 from coordinator.model_store import ModelStore
+from coordinator.privacy import JobPrivacy
 from coordinator.registry import Declaration, Registry
 from coordinator.rounds import (
     CloseRound,
@@ -135,6 +137,7 @@ class JobRunner:
         limits: Limits,
         progress: ProgressHook | None = None,
         ca_certs: list[x509.Certificate] | None = None,
+        population: int = 0,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -146,6 +149,8 @@ class JobRunner:
         self.spool_root = spool_root
         self.limits = limits
         self.ca_certs = ca_certs or []
+        self.privacy = JobPrivacy(spec.privacy, max(1, population), spec.fraction)
+        self._budget_stop: str | None = None
         self.progress = progress or (lambda line: log.info("%s", line))
         self.state = "running"
         self.detail = ""
@@ -205,6 +210,9 @@ class JobRunner:
             number, attempt = 1, 0
             while number <= self.spec.rounds and not self._stop.is_set():
                 ok = await self._run_round(number, attempt)
+                if self._budget_stop is not None:
+                    self._finish("budget_exhausted", self._budget_stop)
+                    return
                 if self._stop.is_set():
                     break
                 if ok:
@@ -271,6 +279,15 @@ class JobRunner:
             )
             return False
         cohort = self._select(eligible, number, attempt)
+        over = self.privacy.would_exceed(len(cohort))
+        if over is not None:
+            p = self.spec.privacy
+            self._budget_stop = (
+                f"privacy budget exhausted after {number - 1} rounds: round {number} would reach epsilon "
+                f"{over:.3f} > {p.target_epsilon:g} (delta {p.delta:g})"
+            )
+            self.store.audit("budget_stop", "coordinator", job_id=self.job_id, round=number, epsilon=over)
+            return False
         seed = round_seed(self.spec.params.seed, number)
         deadline = time.time() + self.spec.round_timeout_s
         task = pb.TrainTask(
@@ -293,6 +310,14 @@ class JobRunner:
                 self.job_id, number, attempt, cohort, numel, self.spec.secure_aggregation, self.ca_certs
             )
             task.secagg.CopyFrom(secagg.setup())
+        task.privacy.CopyFrom(
+            pb.PrivacySetup(
+                unit=self.spec.privacy.unit,
+                clip_norm=self.spec.privacy.clip_norm,
+                noise_multiplier=self.spec.privacy.noise_multiplier,
+                mode="central" if self.privacy.site_level else "",
+            )
+        )
         rnd = ActiveRound(
             number=number,
             attempt=attempt,
@@ -349,6 +374,13 @@ class JobRunner:
             t0 = time.monotonic()
             if secagg_mean is not None:
                 new_tensors = apply_flat(self.global_tensors, self.global_specs, secagg_mean)
+            elif self.privacy.site_level:
+                # DP-FedAvg, central: Gaussian noise (std sigma * C) on the sum of clipped updates, divided by the
+                # cohort size (a fixed, public denominator, so one site changes the mean by at most C / m).
+                noise = self.privacy.central_noise(rnd.running.numel)
+                new_tensors = await asyncio.to_thread(
+                    rnd.running.apply_noisy_sum, self.global_tensors, noise, float(len(cohort))
+                )
             else:
                 new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
             encoded = await asyncio.to_thread(self.models.save, new_tensors, {"job": self.job_id, "round": str(number)})
@@ -366,7 +398,10 @@ class JobRunner:
                 train_samples=rnd.weight_sum,
                 timings={"train_s": train_s, "aggregate_s": aggregate_s},
                 detail=outcome.reason,
+                epsilon=self.privacy.record_round(len(cohort)),
             )
+            if self.privacy.site_epsilon:
+                self.store.update_job(self.job_id, site_epsilon=json.dumps(self.privacy.site_epsilon, sort_keys=True))
             self.store.audit(
                 "round_completed",
                 "coordinator",
@@ -577,12 +612,19 @@ class JobRunner:
         try:
             if rnd.secagg is None:
                 await asyncio.to_thread(check_finite_file, path)
+            if rnd.secagg is None and self.privacy.site_level:
+                norm = await asyncio.to_thread(l2_norm_file, path)
+                bound = self.spec.privacy.clip_norm
+                if norm > bound * (1 + 1e-4):
+                    raise InvalidArgument(f"update L2 norm {norm:.6g} exceeds the job's clip norm {bound:g}")
             async with rnd.lock:
                 refusal = rnd.state.refusal(site)
                 if refusal is not None:
                     raise FailedPrecondition(refusal)
                 if rnd.secagg is not None:
                     await asyncio.to_thread(rnd.secagg.fold_masked_file, site, path)
+                elif self.privacy.site_level:
+                    await asyncio.to_thread(rnd.running.add_file, path, 1.0)  # DP-FedAvg: uniform weights
                 else:
                     await asyncio.to_thread(rnd.running.add_file, path, float(header.num_samples))
                 self.store.record_upload(
@@ -596,6 +638,8 @@ class JobRunner:
                     train_seconds=header.train_seconds,
                 )
                 rnd.accepted[site] = header.manifest.sha256
+                if "dp_epsilon" in header.metrics:
+                    self.privacy.record_site(site, header.metrics["dp_epsilon"])
                 if "loss" in header.metrics:
                     rnd.loss_sum += header.metrics["loss"] * header.num_samples
                     rnd.weight_sum += header.num_samples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import Any
 
@@ -17,7 +18,13 @@ def job_spec_to_proto(spec: JobConfig) -> pb.JobSpec:
     params = d.pop("params")
     secagg = d.pop("secure_aggregation")
     secagg.pop("full_graph_max")
-    return pb.JobSpec(params=pb.TrainParams(**params), secure_aggregation=pb.SecureAggregationSpec(**secagg), **d)
+    privacy = d.pop("privacy")
+    return pb.JobSpec(
+        params=pb.TrainParams(**params),
+        secure_aggregation=pb.SecureAggregationSpec(**secagg),
+        privacy=pb.PrivacySpec(**privacy),
+        **d,
+    )
 
 
 def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
@@ -33,6 +40,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             val_loss=r.val_loss or 0.0,
             val_accuracy=r.val_accuracy or 0.0,
             seconds=(r.finished - r.started) if r.finished else 0.0,
+            epsilon=r.epsilon or 0.0,
             val_samples=r.val_samples or 0,
         )
         for r in store.rounds(row["job_id"])
@@ -47,6 +55,10 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
         detail=row["detail"],
         test_loss=row["test_loss"] or 0.0,
         test_accuracy=row["test_accuracy"] or 0.0,
+        privacy_unit=spec.get("privacy", {}).get("unit", "none"),
+        epsilon=row["epsilon"] or 0.0,
+        delta=spec.get("privacy", {}).get("delta", 0.0),
+        site_epsilon=json.loads(row["site_epsilon"] or "{}"),
         spec=pb.JobSpec(
             name=spec["name"],
             task=spec["task"],
@@ -58,6 +70,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             wait_for_sites_s=spec["wait_for_sites_s"],
             max_round_retries=spec["max_round_retries"],
             min_available_sites=spec["min_available_sites"],
+            privacy=pb.PrivacySpec(**spec.get("privacy", {})),
             secure_aggregation=pb.SecureAggregationSpec(
                 **{k: v for k, v in spec.get("secure_aggregation", {}).items() if k != "full_graph_max"}
             ),
@@ -97,6 +110,12 @@ def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
         sa = spec.secure_aggregation
         fields = ("bits", "clip", "weight_cap", "dropout_rate", "corruption_rate", "stage_timeout_s")
         data["secure_aggregation"] = {"enabled": sa.enabled} | {k: getattr(sa, k) for k in fields if getattr(sa, k)}
+    if spec.HasField("privacy"):
+        pv = spec.privacy
+        fields = ("unit", "target_epsilon", "delta", "accountant", "noise_multiplier", "clip_norm")
+        data["privacy"] = {k: getattr(pv, k) for k in fields if getattr(pv, k)}
+        if pv.HasField("refuse_over_budget"):
+            data["privacy"]["refuse_over_budget"] = pv.refuse_over_budget
     try:
         return config_loader.build(JobConfig, data, "job")
     except ConfigError as exc:

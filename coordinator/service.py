@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from coordinator.config import CoordinatorConfig, JobConfig
 from coordinator.job import JobRunner, ProgressHook
 from coordinator.job_proto import job_config_from_proto, job_status
 from coordinator.model_store import ModelStore
+from coordinator.privacy import JobPrivacy
 from coordinator.registry import Declaration, Registry
 from coordinator.secagg_round import load_ca_certs
 from coordinator.store import Store
@@ -50,6 +52,13 @@ class Coordinator:
             raise FailedPrecondition(f"job {self.runner.job_id} is still running; stop it first")
         if max(spec.min_sites, spec.min_available_sites) > len(self.allowed):
             raise InvalidArgument(f"min_sites/min_available_sites exceed the {len(self.allowed)} allowed sites")
+        expected_cohort = min(len(self.allowed), max(spec.min_sites, math.ceil(spec.fraction * len(self.allowed))))
+        JobPrivacy(spec.privacy, len(self.allowed), spec.fraction).check_plan(spec.rounds, expected_cohort)
+        if spec.privacy.unit == "site" and spec.secure_aggregation.enabled:
+            raise FailedPrecondition(
+                "site-level DP together with secure aggregation (distributed Skellam noise) is not available yet; "
+                "use site-level DP without secure aggregation (central noise) or record-level DP"
+            )
         try:
             task = load_task(spec.task)
         except (ValueError, TaskError) as exc:
@@ -66,6 +75,7 @@ class Coordinator:
             limits=self.limits,
             progress=self.progress,
             ca_certs=self.ca_certs,
+            population=len(self.allowed),
         )
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
         self.runner = runner

@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     detail TEXT NOT NULL DEFAULT '',
     test_loss REAL,
     test_accuracy REAL,
-    test_samples INTEGER
+    test_samples INTEGER,
+    epsilon REAL NOT NULL DEFAULT 0,
+    site_epsilon TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL,
@@ -48,6 +50,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     val_samples INTEGER,
     timings TEXT NOT NULL DEFAULT '{}',
     detail TEXT NOT NULL DEFAULT '',
+    epsilon REAL,
     PRIMARY KEY (job_id, round, attempt)
 );
 CREATE TABLE IF NOT EXISTS uploads (
@@ -103,6 +106,7 @@ class RoundRow:
     val_samples: int | None
     timings: dict[str, float]
     detail: str
+    epsilon: float | None
 
 
 class Store:
@@ -150,6 +154,8 @@ class Store:
             "test_loss",
             "test_accuracy",
             "test_samples",
+            "epsilon",
+            "site_epsilon",
         }
         bad = set(fields) - allowed
         if bad:
@@ -192,11 +198,13 @@ class Store:
         train_samples: int | None = None,
         timings: Mapping[str, float] | None = None,
         detail: str = "",
+        epsilon: float | None = None,
     ) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE rounds SET state = ?, finished = ?, reported = ?, model_version = ?, train_loss = ?,"
-                " train_samples = ?, timings = ?, detail = ? WHERE job_id = ? AND round = ? AND attempt = ?",
+                " train_samples = ?, timings = ?, detail = ?, epsilon = ?"
+                " WHERE job_id = ? AND round = ? AND attempt = ?",
                 (
                     state,
                     time.time(),
@@ -206,6 +214,7 @@ class Store:
                     train_samples,
                     json.dumps(dict(timings or {}), sort_keys=True),
                     detail,
+                    epsilon,
                     job_id,
                     rnd,
                     attempt,
@@ -213,8 +222,8 @@ class Store:
             )
             if state == "completed":
                 db.execute(
-                    "UPDATE jobs SET current_round = ?, model_version = ?, updated = ? WHERE job_id = ?",
-                    (rnd, model_version, time.time(), job_id),
+                    "UPDATE jobs SET current_round = ?, model_version = ?, updated = ?, epsilon = ? WHERE job_id = ?",
+                    (rnd, model_version, time.time(), epsilon or 0.0, job_id),
                 )
 
     def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None:

@@ -350,7 +350,8 @@ class ParticipantDaemon:
         t0 = time.perf_counter()
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         t1 = time.perf_counter()
-        local = await asyncio.to_thread(self.site.train, tensors, task.params)
+        clip = task.privacy.clip_norm if task.privacy.unit == "site" else 0.0
+        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip)
         t2 = time.perf_counter()
         upload_tensors = local.update
         if task.HasField("secagg"):

@@ -6,8 +6,9 @@ aggregate metrics leave it.
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,7 +38,14 @@ class Site:
         model.load_state_dict(tensors, strict=True)
         return model
 
-    def train(self, global_tensors: dict[str, torch.Tensor], params: pb.TrainParams) -> LocalUpdate:
+    def train(
+        self, global_tensors: dict[str, torch.Tensor], params: pb.TrainParams, clip_norm: float = 0.0
+    ) -> LocalUpdate:
+        """Train from the global model and return the update (local - global).
+
+        ``clip_norm`` > 0 (site-level DP): the whole update is scaled down to L2 norm at most ``clip_norm`` before it
+        leaves, so one site's influence on the sum is bounded whatever its data.
+        """
         started = time.perf_counter()
         model = self._model(global_tensors)
         settings = TrainSettings(
@@ -49,6 +57,13 @@ class Site:
         result = self.task.train(model, self.data, settings)
         local = state_dict_float32(model)
         delta = {name: local[name] - global_tensors[name] for name in global_tensors}
+        if clip_norm > 0:
+            norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in delta.values()))
+            factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+            # Scale in float64, then round down in magnitude by a hair so float32 rounding cannot push the norm
+            # above the bound the coordinator checks.
+            delta = {k: (t.double() * factor * (1 - 1e-6)).float() for k, t in delta.items()}
+            result = replace(result, extra={**result.extra, "update_norm": norm})
         return LocalUpdate(encode(delta), result, time.perf_counter() - started)
 
     def evaluate(self, global_tensors: dict[str, torch.Tensor], split: str) -> tuple[EvalResult, float]:

@@ -233,6 +233,7 @@ class TrainTask(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -247,6 +248,10 @@ class TrainTask(_message.Message):
     def secagg(self) -> Global___SecAggSetup:
         """set when the round uses secure aggregation"""
 
+    @_builtins.property
+    def privacy(self) -> Global___PrivacySetup:
+        """the job's differential-privacy unit and, for site-level DP, its parameters"""
+
     def __init__(
         self,
         *,
@@ -257,14 +262,59 @@ class TrainTask(_message.Message):
         params: Global___TrainParams | None = ...,
         attempt: _builtins.int = ...,
         secagg: Global___SecAggSetup | None = ...,
+        privacy: Global___PrivacySetup | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "secagg", b"secagg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainTask: _TypeAlias = TrainTask  # noqa: Y015
+
+@_typing.final
+class PrivacySetup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    ROTATION_SEED_FIELD_NUMBER: _builtins.int
+    SKELLAM_MU_FIELD_NUMBER: _builtins.int
+    PADDED_DIM_FIELD_NUMBER: _builtins.int
+    unit: _builtins.str
+    """"none", "record" (DP-SGD at each site) or "site" (DP-FedAvg)"""
+    clip_norm: _builtins.float
+    """site-level: L2 bound of a site's whole update"""
+    noise_multiplier: _builtins.float
+    """site-level: sigma; noise std is sigma * clip_norm on the sum"""
+    mode: _builtins.str
+    """site-level: "central" (coordinator adds Gaussian noise) or "distributed" """
+    rotation_seed: _builtins.bytes
+    """distributed: public per-round randomness of the Hadamard rotation"""
+    skellam_mu: _builtins.float
+    """distributed: each site's Skellam noise parameter in the integer domain"""
+    padded_dim: _builtins.int
+    """distributed: rotated dimension (a power of two)"""
+    def __init__(
+        self,
+        *,
+        unit: _builtins.str = ...,
+        clip_norm: _builtins.float = ...,
+        noise_multiplier: _builtins.float = ...,
+        mode: _builtins.str = ...,
+        rotation_seed: _builtins.bytes = ...,
+        skellam_mu: _builtins.float = ...,
+        padded_dim: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "mode", b"mode", "noise_multiplier", b"noise_multiplier", "padded_dim", b"padded_dim", "rotation_seed", b"rotation_seed", "skellam_mu", b"skellam_mu", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacySetup: _TypeAlias = PrivacySetup  # noqa: Y015
 
 @_typing.final
 class SecAggSetup(_message.Message):
@@ -1045,6 +1095,7 @@ class JobSpec(_message.Message):
     MAX_ROUND_RETRIES_FIELD_NUMBER: _builtins.int
     MIN_AVAILABLE_SITES_FIELD_NUMBER: _builtins.int
     SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
+    PRIVACY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -1065,6 +1116,8 @@ class JobSpec(_message.Message):
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
     def secure_aggregation(self) -> Global___SecureAggregationSpec: ...
+    @_builtins.property
+    def privacy(self) -> Global___PrivacySpec: ...
     def __init__(
         self,
         *,
@@ -1080,16 +1133,56 @@ class JobSpec(_message.Message):
         max_round_retries: _builtins.int | None = ...,
         min_available_sites: _builtins.int = ...,
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
+        privacy: Global___PrivacySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params", "privacy", b"privacy", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "params", b"params", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
     _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_round_retries) -> _WhichOneofReturnType__max_round_retries | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class PrivacySpec(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    TARGET_EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    ACCOUNTANT_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    CLIP_NORM_FIELD_NUMBER: _builtins.int
+    REFUSE_OVER_BUDGET_FIELD_NUMBER: _builtins.int
+    unit: _builtins.str
+    target_epsilon: _builtins.float
+    delta: _builtins.float
+    accountant: _builtins.str
+    noise_multiplier: _builtins.float
+    clip_norm: _builtins.float
+    refuse_over_budget: _builtins.bool
+    def __init__(
+        self,
+        *,
+        unit: _builtins.str = ...,
+        target_epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        accountant: _builtins.str = ...,
+        noise_multiplier: _builtins.float = ...,
+        clip_norm: _builtins.float = ...,
+        refuse_over_budget: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget", "refuse_over_budget", b"refuse_over_budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget", "accountant", b"accountant", "clip_norm", b"clip_norm", "delta", b"delta", "noise_multiplier", b"noise_multiplier", "refuse_over_budget", b"refuse_over_budget", "target_epsilon", b"target_epsilon", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__refuse_over_budget: _TypeAlias = _typing.Literal["refuse_over_budget"]  # noqa: Y015
+    _WhichOneofArgType__refuse_over_budget: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__refuse_over_budget) -> _WhichOneofReturnType__refuse_over_budget | None: ...
+
+Global___PrivacySpec: _TypeAlias = PrivacySpec  # noqa: Y015
 
 @_typing.final
 class SecureAggregationSpec(_message.Message):
@@ -1230,6 +1323,7 @@ class RoundStatus(_message.Message):
     VAL_ACCURACY_FIELD_NUMBER: _builtins.int
     SECONDS_FIELD_NUMBER: _builtins.int
     VAL_SAMPLES_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     model_version: _builtins.str
@@ -1239,6 +1333,8 @@ class RoundStatus(_message.Message):
     seconds: _builtins.float
     val_samples: _builtins.int
     """0 until the round's federated evaluation is in"""
+    epsilon: _builtins.float
+    """privacy spent so far (site level: the job's; record level: the largest site's)"""
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1256,10 +1352,11 @@ class RoundStatus(_message.Message):
         val_accuracy: _builtins.float = ...,
         seconds: _builtins.float = ...,
         val_samples: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_samples", b"val_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "epsilon", b"epsilon", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_samples", b"val_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1268,6 +1365,26 @@ Global___RoundStatus: _TypeAlias = RoundStatus  # noqa: Y015
 @_typing.final
 class JobStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SiteEpsilonEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
@@ -1278,6 +1395,10 @@ class JobStatus(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     TEST_LOSS_FIELD_NUMBER: _builtins.int
     TEST_ACCURACY_FIELD_NUMBER: _builtins.int
+    PRIVACY_UNIT_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    SITE_EPSILON_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _builtins.str
     """pending, running, finished, stopped, failed"""
@@ -1286,10 +1407,18 @@ class JobStatus(_message.Message):
     detail: _builtins.str
     test_loss: _builtins.float
     test_accuracy: _builtins.float
+    privacy_unit: _builtins.str
+    epsilon: _builtins.float
+    """spent so far, for delta below"""
+    delta: _builtins.float
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
     def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundStatus]: ...
+    @_builtins.property
+    def site_epsilon(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """record-level DP: each site's own epsilon, as the site reports it"""
+
     def __init__(
         self,
         *,
@@ -1302,10 +1431,14 @@ class JobStatus(_message.Message):
         detail: _builtins.str = ...,
         test_loss: _builtins.float = ...,
         test_accuracy: _builtins.float = ...,
+        privacy_unit: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+        site_epsilon: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "detail", b"detail", "job_id", b"job_id", "model_version", b"model_version", "rounds", b"rounds", "spec", b"spec", "state", b"state", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

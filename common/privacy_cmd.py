@@ -1,0 +1,82 @@
+"""``cohort privacy``: plan the noise a privacy budget needs, and compute epsilon for given noise.
+
+Thin wrappers over :mod:`common.privacy.accounting`; errors are :class:`~common.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import cast
+
+from common.errors import ConfigError
+from common.privacy.accounting import Method, Sampling, epsilon_for, plan_noise_multiplier
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``privacy`` command and its sub-commands to a ``cohort`` argument parser."""
+    parser = subparsers.add_parser(
+        "privacy",
+        help="plan differential-privacy noise and compute epsilon",
+        description="Site-level DP accounting with dp-accounting: the noise multiplier sigma (noise std over the "
+        "L2 clip) a budget needs, or the epsilon a sigma spends. Fixed cohorts are accounted as sampling without "
+        "replacement (RDP, replace-one adjacency), never as Poisson.",
+    )
+    commands = parser.add_subparsers(dest="privacy_command", required=True, metavar="COMMAND")
+
+    plan = commands.add_parser("plan", help="the smallest noise multiplier for a target epsilon")
+    plan.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    _add_common(plan)
+    plan.set_defaults(func=_cmd_plan)
+
+    eps = commands.add_parser("epsilon", help="epsilon spent by a noise multiplier over some rounds")
+    eps.add_argument("--noise-multiplier", type=float, required=True, help="sigma: noise std / L2 clip")
+    _add_common(eps)
+    eps.set_defaults(func=_cmd_epsilon)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--delta", type=float, required=True, help="target delta")
+    p.add_argument("--rounds", type=int, required=True, help="number of rounds T")
+    p.add_argument("--sampling", choices=["poisson", "full", "fixed"], default="full", help="default: %(default)s")
+    p.add_argument("--rate", type=float, default=None, help="sampling rate q (poisson) or m/N (fixed)")
+    p.add_argument("--population", type=int, default=None, help="N, the number of sites (fixed cohorts)")
+    p.add_argument("--method", choices=["pld", "rdp"], default=None, help="default: pld, or rdp for fixed cohorts")
+
+
+def _settings(args: argparse.Namespace) -> tuple[Sampling, float, Method, int | None]:
+    sampling = cast(Sampling, args.sampling)
+    if sampling == "full":
+        if args.rate not in (None, 1.0):
+            raise ConfigError("--rate is only for --sampling poisson or fixed")
+        rate = 1.0
+    elif args.rate is None:
+        raise ConfigError(f"--sampling {sampling} needs --rate")
+    else:
+        rate = float(args.rate)
+    if sampling == "fixed" and args.population is None:
+        raise ConfigError("--sampling fixed needs --population N (the cohort is rate * N sites)")
+    method = cast(Method, args.method or ("rdp" if sampling == "fixed" else "pld"))
+    return sampling, rate, method, args.population
+
+
+def _describe(args: argparse.Namespace, sampling: str, rate: float, method: str) -> str:
+    adjacency = "replace-one" if sampling == "fixed" else "add/remove"
+    return f"(delta={args.delta:g}, T={args.rounds}, sampling={sampling}, q={rate:g}, {method.upper()}, {adjacency})"
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    sampling, rate, method, population = _settings(args)
+    sigma = plan_noise_multiplier(args.epsilon, args.delta, args.rounds, sampling, rate, method, population)
+    eps = epsilon_for(sigma, args.delta, args.rounds, sampling, rate, method, population)
+    print(f"noise multiplier {sigma:.4f} gives epsilon {eps:.4f} {_describe(args, sampling, rate, method)}")
+    return 0
+
+
+def _cmd_epsilon(args: argparse.Namespace) -> int:
+    sampling, rate, method, population = _settings(args)
+    eps = epsilon_for(args.noise_multiplier, args.delta, args.rounds, sampling, rate, method, population)
+    print(f"epsilon {eps:.4f} {_describe(args, sampling, rate, method)}")
+    return 0

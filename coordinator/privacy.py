@@ -1,0 +1,102 @@
+"""The job's differential-privacy state on the coordinator: the accountant, the budget, and reported epsilons.
+
+Site-level DP (DP-FedAvg): one privacy event per completed round, accounted as what the cohort draw is: every
+allowed site every round ("full"), or a fixed-size cohort drawn from the allow-list ("fixed", replace-one
+adjacency; never treated as Poisson). The job is refused when its whole plan exceeds the budget, and stopped before
+a round whose event would exceed it. Events are kept in the round records, so the epsilon survives a restart.
+
+Record-level DP: each site runs DP-SGD and owns its budget (it refuses to train past it); the coordinator only
+collects the epsilon each site reports with its upload and shows the largest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from common.errors import FailedPrecondition
+from common.privacy.accounting import Accountant, PrivacyEvent
+from coordinator.config import PrivacyConfig
+
+
+class JobPrivacy:
+    def __init__(self, cfg: PrivacyConfig, population: int, fraction: float = 1.0) -> None:
+        self.cfg = cfg
+        self.population = population
+        # Every round takes every available site: no amplification by sampling is claimed ("full", which is
+        # conservative when some sites are offline). A random fixed-size cohort is sampling without replacement,
+        # accounted with replace-one adjacency in the RDP accountant.
+        self.fixed = fraction < 1.0
+        self.accountant = self._new_accountant()
+        self.site_epsilon: dict[str, float] = {}
+
+    def _new_accountant(self) -> Accountant:
+        if self.fixed:
+            return Accountant("rdp", self.cfg.delta, "replace_one")
+        return Accountant(self.cfg.accountant, self.cfg.delta)
+
+    @property
+    def unit(self) -> str:
+        return self.cfg.unit
+
+    @property
+    def site_level(self) -> bool:
+        return self.cfg.unit == "site"
+
+    def event(self, cohort_size: int, count: int = 1) -> PrivacyEvent:
+        sigma = self.cfg.noise_multiplier
+        if self.fixed and cohort_size < self.population:
+            return PrivacyEvent.fixed_cohort(sigma, cohort_size, self.population, count=count)
+        if self.fixed:  # the whole population was drawn: no sampling, but keep the accountant's adjacency
+            return PrivacyEvent.fixed_cohort(sigma, self.population, self.population, count=count)
+        return PrivacyEvent("gaussian", sigma, "full", 1.0, count)
+
+    def plan_epsilon(self, rounds: int, cohort_size: int) -> float:
+        if not self.site_level:
+            return 0.0
+        plan = self._new_accountant()
+        plan.compose(self.event(cohort_size, rounds))
+        return plan.epsilon()
+
+    def check_plan(self, rounds: int, cohort_size: int) -> None:
+        """Refuse a job whose plan exceeds its budget (site level)."""
+        if not self.site_level or self.cfg.target_epsilon <= 0 or not self.cfg.refuse_over_budget:
+            return
+        eps = self.plan_epsilon(rounds, cohort_size)
+        if eps > self.cfg.target_epsilon:
+            raise FailedPrecondition(
+                f"the job's privacy plan spends epsilon {eps:.3f} over {rounds} rounds (delta {self.cfg.delta:g}), "
+                f"more than its budget of {self.cfg.target_epsilon:g}; use fewer rounds or a larger noise multiplier "
+                "(see `cohort privacy plan`)"
+            )
+
+    def would_exceed(self, cohort_size: int) -> float | None:
+        """The epsilon the next round would reach, when that passes the budget; else None."""
+        if not self.site_level or self.cfg.target_epsilon <= 0:
+            return None
+        trial = Accountant.from_json(self.accountant.to_json())
+        trial.compose(self.event(cohort_size))
+        eps = trial.epsilon()
+        return eps if eps > self.cfg.target_epsilon else None
+
+    def record_round(self, cohort_size: int) -> float:
+        if self.site_level:
+            self.accountant.compose(self.event(cohort_size))
+        return self.epsilon()
+
+    def record_site(self, site: str, epsilon: float) -> None:
+        if math.isfinite(epsilon) and epsilon >= 0:
+            self.site_epsilon[site] = max(epsilon, self.site_epsilon.get(site, 0.0))
+
+    def epsilon(self) -> float:
+        if self.site_level:
+            return float(self.accountant.epsilon()) if self.accountant.events else 0.0
+        return max(self.site_epsilon.values(), default=0.0)
+
+    def central_noise(self, dim: int) -> np.ndarray:
+        """Central DP: Gaussian noise of std sigma * C per coordinate for the sum, from OS entropy."""
+        from common.privacy.central import add_gaussian_noise
+
+        noise: np.ndarray = add_gaussian_noise(np.zeros(dim), self.cfg.noise_multiplier, self.cfg.clip_norm)
+        return noise

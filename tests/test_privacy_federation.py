@@ -1,0 +1,106 @@
+"""Site-level differential privacy over real daemons: clipping, central noise, the accountant and the budget."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from support import (
+    SITES,
+    CoordinatorFactory,
+    ParticipantFactory,
+    Pki,
+    coordinator_config,
+    job_config,
+    participant_config,
+    poll_until,
+    runner_of,
+)
+
+from common.admin_client import AdminEndpoint, start_job
+from common.privacy.accounting import Accountant, PrivacyEvent
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.tasks.base import load_task
+from coordinator.config import PrivacyConfig
+from participant.site import Site
+
+
+def epsilon_after(rounds: int, sigma: float, delta: float) -> float:
+    acc = Accountant("pld", delta)
+    acc.compose(PrivacyEvent("gaussian", sigma, "full", 1.0, rounds, None))
+    return acc.epsilon()
+
+
+def test_site_update_is_clipped_to_the_norm_bound(site_data: dict[str, Path]) -> None:
+    task = load_task("breast_cancer")
+    site = Site(task, task.load_data(site_data[SITES[0]]))
+    base = {k: v.float() for k, v in task.build_model(seed=0).state_dict().items()}
+    params = pb.TrainParams(local_epochs=3, batch_size=8, learning_rate=1.0, seed=1)
+    raw = site.train(base, params)
+    raw_norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in _tensors(raw.update).values()))
+    bound = raw_norm / 100  # the site's update is 100 times the bound
+    clipped = site.train(base, params, clip_norm=bound)
+    norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in _tensors(clipped.update).values()))
+    assert norm == pytest.approx(bound, rel=1e-5)
+    assert clipped.result.extra["update_norm"] == pytest.approx(raw_norm, rel=1e-6)
+
+
+def _tensors(enc: object) -> dict[str, torch.Tensor]:
+    from common.serde import EncodedTensors, decode
+
+    assert isinstance(enc, EncodedTensors)
+    return decode(enc.specs, enc.data)
+
+
+async def test_budget_allows_exactly_k_rounds(
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+) -> None:
+    sigma, delta, k = 2.0, 1e-5, 3
+    # A budget between what k and k + 1 rounds spend: the job must run exactly k rounds, then stop.
+    target = (epsilon_after(k, sigma, delta) + epsilon_after(k + 1, sigma, delta)) / 2
+    privacy = PrivacyConfig(
+        unit="site", target_epsilon=target, delta=delta, noise_multiplier=sigma, clip_norm=0.5, refuse_over_budget=False
+    )
+    sites = SITES[:3]
+    job = replace(job_config(rounds=10, min_sites=3, evaluate_every=0), privacy=privacy)
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", sites=sites, job=job))
+    for site in sites:
+        await participant_factory(participant_config(pki.site(site), coord.address, site_data[site]))
+    runner = runner_of(coord)
+    await poll_until(lambda: runner.state != "running", timeout=120, what="the job to stop")
+    assert runner.state == "budget_exhausted", runner.detail
+    assert f"after {k} rounds" in runner.detail
+    done = [r for r in coord.coordinator.store.rounds(runner.job_id) if r.state == "completed"]
+    assert [r.round for r in done] == list(range(1, k + 1))
+    eps = [r.epsilon for r in done]
+    assert eps == pytest.approx([epsilon_after(i, sigma, delta) for i in range(1, k + 1)], abs=0.01)
+    assert eps[-1] is not None
+    assert eps[-1] <= target
+    [job_row] = coord.coordinator.store.jobs()
+    assert job_row["epsilon"] == pytest.approx(eps[-1])
+    assert [e["kind"] for e in coord.coordinator.store.audit_events("budget_stop")] == ["budget_stop"]
+
+
+async def test_job_whose_plan_exceeds_the_budget_is_refused(
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory
+) -> None:
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state"))
+    spec = pb.JobSpec(
+        task="breast_cancer",
+        rounds=50,
+        min_sites=2,
+        privacy=pb.PrivacySpec(unit="site", target_epsilon=1.0, delta=1e-5, noise_multiplier=0.5, clip_norm=1.0),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await start_job(AdminEndpoint(address=coord.address, tls=pki.admin), spec)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "privacy plan" in (info.value.details() or "")
+    assert coord.coordinator.store.jobs() == []
