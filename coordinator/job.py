@@ -149,7 +149,13 @@ class JobRunner:
         self.spool_root = spool_root
         self.limits = limits
         self.ca_certs = ca_certs or []
-        self.privacy = JobPrivacy(spec.privacy, max(1, population), spec.fraction)
+        self.privacy = JobPrivacy(
+            spec.privacy,
+            max(1, population),
+            spec.fraction,
+            secure_aggregation=spec.secure_aggregation,
+            min_survivors=spec.min_sites,
+        )
         self._budget_stop: str | None = None
         self.progress = progress or (lambda line: log.info("%s", line))
         self.state = "running"
@@ -163,6 +169,7 @@ class JobRunner:
         self.global_tensors = initial
         self.global_model = models.save(initial, {"job": job_id, "round": "0"})
         self.global_specs: tuple[Spec, ...] = self.global_model.specs
+        self.privacy.model_numel = sum(s.numel for s in self.global_specs)
         store.create_job(
             job_id, spec.name, asdict(spec) | {"identity": asdict(self.identity)}, self.global_model.version
         )
@@ -306,8 +313,9 @@ class JobRunner:
         secagg = None
         if self.spec.secure_aggregation.enabled:
             numel = sum(s.numel for s in self.global_specs)
+            skellam = self.privacy.skellam(len(cohort)) if self.privacy.distributed else None
             secagg = SecAggRound.create(
-                self.job_id, number, attempt, cohort, numel, self.spec.secure_aggregation, self.ca_certs
+                self.job_id, number, attempt, cohort, numel, self.spec.secure_aggregation, self.ca_certs, skellam
             )
             task.secagg.CopyFrom(secagg.setup())
         task.privacy.CopyFrom(
@@ -315,9 +323,14 @@ class JobRunner:
                 unit=self.spec.privacy.unit,
                 clip_norm=self.spec.privacy.clip_norm,
                 noise_multiplier=self.spec.privacy.noise_multiplier,
-                mode="central" if self.privacy.site_level else "",
+                mode=("distributed" if self.privacy.distributed else "central") if self.privacy.site_level else "",
             )
         )
+        if secagg is not None and secagg.skellam is not None:
+            task.privacy.rotation_seed = secagg.rotation_seed
+            task.privacy.padded_dim = secagg.skellam.padded_dim
+            task.privacy.skellam_mu = secagg.skellam.per_site_mu
+            task.privacy.skellam_json = json.dumps(secagg.skellam.to_dict(), sort_keys=True)
         rnd = ActiveRound(
             number=number,
             attempt=attempt,

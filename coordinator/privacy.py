@@ -17,13 +17,28 @@ import numpy as np
 
 from common.errors import FailedPrecondition
 from common.privacy.accounting import Accountant, PrivacyEvent
-from coordinator.config import PrivacyConfig
+from common.privacy.skellam import SkellamParams
+from coordinator.config import PrivacyConfig, SecureAggregationConfig
 
 
 class JobPrivacy:
-    def __init__(self, cfg: PrivacyConfig, population: int, fraction: float = 1.0) -> None:
+    def __init__(
+        self,
+        cfg: PrivacyConfig,
+        population: int,
+        fraction: float = 1.0,
+        *,
+        secure_aggregation: SecureAggregationConfig | None = None,
+        min_survivors: int = 1,
+        model_numel: int = 0,
+    ) -> None:
         self.cfg = cfg
         self.population = population
+        # Site-level DP under secure aggregation: each site adds its share of Skellam noise in the integer domain
+        # (distributed DP), calibrated to the minimum number of survivors a round accepts; accounted by RDP.
+        self.secagg = secure_aggregation if secure_aggregation is not None and secure_aggregation.enabled else None
+        self.min_survivors = min_survivors
+        self.model_numel = model_numel
         # Every round takes every available site: no amplification by sampling is claimed ("full", which is
         # conservative when some sites are offline). A random fixed-size cohort is sampling without replacement,
         # accounted with replace-one adjacency in the RDP accountant.
@@ -34,7 +49,24 @@ class JobPrivacy:
     def _new_accountant(self) -> Accountant:
         if self.fixed:
             return Accountant("rdp", self.cfg.delta, "replace_one")
+        if self.distributed:
+            return Accountant("rdp", self.cfg.delta)
         return Accountant(self.cfg.accountant, self.cfg.delta)
+
+    @property
+    def distributed(self) -> bool:
+        return self.cfg.unit == "site" and self.secagg is not None
+
+    def skellam(self, cohort_size: int) -> SkellamParams:
+        assert self.secagg is not None
+        return SkellamParams.choose(
+            l2_clip=self.cfg.clip_norm,
+            noise_multiplier=self.cfg.noise_multiplier,
+            dim=max(1, self.model_numel),
+            min_survivors=min(self.min_survivors, cohort_size),
+            max_n=cohort_size,
+            bits=self.secagg.bits,
+        )
 
     @property
     def unit(self) -> str:
@@ -46,6 +78,8 @@ class JobPrivacy:
 
     def event(self, cohort_size: int, count: int = 1) -> PrivacyEvent:
         sigma = self.cfg.noise_multiplier
+        if self.distributed and self.model_numel > 0:
+            return PrivacyEvent("skellam", sigma, "full", 1.0, count, self.skellam(cohort_size))
         if self.fixed and cohort_size < self.population:
             return PrivacyEvent.fixed_cohort(sigma, cohort_size, self.population, count=count)
         if self.fixed:  # the whole population was drawn: no sampling, but keep the accountant's adjacency

@@ -8,6 +8,7 @@ the sites as work items, and folding a spooled masked input into the running sum
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 
 from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from common.privacy.skellam import SkellamParams, decode_private
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg import protocol as sa
 from common.secagg.encoding import EncodingParams, F64Array, decode_mean, packed_len
@@ -49,6 +51,8 @@ class SecAggRound:
     enc: EncodingParams
     config: SecureAggregationConfig
     server: sa.SecAggServer
+    skellam: SkellamParams | None = None  # site-level DP: distributed Skellam noise, rotation seed below
+    rotation_seed: bytes = b""
     expected: set[str] = field(default_factory=set)
     answered: set[str] = field(default_factory=set)
     stage_done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,8 +68,11 @@ class SecAggRound:
         model_numel: int,
         config: SecureAggregationConfig,
         ca_certs: list[x509.Certificate],
+        skellam: SkellamParams | None = None,
     ) -> SecAggRound:
-        dim = model_numel + 1  # one extra lane carries the weight total
+        # One extra lane carries the weight total; under distributed DP the rotated, padded vector is summed with
+        # uniform weights instead (the survivor count is public).
+        dim = model_numel + 1 if skellam is None else skellam.padded_dim
         params = sa.RoundParams.create(
             job_id,
             secagg_round_no(number, attempt),
@@ -76,9 +83,13 @@ class SecAggRound:
             corruption_rate=config.corruption_rate,
             full_graph_max=config.full_graph_max,
         )
-        enc = EncodingParams.choose(max_n=len(cohort), clip=config.clip, bits=config.bits)
+        if skellam is None:
+            enc = EncodingParams.choose(max_n=len(cohort), clip=config.clip, bits=config.bits)
+        else:
+            enc = skellam.encoding()
         server = sa.SecAggServer(params, ca_certs)
-        rnd = cls(job_id, number, attempt, params, enc, config, server)
+        seed = hashlib.sha256(f"cohort-rotation-v1/{job_id}/{number}/{attempt}".encode()).digest()
+        rnd = cls(job_id, number, attempt, params, enc, config, server, skellam, seed if skellam else b"")
         rnd.expect(set(cohort))
         return rnd
 
@@ -180,6 +191,9 @@ class SecAggRound:
         """The FedAvg mean of the survivors' updates (decoded), their weight total and their number."""
         total = self.server.finish()
         n = len(self.server.u3)
+        if self.skellam is not None:
+            noisy_sum = decode_private(total, self.skellam, n, self.rotation_seed)
+            return noisy_sum / n, float(n), n
         mean, weight_total = decode_mean(total, self.enc, n)
         return mean, weight_total, n
 

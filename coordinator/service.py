@@ -54,10 +54,10 @@ class Coordinator:
             raise InvalidArgument(f"min_sites/min_available_sites exceed the {len(self.allowed)} allowed sites")
         expected_cohort = min(len(self.allowed), max(spec.min_sites, math.ceil(spec.fraction * len(self.allowed))))
         JobPrivacy(spec.privacy, len(self.allowed), spec.fraction).check_plan(spec.rounds, expected_cohort)
-        if spec.privacy.unit == "site" and spec.secure_aggregation.enabled:
+        if spec.privacy.unit == "site" and spec.secure_aggregation.enabled and spec.fraction < 1:
             raise FailedPrecondition(
-                "site-level DP together with secure aggregation (distributed Skellam noise) is not available yet; "
-                "use site-level DP without secure aggregation (central noise) or record-level DP"
+                "site-level DP with secure aggregation (distributed Skellam noise) is accounted for full "
+                "participation only; set fraction: 1.0"
             )
         try:
             task = load_task(spec.task)

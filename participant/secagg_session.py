@@ -9,6 +9,7 @@ the coordinator why.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.certs import TlsFiles
 from common.errors import CertificateError
+from common.privacy.skellam import SkellamParams, privatize
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg import protocol as sa
 from common.secagg.encoding import EncodingParams, encode, weight_of, with_weight_lane
@@ -95,7 +97,14 @@ class SecAggSession:
     def masked_update(self, update: EncodedTensors, num_samples: int) -> EncodedTensors:
         """The update, clipped, weighted, encoded, masked and bit-packed: one uint8 tensor for the upload."""
         flat = np.frombuffer(update.data, dtype="<f4")
-        encoded = encode(with_weight_lane(flat, self.enc), self.enc, weight_of(num_samples, self.weight_cap))
+        privacy = self.task.privacy
+        if privacy.mode == "distributed":
+            # Site-level DP: the (already L2-clipped) update is rotated with the round's public seed, encoded and
+            # given this site's share of Skellam noise before it is masked; uniform weights.
+            params = SkellamParams.from_dict(json.loads(privacy.skellam_json))
+            encoded = privatize(flat.astype(np.float64), params, privacy.rotation_seed)
+        else:
+            encoded = encode(with_weight_lane(flat, self.enc), self.enc, weight_of(num_samples, self.weight_cap))
         data = self.client.masked_input(encoded).data
         spec = Spec(MASKED_TENSOR, pb.DTYPE_UINT8, (len(data),))
         h = new_hasher([spec])

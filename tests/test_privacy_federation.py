@@ -104,3 +104,51 @@ async def test_job_whose_plan_exceeds_the_budget_is_refused(
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "privacy plan" in (info.value.details() or "")
     assert coord.coordinator.store.jobs() == []
+
+
+async def test_distributed_site_level_dp_over_many_sites_with_secure_aggregation(
+    tmp_path: Path, coordinator_factory: CoordinatorFactory, participant_factory: ParticipantFactory
+) -> None:
+    """Site-level DP with Skellam noise added by the sites under SecAgg: 50 digits sites over mutual TLS."""
+    from support import tls
+
+    from common.certs import init_federation
+    from common.datasets import load_source, split_sites, write_site_folders
+    from coordinator.config import CoordinatorConfig, FederationConfig, SecureAggregationConfig, ServerConfig
+
+    n = 50
+    names = tuple(f"site-{i:02d}" for i in range(n))
+    ids = init_federation(tmp_path / "certs", sites=names, admins=("admin",))
+    x, y, schema = load_source("digits")
+    folders = write_site_folders(tmp_path / "data", split_sites(x, y, names, alpha=None, seed=3), schema)
+    privacy = PrivacyConfig(unit="site", delta=1e-5, noise_multiplier=1.0, clip_norm=0.5)
+    secagg = SecureAggregationConfig(enabled=True, bits=32, stage_timeout_s=60)
+    job = replace(
+        job_config(task="digits", rounds=2, min_sites=n - 5, min_available_sites=n, evaluate_every=0),
+        privacy=privacy,
+        secure_aggregation=secagg,
+    )
+    config = CoordinatorConfig(
+        federation=FederationConfig(name="many", sites=names),
+        server=ServerConfig(listen="127.0.0.1:0", tls=tls(ids["coordinator"]), heartbeat_interval_s=2.0),
+        state_dir=tmp_path / "state",
+        job=job,
+    )
+    coord = await coordinator_factory(config)
+    for name in names:
+        await participant_factory(participant_config(ids[f"site:{name}"], coord.address, folders[name], task="digits"))
+    runner = runner_of(coord)
+    await poll_until(lambda: runner.state != "running", timeout=240, what="the private secure job to finish")
+    assert runner.state == "finished", runner.detail
+    done = [r for r in coord.coordinator.store.rounds(runner.job_id) if r.state == "completed"]
+    assert [len(r.reported) for r in done] == [n, n]
+    eps = [r.epsilon for r in done]
+    assert eps[0] is not None
+    assert eps[1] is not None
+    assert 0 < eps[0] < eps[1]
+    # The accountant used the Skellam RDP bound of each round's parameters.
+    expected = runner.privacy._new_accountant()
+    ev = runner.privacy.event(n)
+    assert ev.mechanism == "skellam"
+    expected.compose(replace(ev, count=2))
+    assert eps[1] == pytest.approx(expected.epsilon(), rel=1e-6)
