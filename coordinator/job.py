@@ -663,6 +663,17 @@ class JobRunner:
             raise
         return pb.UploadReply(accepted=True, duplicate=False, update_sha256=header.manifest.sha256)
 
+    def receive_decline(self, site: str, req: pb.DeclineRequest) -> None:
+        rnd = self._round
+        if rnd is None or rnd.number != req.round or rnd.attempt != req.attempt:
+            raise FailedPrecondition(f"round {req.round} attempt {req.attempt} is not open")
+        if site not in rnd.state.cohort:
+            raise PermissionDenied(f"site {site!r} is not in the cohort of round {rnd.number}")
+        self.store.audit("site_declined", site, job_id=self.job_id, round=rnd.number, reason=req.reason[:500])
+        self._spawn(self._apply(rnd, SiteLost(site)))
+        if rnd.secagg is not None:
+            rnd.secagg.site_lost(site)
+
     def receive_secagg(self, site: str, msg: pb.SecAggMessage) -> None:
         rnd = self._round
         if rnd is None or rnd.secagg is None:

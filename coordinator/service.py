@@ -182,6 +182,10 @@ class Coordinator:
         self._require_member(site)
         return await self._active(header.job_id).receive_upload(site, header, chunks)
 
+    def receive_decline(self, site: str, req: pb.DeclineRequest) -> None:
+        self._require_member(site)
+        self._active(req.job_id).receive_decline(site, req)
+
     def receive_secagg(self, site: str, msg: pb.SecAggMessage) -> None:
         self._require_member(site)
         self._active(msg.job_id).receive_secagg(site, msg)

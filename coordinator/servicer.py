@@ -110,6 +110,12 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.Ack()
 
     @translated
+    async def Decline(self, request: pb.DeclineRequest, context: Ctx) -> pb.Ack:
+        site = require_role(context, Role.PARTICIPANT).name
+        self.c.receive_decline(site, request)
+        return pb.Ack()
+
+    @translated
     async def ReportEvaluation(self, request: pb.EvaluationReport, context: Ctx) -> pb.Ack:
         site = require_role(context, Role.PARTICIPANT).name
         self.c.receive_evaluation(site, request)

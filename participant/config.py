@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,34 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class RecordPrivacyConfig:
+    """Record-level DP at this site (DP-SGD in local training) and the site's own budget.
+
+    The site owns these: with ``enabled``, every round trains with DP-SGD at ``noise_multiplier`` and per-record
+    clip ``max_grad_norm``, and the site refuses a round that would take its epsilon at ``delta`` past
+    ``target_epsilon``. What it has spent is kept in ``state_file`` across restarts.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    state_file: Path = Path("state/participant/privacy.json")
+
+    def check(self, path: str) -> None:
+        # noise_multiplier 0 would mean no privacy at all: epsilon is infinite after one step.
+        if not 0 < self.noise_multiplier < math.inf:
+            raise ConfigError(f"{path}.noise_multiplier: must be a positive number")
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ConfigError(f"{path}.max_grad_norm: must be a positive number")
+        if not 0 < self.target_epsilon < math.inf:
+            raise ConfigError(f"{path}.target_epsilon: must be a positive number")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"{path}.delta: must be between 0 and 1 (exclusive)")
+
+
+@dataclass(frozen=True)
 class ParticipantConfig:
     tls: TlsConfig
     data_dir: Path
@@ -52,3 +81,4 @@ class ParticipantConfig:
     coordinator: CoordinatorEndpoint = field(default_factory=CoordinatorEndpoint)
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: RecordPrivacyConfig = field(default_factory=RecordPrivacyConfig)

@@ -15,8 +15,9 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import torch
@@ -29,10 +30,11 @@ from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
 from common.secagg.errors import SecAggAborted
 from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
-from common.tasks.base import Task, load_task, task_digest
+from common.tasks.base import RecordDP, Task, load_task, task_digest
 from common.tls import channel_credentials, keepalive_options, message_options, tls_files
 from common.version import VERSION
 from participant.config import ParticipantConfig
+from participant.record_dp import SiteBudget, planned_training
 from participant.secagg_session import SecAggSession, SiteKeys
 from participant.site import Site
 
@@ -78,6 +80,7 @@ class ParticipantDaemon:
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
         self._backoff = Backoff(config.reconnect.initial_backoff_s, config.reconnect.max_backoff_s)
         self._site_keys: SiteKeys | None = None
+        self._budget: SiteBudget | None = None
         self._secagg: dict[tuple[str, int, int], SecAggSession] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
 
@@ -89,6 +92,8 @@ class ParticipantDaemon:
         cfg = self.config
         self._credentials = channel_credentials(tls_files(cfg.tls), Role.PARTICIPANT)
         self._site_keys = SiteKeys.load(tls_files(cfg.tls))
+        if cfg.privacy.enabled:
+            self._budget = SiteBudget(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.privacy.state_file)
         task = self.task or load_task(cfg.task)
         data = await asyncio.to_thread(task.load_data, cfg.data_dir)
         self.task, self.site = task, Site(task, data)
@@ -202,6 +207,10 @@ class ParticipantDaemon:
             key = _key(item)
             if key in self._pending or key in self.completed:
                 return  # the coordinator re-sent a task we already have
+            if kind == "train" and self._record_dp_for(item.train) is False:
+                self.completed.append(key)
+                self._spawn(self._decline(item.train, "this site's record-level privacy settings or budget"))
+                return
             self._pending.add(key)
             if kind == "train" and item.train.HasField("secagg"):
                 self._spawn(self._secagg_start(item.train))
@@ -212,6 +221,39 @@ class ParticipantDaemon:
             log.info("job %s finished: %s", item.job_finished.job_id, item.job_finished.reason)
             if self._cache is not None and self._pending == set():
                 self._cache = None  # free the model until the next job needs one
+
+    async def _decline(self, task: pb.TrainTask, reason: str) -> None:
+        stub = self._stub
+        assert stub is not None
+        req = pb.DeclineRequest(job_id=task.job_id, round=task.round, attempt=task.attempt, reason=reason)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.Decline(req, timeout=self.config.coordinator.rpc_timeout_s)
+
+    def _record_dp_for(self, task: pb.TrainTask) -> RecordDP | Literal[False] | None:
+        """This site's DP-SGD settings for the task; False when the site must not train it (and says why)."""
+        cfg = self.config.privacy
+        if not cfg.enabled:
+            if task.privacy.unit == "record":
+                log.error(
+                    "round %d: the job requires record-level DP but this site's privacy.enabled is false; not training",
+                    task.round,
+                )
+                return False
+            return None
+        assert self._budget is not None
+        assert self.site is not None
+        plan = planned_training(self.site.num_train_samples, task.params.batch_size, task.params.local_epochs)
+        if self._budget.would_exceed(plan.steps, plan.sample_rate, cfg.noise_multiplier):
+            log.error(
+                "round %d: training would take this site's epsilon past its budget of %g (spent %.3f at "
+                "delta %g); not training",
+                task.round,
+                cfg.target_epsilon,
+                self._budget.epsilon(),
+                cfg.delta,
+            )
+            return False
+        return RecordDP(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm, delta=cfg.delta)
 
     # -- secure aggregation -------------------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -351,7 +393,19 @@ class ParticipantDaemon:
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         t1 = time.perf_counter()
         clip = task.privacy.clip_norm if task.privacy.unit == "site" else 0.0
-        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip)
+        record_dp = self._record_dp_for(task)
+        if record_dp is False:
+            return
+        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None)
+        if record_dp:
+            assert self._budget is not None
+            extra = local.result.extra
+            # Spent once the update leaves the site: record before uploading (a crash then retrain counts twice).
+            spent = self._budget.record(int(extra["dp_steps"]), extra["dp_sample_rate"], extra["dp_noise_multiplier"])
+            local = replace(
+                local,
+                result=replace(local.result, extra={**extra, "dp_epsilon": spent, "dp_delta": self._budget.delta}),
+            )
         t2 = time.perf_counter()
         upload_tensors = local.update
         if task.HasField("secagg"):

@@ -14,7 +14,7 @@ import torch
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, encode, state_dict_float32
-from common.tasks.base import EvalResult, SiteData, Task, TrainResult, TrainSettings
+from common.tasks.base import EvalResult, RecordDP, SiteData, Task, TrainResult, TrainSettings
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,11 @@ class Site:
         return model
 
     def train(
-        self, global_tensors: dict[str, torch.Tensor], params: pb.TrainParams, clip_norm: float = 0.0
+        self,
+        global_tensors: dict[str, torch.Tensor],
+        params: pb.TrainParams,
+        clip_norm: float = 0.0,
+        record_dp: RecordDP | None = None,
     ) -> LocalUpdate:
         """Train from the global model and return the update (local - global).
 
@@ -53,6 +57,7 @@ class Site:
             batch_size=params.batch_size,
             learning_rate=params.learning_rate,
             seed=params.seed,
+            record_dp=record_dp,
         )
         result = self.task.train(model, self.data, settings)
         local = state_dict_float32(model)

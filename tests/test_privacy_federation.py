@@ -152,3 +152,66 @@ async def test_distributed_site_level_dp_over_many_sites_with_secure_aggregation
     assert ev.mechanism == "skellam"
     expected.compose(replace(ev, count=2))
     assert eps[1] == pytest.approx(expected.epsilon(), rel=1e-6)
+
+
+async def test_record_level_dp_with_secure_aggregation_reports_each_sites_epsilon(
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+) -> None:
+    """breast_cancer, DP-SGD at every site, secure aggregation on; each site stops at its own budget."""
+    from coordinator.config import SecureAggregationConfig
+    from participant.config import RecordPrivacyConfig
+    from participant.record_dp import SiteBudget
+
+    job = replace(
+        job_config(rounds=3, min_sites=2, min_available_sites=3, evaluate_every=0),
+        privacy=PrivacyConfig(unit="record", delta=1e-5),
+        secure_aggregation=SecureAggregationConfig(enabled=True, clip=1.0, weight_cap=1000, stage_timeout_s=30),
+    )
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
+    sites = SITES[:3]
+    for i, site in enumerate(sites):
+        # The third site's budget allows two rounds only: it refuses the third, which completes without it.
+        budget = 1.0e9 if i < 2 else 0.0
+        cfg = participant_config(pki.site(site), coord.address, site_data[site])
+        privacy = RecordPrivacyConfig(
+            enabled=True,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            delta=1e-5,
+            target_epsilon=budget or 1.0,
+            state_file=tmp_path / f"{site}.json",
+        )
+        daemon_cfg = replace(cfg, privacy=privacy)
+        if i == 2:
+            # Two rounds' worth, computed with the site's own accountant.
+            probe = SiteBudget(1e9, 1e-5)
+            from common.tasks.base import load_task
+            from participant.record_dp import planned_training
+
+            n = len(load_task("breast_cancer").load_data(site_data[site]).train)  # type: ignore[arg-type]
+            plan = planned_training(n, job.params.batch_size, job.params.local_epochs)
+            two = probe.epsilon_after(plan.steps, plan.sample_rate, 1.0)
+            probe.record(plan.steps, plan.sample_rate, 1.0)
+            two = probe.epsilon_after(plan.steps, plan.sample_rate, 1.0)
+            three = SiteBudget(1e9, 1e-5)
+            for _ in range(3):
+                three.record(plan.steps, plan.sample_rate, 1.0)
+            daemon_cfg = replace(daemon_cfg, privacy=replace(privacy, target_epsilon=(two + three.epsilon()) / 2))
+        await participant_factory(daemon_cfg)
+    runner = runner_of(coord)
+    await poll_until(lambda: runner.state != "running", timeout=120, what="the job to finish")
+    assert runner.state == "finished", runner.detail
+    done = [r for r in coord.coordinator.store.rounds(runner.job_id) if r.state == "completed"]
+    assert [sorted(r.reported) for r in done][:2] == [sorted(sites)] * 2
+    assert sorted(done[-1].reported) == sorted(sites[:2])  # the third site kept its budget
+    [row] = coord.coordinator.store.jobs()
+    import json
+
+    site_eps = json.loads(row["site_epsilon"])
+    assert set(site_eps) == set(sites)
+    assert all(e > 0 for e in site_eps.values())
+    assert row["epsilon"] == pytest.approx(max(site_eps.values()))

@@ -53,11 +53,28 @@ class DataSchema:
 
 
 @dataclass(frozen=True)
+class RecordDP:
+    """Record-level differential privacy for one round of local training (DP-SGD).
+
+    Each step samples records by Poisson sampling, clips every record's gradient to L2 norm ``max_grad_norm`` and
+    adds Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` to their sum. ``delta`` is the
+    delta the site's epsilon is stated for; the task does not use it (the site's accountant does).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+
+
+@dataclass(frozen=True)
 class TrainSettings:
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.01
     seed: int = 0
+    # None: ordinary training. Set: DP-SGD, and training is no longer reproducible from ``seed`` (its noise and
+    # sampling come from OS entropy; see common.tasks.tabular).
+    record_dp: RecordDP | None = None
 
 
 @dataclass(frozen=True)
@@ -92,7 +109,8 @@ class SiteData:
 
 @runtime_checkable
 class Task(Protocol):
-    """A federated learning task. Implementations must be deterministic given the seed in TrainSettings."""
+    """A federated learning task. Implementations must be deterministic given the seed in TrainSettings, except
+    under ``TrainSettings.record_dp``, whose noise must come from OS entropy."""
 
     name: str
     schema: DataSchema

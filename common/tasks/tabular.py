@@ -14,12 +14,18 @@ only the site's own train split and is applied to all three of its splits. The b
 transforms that need no statistics at all: under label skew, standardizing with each site's own statistics
 maps the same measurement to different inputs at different sites and ruins the federated model (see
 ``common.tasks.breast_cancer``).
+
+Record-level differential privacy (``TrainSettings.record_dp``) trains with DP-SGD from Opacus instead of the plain
+loop; see :meth:`TabularTask.train_dp`.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
+import secrets
+import warnings
 from collections.abc import Sized
 from pathlib import Path
 from typing import cast
@@ -28,10 +34,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.errors import ConfigError, DataError
-from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, TrainResult, TrainSettings
+from common.tasks.base import SPLITS, DataSchema, EvalResult, RecordDP, SiteData, TrainResult, TrainSettings
 
 FloatArray = npt.NDArray[np.float32]
 LabelArray = npt.NDArray[np.int64]
@@ -148,6 +154,41 @@ def dataset_tensors(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]]) -> tupl
     return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
 
 
+# torch's CPU generator state (CPUGeneratorImplStateLegacy): uint64 seed, int left, int seeded, uint64 next, then the
+# 624 Mersenne Twister words, each stored as a uint64.
+_MT_WORDS = 624
+_MT_OFFSET = 24
+
+
+def _mt19937_seeded(seed: int) -> list[int]:
+    """The Mersenne Twister state words after ``init_genrand(seed)``: what ``manual_seed`` produces."""
+    words = [seed & 0xFFFFFFFF]
+    for i in range(1, _MT_WORDS):
+        prev = words[-1]
+        words.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
+    return words
+
+
+def entropy_generator() -> torch.Generator:
+    """A CPU ``torch.Generator`` whose entire Mersenne Twister state (624 words, 19,968 bits) comes from OS entropy.
+
+    Why not ``manual_seed(secrets.randbits(64))``: torch seeds its Mersenne Twister from the low 32 bits of the seed
+    only, so noise seeded that way could be found by trying 2**32 seeds. The state layout is checked against a
+    known seed first; a torch whose layout differs raises RuntimeError instead of yielding a weak generator.
+    """
+    generator = torch.Generator().manual_seed(1)
+    state = generator.get_state().numpy().copy()
+    words = state[_MT_OFFSET : _MT_OFFSET + 8 * _MT_WORDS].view("<u8")
+    if words.tolist() != _mt19937_seeded(1):
+        raise RuntimeError("torch's CPU generator state has an unexpected layout; cannot seed DP noise from OS entropy")
+    words[:] = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4")
+    new_state = torch.from_numpy(state)
+    generator.set_state(new_state)
+    if not torch.equal(generator.get_state(), new_state):
+        raise RuntimeError("torch's CPU generator did not accept an OS-entropy state; cannot seed DP noise")
+    return generator
+
+
 def check_settings(settings: TrainSettings) -> None:
     """Raise ConfigError for hyper-parameters no training loop can use."""
     if settings.local_epochs < 1:
@@ -156,6 +197,15 @@ def check_settings(settings: TrainSettings) -> None:
         raise ConfigError("batch_size: must be at least 1")
     if not 0 < settings.learning_rate < math.inf:
         raise ConfigError("learning_rate: must be a positive number")
+    dp = settings.record_dp
+    if dp is not None:
+        # noise_multiplier 0 is allowed here (tests of clipping); the site's budget then refuses to train.
+        if not 0 <= dp.noise_multiplier < math.inf:
+            raise ConfigError("record_dp.noise_multiplier: must be a finite number >= 0")
+        if not 0 < dp.max_grad_norm < math.inf:
+            raise ConfigError("record_dp.max_grad_norm: must be a positive number")
+        if not 0 < dp.delta < 1:
+            raise ConfigError("record_dp.delta: must be between 0 and 1 (exclusive)")
 
 
 class TabularTask:
@@ -232,13 +282,16 @@ class TabularTask:
         """Minibatch training in place; loss and accuracy reported are running means over the last epoch.
 
         Shuffling uses its own ``torch.Generator`` seeded from ``settings.seed``, so the result depends on the
-        seed and the data only, whatever else uses the global RNG.
+        seed and the data only, whatever else uses the global RNG. With ``settings.record_dp`` set, trains with
+        :meth:`train_dp` instead.
         """
         check_settings(settings)
         x, y = dataset_tensors(data.train)
         n = len(y)
         if n == 0:
             raise DataError("the train split has no records")
+        if settings.record_dp is not None:
+            return self.train_dp(model, x, y, settings, settings.record_dp)
         generator = torch.Generator().manual_seed(settings.seed)
         optimizer = self.make_optimizer(model, settings)
         model.train()
@@ -260,6 +313,91 @@ class TabularTask:
                     loss_sum += float(loss.detach()) * len(idx)
                     correct += int((logits.detach().argmax(dim=1) == y[idx]).sum())
         return TrainResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n, extra={"steps": float(steps)})
+
+    def train_dp(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings, dp: RecordDP
+    ) -> TrainResult:
+        """DP-SGD (Abadi et al. 2016) with Opacus: ``local_epochs`` passes of Poisson-sampled, per-record clipped,
+        Gaussian-noised steps, the result written into ``model`` in place.
+
+        Opacus sets the sampling rate to ``q = 1 / ceil(n / batch_size)`` (about ``batch_size / n``) and takes
+        ``ceil(n / batch_size)`` steps per epoch; each step includes every record independently with probability
+        ``q``. ``extra`` reports ``dp_steps``, ``dp_sample_rate`` (that exact ``q``) and ``dp_noise_multiplier``:
+        what the site's accountant composes (``participant.record_dp``). Epsilon is not computed here.
+
+        Randomness: the noise and the sampling each come from an :func:`entropy_generator`, whose whole state is
+        drawn from OS entropy, so neither is reproducible from ``settings.seed`` nor known to the coordinator. That
+        generator is still a non-cryptographic PRNG (Mersenne Twister), and the Gaussian is sampled in floating
+        point (open to Mironov's 2012 floating-point attack in principle): known limitations. Opacus's
+        ``secure_mode`` would use a CSPRNG but needs ``torchcsprng``, which is not installable for the torch
+        version here.
+
+        Loss and accuracy are means over the records sampled in the last epoch (0.0 when none was).
+        """
+        # Imported here: Opacus takes over a second to import, and only DP training needs it.
+        from opacus import PrivacyEngine
+        from opacus.validators import ModuleValidator
+
+        problems = ModuleValidator.validate(model, strict=False)
+        if problems:
+            raise ConfigError(f"record_dp: task {self.name}'s model cannot be trained with DP-SGD: {problems[0]}")
+        # Train a copy: Opacus leaves hooks and per-sample attributes on the module it wraps (and prefixes its
+        # state-dict keys with "_module."); the caller's model stays a plain module and gets the trained weights.
+        trained = copy.deepcopy(model)
+        trained.train()
+        optimizer = self.make_optimizer(trained, settings)
+        sampling = entropy_generator()
+        noise = entropy_generator()
+        loader = DataLoader(TensorDataset(x, y), batch_size=settings.batch_size, generator=sampling)
+        steps = 0
+        seen = 0
+        loss_sum = 0.0
+        correct = 0
+        with warnings.catch_warnings():
+            # Expected and harmless here: secure_mode is off (see above), and Opacus's per-layer backward hooks
+            # fire although the inputs need no gradient. Only these two messages are silenced.
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+            module, dp_optimizer, dp_loader = engine.make_private(
+                module=trained,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=dp.noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+                noise_generator=noise,
+            )
+            try:
+                for epoch in range(settings.local_epochs):
+                    last = epoch == settings.local_epochs - 1
+                    for xb, yb in dp_loader:
+                        dp_optimizer.zero_grad(set_to_none=True)
+                        logits = module(xb)
+                        # An empty Poisson batch gives a NaN mean loss but zero per-sample gradients: the step still
+                        # adds noise and still counts, as the accountant assumes.
+                        loss = F.cross_entropy(logits, yb)
+                        loss.backward()  # type: ignore[no-untyped-call]
+                        dp_optimizer.step()
+                        steps += 1
+                        if last and len(yb):
+                            seen += len(yb)
+                            loss_sum += float(loss.detach()) * len(yb)
+                            correct += int((logits.detach().argmax(dim=1) == yb).sum())
+            finally:
+                module.remove_hooks()
+        model.load_state_dict(trained.state_dict(), strict=True)
+        return TrainResult(
+            num_samples=len(y),
+            loss=loss_sum / seen if seen else 0.0,
+            accuracy=correct / seen if seen else 0.0,
+            extra={
+                "steps": float(steps),
+                "dp_steps": float(steps),
+                "dp_sample_rate": float(dp_loader.sample_rate),
+                "dp_noise_multiplier": float(dp.noise_multiplier),
+            },
+        )
 
     def evaluate(
         self,

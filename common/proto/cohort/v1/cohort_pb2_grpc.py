@@ -64,6 +64,11 @@ class FederationStub:
                 request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.SecAggMessage.SerializeToString,
                 response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Decline = channel.unary_unary(
+                '/cohort.v1.Federation/Decline',
+                request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.DeclineRequest.SerializeToString,
+                response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -107,6 +112,12 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +149,11 @@ def add_FederationServicer_to_server(servicer, server):
             'SecAgg': grpc.unary_unary_rpc_method_handler(
                     servicer.SecAgg,
                     request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.SecAggMessage.FromString,
+                    response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.SerializeToString,
+            ),
+            'Decline': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decline,
+                    request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.DeclineRequest.FromString,
                     response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.SerializeToString,
             ),
     }
@@ -302,6 +318,33 @@ class Federation:
             target,
             '/cohort.v1.Federation/SecAgg',
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.SecAggMessage.SerializeToString,
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohort.v1.Federation/Decline',
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.DeclineRequest.SerializeToString,
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -45,6 +45,7 @@ class FederationStub:
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_cohort_pb2.UpdateChunk, _cohort_pb2.UploadReply]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.EvaluationReport, _cohort_pb2.Ack]
     SecAgg: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.SecAggMessage, _cohort_pb2.Ack]
+    Decline: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.DeclineRequest, _cohort_pb2.Ack]
 
 @_typing.type_check_only
 class FederationAsyncStub(FederationStub):
@@ -58,6 +59,7 @@ class FederationAsyncStub(FederationStub):
     UploadUpdate: _aio.StreamUnaryMultiCallable[_cohort_pb2.UpdateChunk, _cohort_pb2.UploadReply]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_cohort_pb2.EvaluationReport, _cohort_pb2.Ack]  # type: ignore[assignment]
     SecAgg: _aio.UnaryUnaryMultiCallable[_cohort_pb2.SecAggMessage, _cohort_pb2.Ack]  # type: ignore[assignment]
+    Decline: _aio.UnaryUnaryMultiCallable[_cohort_pb2.DeclineRequest, _cohort_pb2.Ack]  # type: ignore[assignment]
 
 class FederationServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -102,6 +104,13 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     def SecAgg(
         self,
         request: _cohort_pb2.SecAggMessage,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cohort_pb2.Ack, _abc.Awaitable[_cohort_pb2.Ack]]: ...
+
+    @_abc_1.abstractmethod
+    def Decline(
+        self,
+        request: _cohort_pb2.DeclineRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cohort_pb2.Ack, _abc.Awaitable[_cohort_pb2.Ack]]: ...
 
