@@ -153,6 +153,17 @@ def _secagg_summary(job: pb.JobStatus) -> dict[str, Any] | bool:
     }
 
 
+def _privacy_summary(job: pb.JobStatus) -> dict[str, Any] | None:
+    if job.privacy_unit in ("", "none"):
+        return None
+    return {
+        "unit": job.privacy_unit,
+        "delta": job.delta,
+        "epsilon": job.epsilon,
+        "site_epsilon": dict(sorted(job.site_epsilon.items())),
+    }
+
+
 def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None = None) -> int:
     deploy = (deploy_dir or default_deploy_dir()).resolve()
     if not (deploy / "coordinator.yaml").exists():
@@ -213,13 +224,19 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         "model_path": str(model_path),
         "model_version": job.model_version,
         "secure_aggregation": _secagg_summary(job),
-        "differential_privacy": None,
+        "differential_privacy": _privacy_summary(job),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"job {job.state}: {len(completed)} rounds, federated test accuracy {job.test_accuracy:.4f}, "
         f"loss {job.test_loss:.4f}, {seconds:.1f}s"
     )
+    if job.privacy_unit not in ("", "none"):
+        print(f"  differential privacy ({job.privacy_unit} level), epsilon spent at delta {job.delta:g}:")
+        for site, eps in sorted(job.site_epsilon.items()):
+            print(f"    {site}: {eps:.2f}")
+        if job.privacy_unit == "site":
+            print(f"    federation: {job.epsilon:.2f}")
     if job.spec.secure_aggregation.enabled:
         print("  secure aggregation: on (SecAgg+); the coordinator saw only the sum of the hospitals' updates")
     print(f"  global model: {model_path}")
