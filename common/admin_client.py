@@ -81,6 +81,12 @@ def format_status(reply: pb.StatusReply) -> str:
                 f"  round {r.round:>3} {r.state:<10} sites {len(r.reported)}/{len(r.cohort)} "
                 f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f} {r.seconds:.1f}s"
             )
+        if job.privacy_unit not in ("", "none"):
+            per_site = ", ".join(f"{s} {e:.2f}" for s, e in sorted(job.site_epsilon.items()))
+            lines.append(
+                f"  privacy: {job.privacy_unit} level, epsilon {job.epsilon:.3f} at delta {job.delta:g}"
+                + (f" (sites: {per_site})" if per_site else "")
+            )
         if job.detail:
             lines.append(f"  {job.detail}")
         if job.state == "finished":
