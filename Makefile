@@ -36,6 +36,8 @@ demo: install
 bench: install
 	$(PY) bench/aggregation.py
 	$(PY) bench/round.py
+	$(PY) bench/secagg.py
+	$(PY) bench/privacy_utility.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache
