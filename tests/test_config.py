@@ -8,7 +8,7 @@ import pytest
 
 from common import config as loader
 from common.errors import ConfigError
-from coordinator.config import CoordinatorConfig, JobConfig
+from coordinator.config import CoordinatorConfig, JobConfig, ServerConfig
 from participant.config import ParticipantConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -33,7 +33,7 @@ def test_valid_config_and_layers(tmp_path: Path) -> None:
     assert cfg.federation.sites == ("a", "b")
     assert cfg.job is not None
     assert cfg.job.rounds == 3
-    assert cfg.server.listen == "127.0.0.1:50051"  # default
+    assert cfg.server.listen == ServerConfig().listen  # the default
     env = {"COHORT_COORDINATOR_SERVER__LISTEN": "0.0.0.0:6000", "COHORT_COORDINATOR_JOB__ROUNDS": "5"}
     cfg = loader.load(CoordinatorConfig, path, env=env, env_prefix="COHORT_COORDINATOR_", overrides=["job.rounds=7"])
     assert cfg.server.listen == "0.0.0.0:6000"  # environment beats the file
