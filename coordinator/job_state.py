@@ -1,0 +1,87 @@
+"""The job's plain state records: the task identity sites must match, the open round, an open evaluation."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.serde import EncodedTensors
+from common.tasks.base import Task, task_digest
+from coordinator.aggregation import RunningSum
+from coordinator.registry import Declaration
+from coordinator.rounds import CloseRound, RoundState
+from coordinator.secagg_round import SecAggRound
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    task_name: str
+    task_digest: str
+    schema_fingerprint: str
+
+    @classmethod
+    def of(cls, task: Task) -> JobIdentity:
+        return cls(task.name, task_digest(task), task.schema.fingerprint())
+
+    def mismatch(self, decl: Declaration) -> str | None:
+        """A message naming what differs between a site's declaration and the job, or None."""
+        diffs = []
+        if decl.task_name != self.task_name:
+            diffs.append(f"task name: site runs {decl.task_name!r}, the job needs {self.task_name!r}")
+        if decl.task_digest != self.task_digest:
+            diffs.append(
+                f"task code digest: site has {decl.task_digest[:19]}..., the job needs "
+                f"{self.task_digest[:19]}... (install the same task version at the site)"
+            )
+        if decl.schema_fingerprint != self.schema_fingerprint:
+            diffs.append(
+                f"data schema: site declares {decl.schema_fingerprint[:19]}..., the job needs "
+                f"{self.schema_fingerprint[:19]}... (the site's columns differ from the task's schema)"
+            )
+        return "; ".join(diffs) or None
+
+
+@dataclass(eq=False)
+class ActiveRound:
+    number: int
+    attempt: int
+    base: EncodedTensors
+    state: RoundState
+    running: RunningSum
+    deadline: float
+    spool_dir: Path
+    task: pb.TrainTask
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    outcome: CloseRound | None = None
+    accepted: dict[str, str] = field(default_factory=dict)  # site -> update sha256
+    in_flight: set[str] = field(default_factory=set)
+    loss_sum: float = 0.0
+    weight_sum: int = 0
+    secagg: SecAggRound | None = None
+    uploads_open: bool = True  # with secure aggregation, masked inputs are taken once the keys are shared
+
+
+@dataclass(eq=False)
+class Evaluation:
+    number: int
+    split: str
+    version: str
+    expected: set[str]
+    reports: dict[str, tuple[int, float, float]] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def check_done(self) -> None:
+        if self.expected <= set(self.reports):
+            self.done.set()
+
+    def aggregate(self) -> tuple[int, float, float]:
+        n = sum(r[0] for r in self.reports.values())
+        if n == 0:
+            return 0, math.nan, math.nan
+        loss = sum(r[0] * r[1] for r in self.reports.values()) / n
+        acc = sum(r[0] * r[2] for r in self.reports.values()) / n
+        return n, loss, acc
