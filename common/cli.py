@@ -116,6 +116,17 @@ def _cmd_job_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from coordinator.audit import verify_database
+
+    report = verify_database(args.state_dir / "coordinator.db", args.head)
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    status = "intact" if report.ok else "TAMPERED"
+    print(f"audit log {status}: {report.count} events, head {report.head}")
+    return 0 if report.ok else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from common.demo import run_demo
 
@@ -157,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show federation, sites, jobs and rounds (admin certificate)")
     _add_admin_args(p)
     p.set_defaults(func=_cmd_status)
+
+    audit = sub.add_parser("audit", help="check the coordinator's hash-chained audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    p = audit_sub.add_parser("verify", help="detect edited, removed or reordered audit events")
+    p.add_argument("--state-dir", type=Path, default=Path("state/coordinator"), help="the coordinator's state_dir")
+    p.add_argument("--head", default=None, help="head hash recorded earlier, to detect a truncated log as well")
+    p.set_defaults(func=_cmd_audit_verify)
 
     job = sub.add_parser("job", help="start or stop a job (admin certificate)")
     job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")

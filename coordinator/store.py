@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.audit import GENESIS, chain_hash
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -82,7 +84,9 @@ CREATE TABLE IF NOT EXISTS audit (
     ts REAL NOT NULL,
     kind TEXT NOT NULL,
     actor TEXT NOT NULL,
-    detail TEXT NOT NULL
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
 );
 """
 
@@ -314,10 +318,15 @@ class Store:
 
     # -- audit --------------------------------------------------------------------------------------------------
     def audit(self, kind: str, actor: str, **detail: Any) -> None:
+        """Append a security-relevant event to the hash-chained audit log (coordinator/audit.py)."""
+        text = json.dumps(detail, sort_keys=True, default=str)
         with self._tx() as db:
+            last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (int(last["seq"]) + 1, str(last["hash"])) if last else (1, GENESIS)
+            ts = time.time()
             db.execute(
-                "INSERT INTO audit (ts, kind, actor, detail) VALUES (?, ?, ?, ?)",
-                (time.time(), kind, actor, json.dumps(detail, sort_keys=True, default=str)),
+                "INSERT INTO audit (seq, ts, kind, actor, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seq, ts, kind, actor, text, prev, chain_hash(prev, seq, ts, kind, actor, text)),
             )
 
     def audit_events(self, kind: str | None = None) -> list[dict[str, Any]]:
