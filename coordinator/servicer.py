@@ -17,7 +17,7 @@ from common.certs import Role
 from common.errors import InvalidArgument, RpcError, status_for
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from common.tls import require_role
+from common.tls import peer_identity, require_role
 from coordinator.service import Coordinator
 
 log = logging.getLogger("cohort.coordinator.rpc")
@@ -27,13 +27,29 @@ Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-async def _abort(context: Ctx, method: str, exc: BaseException) -> None:
+async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -> None:
     code, message = status_for(exc)
     if isinstance(exc, RpcError):
         log.info("%s refused: %s: %s", method, code.name, message)
+        _audit_refusal(servicer, context, method, code.name, message)
     else:
         log.error("%s failed with an unexpected error", method, exc_info=exc)
     await context.abort(code, message)
+
+
+def _audit_refusal(servicer: Any, context: Ctx, method: str, code: str, message: str) -> None:
+    """Every refused request is an audit event (who, which call, which status, why); never its payload."""
+    coordinator = getattr(servicer, "c", None)
+    if coordinator is None:
+        return
+    try:
+        actor = peer_identity(context).name
+    except RpcError:
+        actor = "unauthenticated"
+    try:
+        coordinator.store.audit("rpc_refused", actor, method=method, code=code, message=message[:300])
+    except Exception:  # the store may be closing during shutdown; the refusal itself still goes out
+        log.debug("could not audit a refusal", exc_info=True)
 
 
 def translated(
@@ -46,7 +62,7 @@ def translated(
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            await _abort(context, fn.__name__, exc)
+            await _abort(self, context, fn.__name__, exc)
             raise AssertionError("unreachable: context.abort raises") from exc
 
     return wrapper
@@ -63,7 +79,7 @@ def translated_stream(
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            await _abort(context, fn.__name__, exc)
+            await _abort(self, context, fn.__name__, exc)
 
     return wrapper
 

@@ -113,6 +113,9 @@ async def test_upload_validation_and_idempotence(
             assert text in (info.value.details() or ""), (text, info.value.details())
             assert store.uploads(runner.job_id, 1, 0) == []  # nothing was accepted
             assert runner.state == "running"
+            refusal = store.audit_events("rpc_refused")[-1]
+            assert refusal["actor"] == SITES[0]
+            assert refusal["detail"]["code"] == code.name
 
         # A site that was not connected when the cohort was drawn is not in it.
         async with channel(coord.address, pki.site(SITES[2]), pki.coordinator.ca) as ch_c:
