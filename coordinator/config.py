@@ -104,9 +104,17 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
     refuse_over_budget: bool = True
+    # Adaptive clipping (Andrew et al. 2021), site level without secure aggregation: C starts at clip_norm and
+    # follows the target quantile of the sites' update norms; the noised count costs part of the noise budget.
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_noise_std: float = 10.0
 
     def check(self, path: str) -> None:
         where = path or "privacy"
+        if not 0 <= self.target_quantile <= 1 or self.clip_learning_rate <= 0 or self.count_noise_std < 0:
+            raise ConfigError(f"{where}: target_quantile in [0, 1], clip_learning_rate > 0, count_noise_std >= 0")
         if self.target_epsilon < 0:
             raise ConfigError(f"{where}.target_epsilon: must be >= 0 (0: no budget)")
         if not 0 < self.delta < 1:

@@ -133,7 +133,7 @@ class Intake:
                 await asyncio.to_thread(check_finite_file, path)
             if rnd.secagg is None and self.privacy.site_level:
                 norm = await asyncio.to_thread(l2_norm_file, path)
-                bound = self.spec.privacy.clip_norm
+                bound = rnd.task.privacy.clip_norm
                 if norm > bound * (1 + 1e-4):
                     raise InvalidArgument(f"update L2 norm {norm:.6g} exceeds the job's clip norm {bound:g}")
             async with rnd.lock:
@@ -157,6 +157,8 @@ class Intake:
                     train_seconds=header.train_seconds,
                 )
                 rnd.accepted[site] = header.manifest.sha256
+                if "clip_bit" in header.metrics:
+                    rnd.clip_bits.append(1 if header.metrics["clip_bit"] > 0 else -1)
                 if "dp_epsilon" in header.metrics:
                     self.privacy.record_site(site, header.metrics["dp_epsilon"])
                 if "loss" in header.metrics:

@@ -246,7 +246,7 @@ class JobRunner(Intake):
         task.privacy.CopyFrom(
             pb.PrivacySetup(
                 unit=self.spec.privacy.unit,
-                clip_norm=self.spec.privacy.clip_norm,
+                clip_norm=self.privacy.clip_norm,
                 noise_multiplier=self.spec.privacy.noise_multiplier,
                 mode=("distributed" if self.privacy.distributed else "central") if self.privacy.site_level else "",
             )
@@ -338,6 +338,10 @@ class JobRunner(Intake):
                 detail=outcome.reason,
                 epsilon=self.privacy.record_round(len(cohort)),
             )
+            if self.privacy.adaptive is not None and rnd.clip_bits:
+                old_c = self.privacy.clip_norm
+                new_c = self.privacy.adapt_clip(rnd.clip_bits)
+                self.store.audit("clip_adapted", "coordinator", job_id=self.job_id, round=number, old=old_c, new=new_c)
             if self.privacy.site_epsilon:
                 self.store.update_job(self.job_id, site_epsilon=json.dumps(self.privacy.site_epsilon, sort_keys=True))
             self.store.audit(

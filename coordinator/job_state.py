@@ -62,6 +62,7 @@ class ActiveRound:
     loss_sum: float = 0.0
     weight_sum: int = 0
     secagg: SecAggRound | None = None
+    clip_bits: list[int] = field(default_factory=list)  # adaptive clipping: +1 norm <= C, -1 above
     uploads_open: bool = True  # with secure aggregation, masked inputs are taken once the keys are shared
 
 

@@ -17,6 +17,8 @@ import numpy as np
 
 from common.errors import FailedPrecondition
 from common.privacy.accounting import Accountant, PrivacyEvent
+from common.privacy.clipping import AdaptiveClip, update_noise_multiplier
+from common.privacy.randomness import secure_generator
 from common.privacy.skellam import SkellamParams
 from coordinator.config import PrivacyConfig, SecureAggregationConfig
 
@@ -45,6 +47,29 @@ class JobPrivacy:
         self.fixed = fraction < 1.0
         self.accountant = self._new_accountant()
         self.site_epsilon: dict[str, float] = {}
+        self.adaptive: AdaptiveClip | None = None
+        if cfg.unit == "site" and cfg.adaptive_clipping:
+            self.adaptive = AdaptiveClip(
+                cfg.clip_norm, cfg.target_quantile, cfg.clip_learning_rate, cfg.count_noise_std
+            )
+
+    @property
+    def clip_norm(self) -> float:
+        """This round's L2 bound C (it moves with adaptive clipping)."""
+        return self.adaptive.clip if self.adaptive is not None else self.cfg.clip_norm
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The sigma applied to the update sum: all of it, or with adaptive clipping what the count leaves."""
+        if self.adaptive is None:
+            return self.cfg.noise_multiplier
+        return update_noise_multiplier(self.cfg.noise_multiplier, self.cfg.count_noise_std)
+
+    def adapt_clip(self, bits: list[int]) -> float:
+        """Adaptive clipping after a round: noise the sum of the sites' bits, move C; returns the new C."""
+        assert self.adaptive is not None
+        noised = float(sum(bits)) + float(secure_generator().normal(0.0, self.adaptive.sum_noise_std))
+        return self.adaptive.update(noised, len(bits))
 
     def _new_accountant(self) -> Accountant:
         if self.fixed:
@@ -132,5 +157,5 @@ class JobPrivacy:
         """Central DP: Gaussian noise of std sigma * C per coordinate for the sum, from OS entropy."""
         from common.privacy.central import add_gaussian_noise
 
-        noise: np.ndarray = add_gaussian_noise(np.zeros(dim), self.cfg.noise_multiplier, self.cfg.clip_norm)
+        noise: np.ndarray = add_gaussian_noise(np.zeros(dim), self.update_noise_multiplier, self.clip_norm)
         return noise

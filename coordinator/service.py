@@ -54,6 +54,11 @@ class Coordinator:
             raise InvalidArgument(f"min_sites/min_available_sites exceed the {len(self.allowed)} allowed sites")
         expected_cohort = min(len(self.allowed), max(spec.min_sites, math.ceil(spec.fraction * len(self.allowed))))
         JobPrivacy(spec.privacy, len(self.allowed), spec.fraction).check_plan(spec.rounds, expected_cohort)
+        if spec.privacy.adaptive_clipping and spec.secure_aggregation.enabled:
+            raise FailedPrecondition(
+                "adaptive clipping needs each site's clip bit; with secure aggregation that count lane is not wired "
+                "yet: turn off privacy.adaptive_clipping or secure_aggregation"
+            )
         if spec.privacy.unit == "site" and spec.secure_aggregation.enabled and spec.fraction < 1:
             raise FailedPrecondition(
                 "site-level DP with secure aggregation (distributed Skellam noise) is accounted for full "

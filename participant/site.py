@@ -68,7 +68,8 @@ class Site:
             # Scale in float64, then round down in magnitude by a hair so float32 rounding cannot push the norm
             # above the bound the coordinator checks.
             delta = {k: (t.double() * factor * (1 - 1e-6)).float() for k, t in delta.items()}
-            result = replace(result, extra={**result.extra, "update_norm": norm})
+            # Adaptive clipping: the coordinator learns one bit (was the norm within the bound?), never the norm.
+            result = replace(result, extra={**result.extra, "clip_bit": 1.0 if norm <= clip_norm else -1.0})
         return LocalUpdate(encode(delta), result, time.perf_counter() - started)
 
     def evaluate(self, global_tensors: dict[str, torch.Tensor], split: str) -> tuple[EvalResult, float]:
