@@ -13,6 +13,12 @@ from coordinator.config import JobConfig
 from coordinator.store import Store
 
 
+def _known(message: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that ``message`` has fields for (records keep config keys the wire lacks)."""
+    names = {f.name for f in message.DESCRIPTOR.fields}
+    return {k: v for k, v in values.items() if k in names}
+
+
 def job_spec_to_proto(spec: JobConfig) -> pb.JobSpec:
     d = asdict(spec)
     params = d.pop("params")
@@ -21,8 +27,8 @@ def job_spec_to_proto(spec: JobConfig) -> pb.JobSpec:
     privacy = d.pop("privacy")
     return pb.JobSpec(
         params=pb.TrainParams(**params),
-        secure_aggregation=pb.SecureAggregationSpec(**secagg),
-        privacy=pb.PrivacySpec(**privacy),
+        secure_aggregation=pb.SecureAggregationSpec(**_known(pb.SecureAggregationSpec, secagg)),
+        privacy=pb.PrivacySpec(**_known(pb.PrivacySpec, privacy)),
         **d,
     )
 
@@ -70,9 +76,9 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             wait_for_sites_s=spec["wait_for_sites_s"],
             max_round_retries=spec["max_round_retries"],
             min_available_sites=spec["min_available_sites"],
-            privacy=pb.PrivacySpec(**spec.get("privacy", {})),
+            privacy=pb.PrivacySpec(**_known(pb.PrivacySpec, spec.get("privacy", {}))),
             secure_aggregation=pb.SecureAggregationSpec(
-                **{k: v for k, v in spec.get("secure_aggregation", {}).items() if k != "full_graph_max"}
+                **_known(pb.SecureAggregationSpec, spec.get("secure_aggregation", {}))
             ),
             params=pb.TrainParams(
                 local_epochs=params.get("local_epochs", 0),
@@ -108,11 +114,22 @@ def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
         data["params"] = {k: v for k, v in params.items() if v}
     if spec.HasField("secure_aggregation"):
         sa = spec.secure_aggregation
-        fields = ("bits", "clip", "weight_cap", "dropout_rate", "corruption_rate", "stage_timeout_s")
-        data["secure_aggregation"] = {"enabled": sa.enabled} | {k: getattr(sa, k) for k in fields if getattr(sa, k)}
+        sa_fields = ("bits", "clip", "weight_cap", "dropout_rate", "corruption_rate", "stage_timeout_s")
+        data["secure_aggregation"] = {"enabled": sa.enabled} | {k: getattr(sa, k) for k in sa_fields if getattr(sa, k)}
     if spec.HasField("privacy"):
         pv = spec.privacy
-        fields = ("unit", "target_epsilon", "delta", "accountant", "noise_multiplier", "clip_norm")
+        fields = (
+            "unit",
+            "target_epsilon",
+            "delta",
+            "accountant",
+            "noise_multiplier",
+            "clip_norm",
+            "adaptive_clipping",
+            "target_quantile",
+            "clip_learning_rate",
+            "count_noise_std",
+        )
         data["privacy"] = {k: getattr(pv, k) for k in fields if getattr(pv, k)}
         if pv.HasField("refuse_over_budget"):
             data["privacy"]["refuse_over_budget"] = pv.refuse_over_budget

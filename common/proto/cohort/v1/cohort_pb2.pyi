@@ -1192,6 +1192,10 @@ class PrivacySpec(_message.Message):
     NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     CLIP_NORM_FIELD_NUMBER: _builtins.int
     REFUSE_OVER_BUDGET_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_CLIPPING_FIELD_NUMBER: _builtins.int
+    TARGET_QUANTILE_FIELD_NUMBER: _builtins.int
+    CLIP_LEARNING_RATE_FIELD_NUMBER: _builtins.int
+    COUNT_NOISE_STD_FIELD_NUMBER: _builtins.int
     unit: _builtins.str
     target_epsilon: _builtins.float
     delta: _builtins.float
@@ -1199,6 +1203,10 @@ class PrivacySpec(_message.Message):
     noise_multiplier: _builtins.float
     clip_norm: _builtins.float
     refuse_over_budget: _builtins.bool
+    adaptive_clipping: _builtins.bool
+    target_quantile: _builtins.float
+    clip_learning_rate: _builtins.float
+    count_noise_std: _builtins.float
     def __init__(
         self,
         *,
@@ -1209,10 +1217,14 @@ class PrivacySpec(_message.Message):
         noise_multiplier: _builtins.float = ...,
         clip_norm: _builtins.float = ...,
         refuse_over_budget: _builtins.bool | None = ...,
+        adaptive_clipping: _builtins.bool = ...,
+        target_quantile: _builtins.float = ...,
+        clip_learning_rate: _builtins.float = ...,
+        count_noise_std: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget", "refuse_over_budget", b"refuse_over_budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget", "accountant", b"accountant", "clip_norm", b"clip_norm", "delta", b"delta", "noise_multiplier", b"noise_multiplier", "refuse_over_budget", b"refuse_over_budget", "target_epsilon", b"target_epsilon", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget", "accountant", b"accountant", "adaptive_clipping", b"adaptive_clipping", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "count_noise_std", b"count_noise_std", "delta", b"delta", "noise_multiplier", b"noise_multiplier", "refuse_over_budget", b"refuse_over_budget", "target_epsilon", b"target_epsilon", "target_quantile", b"target_quantile", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__refuse_over_budget: _TypeAlias = _typing.Literal["refuse_over_budget"]  # noqa: Y015
     _WhichOneofArgType__refuse_over_budget: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget"]  # noqa: Y015
