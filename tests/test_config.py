@@ -105,3 +105,14 @@ def test_every_shipped_config_loads() -> None:
         loader.load(kind, path)
         loaded += 1
     assert loaded >= 7
+
+
+def test_job_spec_survives_the_admin_wire() -> None:
+    """`cohort job start` sends a JobConfig as a JobSpec; the coordinator must rebuild the same job."""
+    from coordinator.job_proto import job_config_from_proto, job_spec_to_proto
+
+    demo = loader.load(CoordinatorConfig, DEPLOY / "demo" / "coordinator.yaml")
+    assert demo.job is not None
+    digits = loader.load(JobConfig, DEPLOY / "demo" / "job-digits.yaml")
+    for job in (demo.job, digits):
+        assert job_config_from_proto(job_spec_to_proto(job)) == job
