@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from cryptography import x509
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
@@ -85,7 +84,6 @@ class JobRunner(Intake):
         self.progress = progress or (lambda line: log.info("%s", line))
         self.state = "running"
         self.detail = ""
-        self.final_version = ""
         self._stop = asyncio.Event()
         self._round: ActiveRound | None = None
         self._eval: Evaluation | None = None
@@ -176,7 +174,6 @@ class JobRunner(Intake):
         self.progress(f"job {self.job_id} {state}: {detail}")
         # The final model is on disk (models/<digest>.safetensors); a finished job holds no model in memory, so the
         # coordinator's memory does not grow with the number of jobs it has run.
-        self.final_version = self.global_model.version
         self.global_tensors = {}
         self.global_model = EncodedTensors(self.global_model.specs, b"", self.global_model.sha256)
 
@@ -253,8 +250,6 @@ class JobRunner(Intake):
         )
         if secagg is not None and secagg.skellam is not None:
             task.privacy.rotation_seed = secagg.rotation_seed
-            task.privacy.padded_dim = secagg.skellam.padded_dim
-            task.privacy.skellam_mu = secagg.skellam.per_site_mu
             task.privacy.skellam_json = json.dumps(secagg.skellam.to_dict(), sort_keys=True)
         rnd = ActiveRound(
             number=number,
@@ -459,7 +454,3 @@ class JobRunner(Intake):
         for action in rnd.state.handle(event):
             rnd.outcome = action
             rnd.done.set()
-
-    # -- participant-facing domain functions --------------------------------------------------------------------
-    def model_tensors(self) -> dict[str, torch.Tensor]:
-        return self.global_tensors

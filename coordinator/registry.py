@@ -72,9 +72,6 @@ class Registry:
         self._sessions[site] = session
         return session
 
-    def get(self, site: str) -> Session | None:
-        return self._sessions.get(site)
-
     def attach(self, site: str, session_id: str) -> Session | None:
         session = self._sessions.get(site)
         if session is None or not secrets.compare_digest(session.session_id, session_id):

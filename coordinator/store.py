@@ -238,13 +238,6 @@ class Store:
                 (loss, accuracy, n, job_id, rnd, attempt),
             )
 
-    def set_round_timing(self, job_id: str, rnd: int, attempt: int, timings: Mapping[str, float]) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE rounds SET timings = ? WHERE job_id = ? AND round = ? AND attempt = ?",
-                (json.dumps(dict(timings), sort_keys=True), job_id, rnd, attempt),
-            )
-
     def rounds(self, job_id: str) -> list[RoundRow]:
         rows = self._db.execute("SELECT * FROM rounds WHERE job_id = ? ORDER BY round, attempt", (job_id,)).fetchall()
         out = []

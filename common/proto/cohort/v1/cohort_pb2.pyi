@@ -281,8 +281,6 @@ class PrivacySetup(_message.Message):
     NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     ROTATION_SEED_FIELD_NUMBER: _builtins.int
-    SKELLAM_MU_FIELD_NUMBER: _builtins.int
-    PADDED_DIM_FIELD_NUMBER: _builtins.int
     SKELLAM_JSON_FIELD_NUMBER: _builtins.int
     unit: _builtins.str
     """"none", "record" (DP-SGD at each site) or "site" (DP-FedAvg)"""
@@ -294,10 +292,6 @@ class PrivacySetup(_message.Message):
     """site-level: "central" (coordinator adds Gaussian noise) or "distributed" """
     rotation_seed: _builtins.bytes
     """distributed: public per-round randomness of the Hadamard rotation"""
-    skellam_mu: _builtins.float
-    """distributed: each site's Skellam noise parameter in the integer domain"""
-    padded_dim: _builtins.int
-    """distributed: rotated dimension (a power of two)"""
     skellam_json: _builtins.str
     """distributed: the round's public Skellam parameters (common/privacy/skellam.py)"""
     def __init__(
@@ -308,13 +302,11 @@ class PrivacySetup(_message.Message):
         noise_multiplier: _builtins.float = ...,
         mode: _builtins.str = ...,
         rotation_seed: _builtins.bytes = ...,
-        skellam_mu: _builtins.float = ...,
-        padded_dim: _builtins.int = ...,
         skellam_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "mode", b"mode", "noise_multiplier", b"noise_multiplier", "padded_dim", b"padded_dim", "rotation_seed", b"rotation_seed", "skellam_json", b"skellam_json", "skellam_mu", b"skellam_mu", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip_norm", b"clip_norm", "mode", b"mode", "noise_multiplier", b"noise_multiplier", "rotation_seed", b"rotation_seed", "skellam_json", b"skellam_json", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
