@@ -1,0 +1,56 @@
+"""Failpoints: named places where a test can make a daemon die as if the host lost power.
+
+Crash-recovery tests need a coordinator or participant killed at an exact point (mid-model-stream, between writing a
+checkpoint and committing it, during unmasking). Racing an outside ``kill -9`` against those points is flaky, so
+the code names them instead, like etcd's gofail or TiKV's fail-rs: ``hit("checkpoint.saved", round=2)``.
+
+A failpoint does nothing unless the environment variable ``COHORT_FAILPOINTS`` names it when the process starts::
+
+    COHORT_FAILPOINTS="checkpoint.saved@2"       # SIGKILL this process when round 2 reaches that point
+    COHORT_FAILPOINTS="upload.accepted"          # ... the first time any round gets there
+    COHORT_FAILPOINTS="a@1,b@3"                  # several
+
+The action is always SIGKILL of the whole process: no ``finally`` blocks, no flushing, no graceful shutdown, the
+same as ``kill -9``. Production deployments never set the variable; an unknown name is simply never hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+ENV = "COHORT_FAILPOINTS"
+
+log = logging.getLogger("cohort.failpoints")
+
+
+def _parse(text: str) -> dict[str, int | None]:
+    armed: dict[str, int | None] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, at = part.partition("@")
+        armed[name.strip()] = int(at) if at.strip() else None
+    return armed
+
+
+_ARMED = _parse(os.environ.get(ENV, ""))
+
+
+def armed(name: str) -> bool:
+    return name in _ARMED
+
+
+def hit(name: str, round: int | None = None) -> None:  # noqa: A002 - reads naturally at the call sites
+    """Kill this process with SIGKILL when ``name`` (for ``round``, if one was given in the spec) is armed."""
+    if name not in _ARMED:
+        return
+    want = _ARMED[name]
+    if want is not None and round != want:
+        return
+    log.warning("failpoint %s hit (round %s): killing this process with SIGKILL", name, round)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
