@@ -43,7 +43,7 @@ def armed(name: str) -> bool:
     return name in _ARMED
 
 
-def hit(name: str, round: int | None = None) -> None:  # noqa: A002 - reads naturally at the call sites
+def hit(name: str, round: int | None = None) -> None:
     """Kill this process with SIGKILL when ``name`` (for ``round``, if one was given in the spec) is armed."""
     if name not in _ARMED:
         return

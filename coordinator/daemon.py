@@ -65,7 +65,10 @@ class CoordinatorDaemon:
         self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.status = Status.RUNNING
         log.info("coordinator for federation %r listening on %s (mutual TLS)", cfg.federation.name, self.address)
-        if cfg.job is not None:
+        resumed = coordinator.resume_jobs()
+        if resumed is not None:
+            log.info("resuming job %s after a restart", resumed.job_id)
+        elif cfg.job is not None:
             coordinator.start_job(cfg.job)
         return self.address
 
@@ -124,4 +127,4 @@ async def run(config: CoordinatorConfig, ready_file: Path | None = None, exit_wh
         w.cancel()
     await daemon.close("signal" if stop.is_set() else "job finished")
     runner = daemon.coordinator.runner
-    return 0 if runner is None or runner.state in ("finished", "running", "stopped") else 1
+    return 0 if runner is None or runner.state in ("finished", "running", "stopped", "interrupted") else 1

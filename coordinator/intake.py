@@ -8,6 +8,7 @@ import math
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+from common import failpoints
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, specs_from_manifest
@@ -142,10 +143,7 @@ class Intake:
                     raise FailedPrecondition(refusal)
                 if rnd.secagg is not None:
                     await asyncio.to_thread(rnd.secagg.fold_masked_file, site, path)
-                elif self.privacy.site_level:
-                    await asyncio.to_thread(rnd.running.add_file, path, 1.0)  # DP-FedAvg: uniform weights
-                else:
-                    await asyncio.to_thread(rnd.running.add_file, path, float(header.num_samples))
+                # A plaintext update stays in the spool, verified, and is folded when the round closes (job._fold).
                 self.store.record_upload(
                     self.job_id,
                     rnd.number,
@@ -156,20 +154,27 @@ class Intake:
                     metrics=dict(header.metrics),
                     train_seconds=header.train_seconds,
                 )
-                rnd.accepted[site] = header.manifest.sha256
-                if "clip_bit" in header.metrics:
-                    rnd.clip_bits.append(1 if header.metrics["clip_bit"] > 0 else -1)
-                if "dp_epsilon" in header.metrics:
-                    self.privacy.record_site(site, header.metrics["dp_epsilon"])
-                if "loss" in header.metrics:
-                    rnd.loss_sum += header.metrics["loss"] * header.num_samples
-                    rnd.weight_sum += header.num_samples
+                self._accepted(rnd, site, header.manifest.sha256, header.num_samples, dict(header.metrics))
                 self._apply_locked(rnd, UploadAccepted(site))
+                failpoints.hit("coordinator.upload_accepted", round=rnd.number)
         except BaseException:
             if site not in rnd.accepted:
                 path.unlink(missing_ok=True)
             raise
         return pb.UploadReply(accepted=True, duplicate=False, update_sha256=header.manifest.sha256)
+
+    def _accepted(self, rnd: ActiveRound, site: str, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
+        """Book an accepted upload into the open round (also used when a restart takes one back from the spool)."""
+        rnd.accepted[site] = sha256
+        # DP-FedAvg weighs every site the same; plain FedAvg by sample count.
+        rnd.weights[site] = 1.0 if self.privacy.site_level else float(num_samples)
+        if "clip_bit" in metrics:
+            rnd.clip_bits.append(1 if metrics["clip_bit"] > 0 else -1)
+        if "dp_epsilon" in metrics:
+            self.privacy.record_site(site, metrics["dp_epsilon"])
+        if "loss" in metrics:
+            rnd.loss_sum += metrics["loss"] * num_samples
+            rnd.weight_sum += num_samples
 
     def receive_decline(self, site: str, req: pb.DeclineRequest) -> None:
         rnd = self._round

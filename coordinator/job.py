@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common import failpoints
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, state_dict_float32
 from common.tasks.base import Task, round_seed
@@ -30,6 +31,7 @@ from coordinator.job_state import ActiveRound, Evaluation, JobIdentity
 from coordinator.model_store import ModelStore
 from coordinator.privacy import JobPrivacy
 from coordinator.registry import Registry
+from coordinator.resume import ResumePoint, spool_dir
 from coordinator.rounds import (
     CloseRound,
     DeadlinePassed,
@@ -38,6 +40,7 @@ from coordinator.rounds import (
     SiteBack,
     SiteLost,
     Stop,
+    UploadAccepted,
 )
 from coordinator.secagg_round import SecAggRound, key_stages, unmask_stages
 from coordinator.store import Store
@@ -62,6 +65,8 @@ class JobRunner(Intake):
         progress: ProgressHook | None = None,
         ca_certs: list[x509.Certificate] | None = None,
         population: int = 0,
+        resume: ResumePoint | None = None,
+        privacy_state: dict[str, object] | None = None,
     ) -> None:
         self.job_id = job_id
         self.spec = spec
@@ -88,14 +93,20 @@ class JobRunner(Intake):
         self._round: ActiveRound | None = None
         self._eval: Evaluation | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        initial = state_dict_float32(task.build_model(seed=spec.params.seed))
-        self.global_tensors = initial
-        self.global_model = models.save(initial, {"job": job_id, "round": "0"})
+        self._resume = resume
+        self.completed_rounds = 0 if resume is None else resume.number - 1  # rounds the global model reflects
+        if resume is None:
+            initial = state_dict_float32(task.build_model(seed=spec.params.seed))
+            self.global_tensors = initial
+            self.global_model = models.save(initial, {"job": job_id, "round": "0"})
+            store.create_job(
+                job_id, spec.name, asdict(spec) | {"identity": asdict(self.identity)}, self.global_model.version
+            )
+        else:
+            self.global_tensors, self.global_model = resume.tensors, resume.model
+            self.privacy.restore(privacy_state or {})
         self.global_specs: tuple[Spec, ...] = self.global_model.specs
         self.privacy.model_numel = sum(s.numel for s in self.global_specs)
-        store.create_job(
-            job_id, spec.name, asdict(spec) | {"identity": asdict(self.identity)}, self.global_model.version
-        )
         registry.subscribe(self._on_site)
 
     # -- control ------------------------------------------------------------------------------------------------
@@ -108,6 +119,15 @@ class JobRunner(Intake):
             self._spawn(self._apply(self._round, Stop(reason)))
         if self._eval is not None:
             self._eval.done.set()
+
+    def suspend(self, reason: str) -> None:
+        """Graceful shutdown: leave the job resumable (its open round, accepted uploads and spool stay on disk)."""
+        if self.state != "running":
+            return
+        self.state, self.detail = "interrupted", reason
+        self.registry.unsubscribe(self._on_site)
+        self.store.update_job(self.job_id, state="interrupted", detail=reason)
+        self.store.audit("job_interrupted", "coordinator", job_id=self.job_id, reason=reason)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -135,11 +155,22 @@ class JobRunner(Intake):
 
     # -- the job loop -------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        self.store.audit("job_started", "coordinator", job_id=self.job_id, task=self.task.name)
-        try:
+        resume = self._resume
+        if resume is None:
+            self.store.audit("job_started", "coordinator", job_id=self.job_id, task=self.task.name)
             number, attempt = 1, 0
+        else:
+            self.store.update_job(self.job_id, state="running", detail=f"resumed at round {resume.number}")
+            self.store.audit("job_resumed", "coordinator", job_id=self.job_id, round=resume.number, notes=resume.notes)
+            self.progress(f"job {self.job_id} resumed at round {resume.number}: " + "; ".join(resume.notes))
+            number, attempt = resume.number, resume.attempt
+        try:
+            if resume is not None:
+                await self._wait_for_sites()  # let the federation reassemble after the restart (bounded)
             while number <= self.spec.rounds and not self._stop.is_set():
-                ok = await self._run_round(number, attempt)
+                reopen = resume if resume is not None and resume.reopen is not None else None
+                resume = None
+                ok = await self._run_round(number, attempt, reopen)
                 if self._budget_stop is not None:
                     self._finish("budget_exhausted", self._budget_stop)
                     return
@@ -197,17 +228,21 @@ class JobRunner(Intake):
         rng = random.Random(f"{self.job_id}/{number}/{attempt}")  # noqa: S311
         return sorted(rng.sample(eligible, min(k, len(eligible))))
 
-    async def _run_round(self, number: int, attempt: int) -> bool:
+    async def _run_round(self, number: int, attempt: int, reopen: ResumePoint | None = None) -> bool:
         started = time.monotonic()
-        eligible = await self._wait_for_sites()
-        if self._stop.is_set():
-            return False
-        if len(eligible) < self.spec.min_sites:
-            self.progress(
-                f"round {number}: only {len(eligible)} eligible sites connected, {self.spec.min_sites} needed; retrying"
-            )
-            return False
-        cohort = self._select(eligible, number, attempt)
+        if reopen is not None and reopen.reopen is not None:
+            cohort = list(reopen.reopen.cohort)  # the attempt that was open when the coordinator died
+        else:
+            eligible = await self._wait_for_sites()
+            if self._stop.is_set():
+                return False
+            if len(eligible) < self.spec.min_sites:
+                self.progress(
+                    f"round {number}: only {len(eligible)} eligible sites connected, {self.spec.min_sites} needed; "
+                    "retrying"
+                )
+                return False
+            cohort = self._select(eligible, number, attempt)
         over = self.privacy.would_exceed(len(cohort))
         if over is not None:
             p = self.spec.privacy
@@ -258,15 +293,22 @@ class JobRunner(Intake):
             state=RoundState(frozenset(cohort), min(self.spec.min_sites, len(cohort))),
             running=RunningSum(self.global_specs if secagg is None else ()),
             deadline=deadline,
-            spool_dir=self.spool_root / self.job_id / f"round-{number}-{attempt}",
+            spool_dir=spool_dir(self.spool_root, self.job_id, number, attempt),
             task=task,
             secagg=secagg,
             uploads_open=secagg is None,
         )
-        self.store.start_round(self.job_id, number, attempt, cohort, self.global_model.version)
+        if reopen is None:
+            self.store.start_round(self.job_id, number, attempt, cohort, self.global_model.version)
+        else:
+            await self._take_back(rnd, reopen.uploads)
         self._round = rnd
         for site in cohort:
-            if not self.registry.send(site, pb.WorkItem(train=task)):
+            if site in rnd.accepted:
+                continue
+            if not self.registry.send(site, pb.WorkItem(train=task)) and reopen is None:
+                # After a restart the sites are still reconnecting: they get the task when they are back
+                # (_on_site), and the round waits for them until its deadline instead of counting them lost.
                 await self._apply(rnd, SiteLost(site))
         if secagg is not None:
             await self._secagg_key_stages(rnd, secagg)
@@ -283,6 +325,7 @@ class JobRunner(Intake):
             else:
                 secagg_mean = result[0]
         train_s = time.monotonic() - started
+        settled = False  # the round's outcome is recorded (not cancelled by a shutdown half-way)
         try:
             if not outcome.succeeded:
                 self.store.finish_round(
@@ -303,23 +346,32 @@ class JobRunner(Intake):
                     reason=outcome.reason,
                 )
                 self.progress(f"round {number} attempt {attempt} failed: {outcome.reason}")
+                settled = True
                 return False
             t0 = time.monotonic()
             if secagg_mean is not None:
                 new_tensors = apply_flat(self.global_tensors, self.global_specs, secagg_mean)
-            elif self.privacy.site_level:
-                # DP-FedAvg, central: Gaussian noise (std sigma * C) on the sum of clipped updates, divided by the
-                # cohort size (a fixed, public denominator, so one site changes the mean by at most C / m).
-                noise = self.privacy.central_noise(rnd.running.numel)
-                new_tensors = await asyncio.to_thread(
-                    rnd.running.apply_noisy_sum, self.global_tensors, noise, float(len(cohort))
-                )
             else:
-                new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
+                await asyncio.to_thread(self._fold, rnd)
+                if self.privacy.site_level:
+                    # DP-FedAvg, central: Gaussian noise (std sigma * C) on the sum of clipped updates, divided by
+                    # the cohort size (a fixed, public denominator, so one site changes the mean by at most C / m).
+                    noise = self.privacy.central_noise(rnd.running.numel)
+                    new_tensors = await asyncio.to_thread(
+                        rnd.running.apply_noisy_sum, self.global_tensors, noise, float(len(cohort))
+                    )
+                else:
+                    new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
             encoded = await asyncio.to_thread(self.models.save, new_tensors, {"job": self.job_id, "round": str(number)})
+            failpoints.hit("coordinator.checkpoint_saved", round=number)
             aggregate_s = time.monotonic() - t0
             train_loss = rnd.loss_sum / rnd.weight_sum if rnd.weight_sum else None
-            self.global_tensors, self.global_model = new_tensors, encoded
+            epsilon = self.privacy.record_round(len(cohort))
+            if self.privacy.adaptive is not None and rnd.clip_bits:
+                old_c = self.privacy.clip_norm
+                new_c = self.privacy.adapt_clip(rnd.clip_bits)
+                self.store.audit("clip_adapted", "coordinator", job_id=self.job_id, round=number, old=old_c, new=new_c)
+            # The commit point: the round row, the job's model and its privacy state in one transaction.
             self.store.finish_round(
                 self.job_id,
                 number,
@@ -331,12 +383,12 @@ class JobRunner(Intake):
                 train_samples=rnd.weight_sum,
                 timings={"train_s": train_s, "aggregate_s": aggregate_s},
                 detail=outcome.reason,
-                epsilon=self.privacy.record_round(len(cohort)),
+                epsilon=epsilon,
+                privacy_state=self.privacy.state(),
             )
-            if self.privacy.adaptive is not None and rnd.clip_bits:
-                old_c = self.privacy.clip_norm
-                new_c = self.privacy.adapt_clip(rnd.clip_bits)
-                self.store.audit("clip_adapted", "coordinator", job_id=self.job_id, round=number, old=old_c, new=new_c)
+            self.global_tensors, self.global_model = new_tensors, encoded
+            self.completed_rounds = number
+            failpoints.hit("coordinator.round_committed", round=number)
             if self.privacy.site_epsilon:
                 self.store.update_job(self.job_id, site_epsilon=json.dumps(self.privacy.site_epsilon, sort_keys=True))
             self.store.audit(
@@ -356,10 +408,32 @@ class JobRunner(Intake):
             )
             if not (self.spec.evaluate_every and number % self.spec.evaluate_every == 0):
                 self._print_round(None)
+            settled = True
             return True
         finally:
             self._round = None
-            shutil.rmtree(rnd.spool_dir, ignore_errors=True)
+            if settled:  # recorded, not cut short by a shutdown: its spooled uploads are no longer needed
+                shutil.rmtree(rnd.spool_dir, ignore_errors=True)
+
+    async def _take_back(self, rnd: ActiveRound, uploads: list[dict[str, object]]) -> None:
+        """Reopen a round after a restart: its accepted uploads (verified by resume.plan_resume) count again."""
+        async with rnd.lock:
+            for up in uploads:
+                site = str(up["site"])
+                metrics = up["metrics"]
+                assert isinstance(metrics, dict)
+                num_samples = int(str(up["num_samples"]))
+                self._accepted(rnd, site, str(up["sha256"]), num_samples, metrics)
+                self._apply_locked(rnd, UploadAccepted(site))
+
+    def _fold(self, rnd: ActiveRound) -> None:
+        """Fold the round's accepted plaintext updates into its running sum, in site order.
+
+        A fixed order makes the float32 sum, and so the new model, a function of the accepted updates alone: the same
+        whatever order they arrived in, and the same after a restart took them back from the spool.
+        """
+        for site in sorted(rnd.accepted):
+            rnd.running.add_file(rnd.spool_dir / f"{site}.update", rnd.weights[site])
 
     async def _secagg_key_stages(self, rnd: ActiveRound, secagg: SecAggRound) -> None:
         """Stages 0 and 1 of secure aggregation; then only the sites that shared their keys (U2) may upload."""
@@ -391,6 +465,7 @@ class JobRunner(Intake):
     async def _collect(self, number: int, split: str, sites: list[str]) -> Evaluation:
         ev = Evaluation(number, split, self.global_model.version, set(sites))
         self._eval = ev
+        failpoints.hit("coordinator.evaluating", round=number)
         item = pb.WorkItem(
             evaluate=pb.EvaluateTask(
                 job_id=self.job_id,

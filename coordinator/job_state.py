@@ -58,6 +58,7 @@ class ActiveRound:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     outcome: CloseRound | None = None
     accepted: dict[str, str] = field(default_factory=dict)  # site -> update sha256
+    weights: dict[str, float] = field(default_factory=dict)  # site -> its FedAvg weight (plaintext rounds)
     in_flight: set[str] = field(default_factory=set)
     loss_sum: float = 0.0
     weight_sum: int = 0

@@ -10,13 +10,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from common import failpoints
 from common.serde import EncodedTensors, encode
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: the directory entry lives in the directory's own blocks)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):  # a write cut short by a crash; the model it held was never committed
+            stale.unlink(missing_ok=True)
 
     def path_for(self, version: str) -> Path:
         hexdigest = version.removeprefix("sha256:")
@@ -28,7 +40,7 @@ class ModelStore:
         """Write the model (atomically: temp file, fsync, rename) and return its wire encoding."""
         encoded = encode(tensors)
         path = self.path_for(encoded.version)
-        if not path.exists():
+        if not path.exists() or not self._intact(encoded.version):
             tmp = path.with_suffix(".tmp")
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
@@ -39,19 +51,33 @@ class ModelStore:
                     "cohort_order": json.dumps([s.name for s in encoded.specs]),
                 },
             )
+            failpoints.hit("coordinator.checkpoint_writing", round=int((metadata or {}).get("round", "0")))
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(self.root)
         return encoded
+
+    def _intact(self, version: str) -> bool:
+        try:
+            self.load(version)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def load(self, version: str) -> dict[str, torch.Tensor]:
         """Load a model and check it still hashes to its name."""
+        return self.load_encoded(version)[0]
+
+    def load_encoded(self, version: str) -> tuple[dict[str, torch.Tensor], EncodedTensors]:
+        """Load a model, check it still hashes to its name, and return it with its wire encoding."""
         path = self.path_for(version)
         with safe_open(str(path), framework="pt") as f:
             order = json.loads((f.metadata() or {}).get("cohort_order", "[]"))
         loaded: dict[str, torch.Tensor] = load_file(str(path))
         # safetensors does not keep insertion order; the digest covers the model's own order.
         tensors = {name: loaded[name] for name in order} if set(order) == set(loaded) else loaded
-        if encode(tensors).version != version:
+        encoded = encode(tensors)
+        if encoded.version != version:
             raise ValueError(f"model file {path} does not hash to its name; it was altered or damaged")
-        return tensors
+        return tensors, encoded

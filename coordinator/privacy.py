@@ -144,6 +144,26 @@ class JobPrivacy:
             self.accountant.compose(self.event(cohort_size))
         return self.epsilon()
 
+    def state(self) -> dict[str, object]:
+        """What a restart needs to continue exactly: the accountant's events, the adaptive C, the sites' epsilons."""
+        return {
+            "accountant": self.accountant.to_json(),
+            "clip_norm": self.adaptive.clip if self.adaptive is not None else None,
+            "site_epsilon": dict(self.site_epsilon),
+        }
+
+    def restore(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`state` (a job resumed after a coordinator restart)."""
+        accountant = state.get("accountant")
+        if isinstance(accountant, str):
+            self.accountant = Accountant.from_json(accountant)
+        clip = state.get("clip_norm")
+        if self.adaptive is not None and isinstance(clip, int | float):
+            self.adaptive.clip = float(clip)
+        sites = state.get("site_epsilon")
+        if isinstance(sites, dict):
+            self.site_epsilon = {str(k): float(v) for k, v in sites.items()}
+
     def record_site(self, site: str, epsilon: float) -> None:
         if math.isfinite(epsilon) and epsilon >= 0:
             self.site_epsilon[site] = max(epsilon, self.site_epsilon.get(site, 0.0))

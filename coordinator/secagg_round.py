@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common import failpoints
 from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from common.privacy.skellam import SkellamParams, decode_private
 from common.proto.cohort.v1 import cohort_pb2 as pb
@@ -137,6 +138,7 @@ class SecAggRound:
             self.server.receive_survivor_signature(site, signature_from_proto(msg.survivor_signature))
         elif kind == "unmask":
             self.server.receive_unmask(site, unmask_from_proto(site, msg.unmask))
+            failpoints.hit("coordinator.unmasking", round=self.number)
         elif kind == "abort_reason":
             self.site_abort = f"site {site!r} aborted: {msg.abort_reason[:500]}"
         else:

@@ -9,8 +9,10 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from typing import Any
 
-from common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TaskError
+from common import config as config_loader
+from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TaskError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits
 from common.tasks.base import load_task
@@ -18,9 +20,11 @@ from common.version import VERSION
 from coordinator.config import CoordinatorConfig, JobConfig
 from coordinator.job import JobRunner, ProgressHook
 from coordinator.job_proto import job_config_from_proto, job_status
+from coordinator.job_state import JobIdentity
 from coordinator.model_store import ModelStore
 from coordinator.privacy import JobPrivacy
 from coordinator.registry import Declaration, Registry
+from coordinator.resume import CannotResume, plan_resume
 from coordinator.secagg_round import load_ca_certs
 from coordinator.store import Store
 
@@ -88,6 +92,66 @@ class Coordinator:
         self._job_task = asyncio.get_running_loop().create_task(runner.run(), name=f"job-{job_id}")
         return runner
 
+    def resume_jobs(self) -> JobRunner | None:
+        """At start-up: continue the job a crash or a shutdown interrupted, from its last verified checkpoint."""
+        rows = [j for j in self.store.jobs() if j["state"] in ("running", "interrupted")]
+        for stale in rows[:-1]:  # only one job runs at a time; an older unfinished one cannot be continued
+            self.store.update_job(stale["job_id"], state="failed", detail="superseded by a later job")
+        if not rows:
+            return None
+        row = rows[-1]
+        job_id = row["job_id"]
+        try:
+            runner = self._resumed_runner(row)
+        except (CannotResume, ConfigError, TaskError, ValueError) as exc:
+            detail = f"cannot resume after a restart: {exc}"
+            self.store.update_job(job_id, state="failed", detail=detail)
+            self.store.audit("job_failed", "coordinator", job_id=job_id, detail=detail)
+            log.error("job %s %s", job_id, detail)
+            return None
+        self.runner = runner
+        self.runners[job_id] = runner
+        self._job_task = asyncio.get_running_loop().create_task(runner.run(), name=f"job-{job_id}")
+        return runner
+
+    def _resumed_runner(self, row: dict[str, Any]) -> JobRunner:
+        job_id = row["job_id"]
+        stored = dict(row["spec"])
+        identity = stored.pop("identity", {})
+        spec = config_loader.build(JobConfig, stored, "job")
+        task = load_task(spec.task)
+        if asdict(JobIdentity.of(task)) != identity:
+            raise CannotResume(
+                f"the installed task {spec.task!r} is not the one the job started with (code or schema changed)"
+            )
+        rounds = self.store.rounds(job_id)
+        first = [r.base_version for r in rounds if r.round == 1]
+        initial = first[0] if first else row["model_version"]
+        point = plan_resume(
+            job_id,
+            spec,
+            task,
+            store=self.store,
+            models=self.models,
+            spool_root=self.spool_root,
+            initial_version=initial,
+        )
+        return JobRunner(
+            job_id,
+            spec,
+            task,
+            store=self.store,
+            models=self.models,
+            registry=self.registry,
+            spool_root=self.spool_root,
+            limits=self.limits,
+            progress=self.progress,
+            ca_certs=self.ca_certs,
+            population=len(self.allowed),
+            resume=point,
+            privacy_state=row["privacy_state"],
+        )
+
     def start_job_from_proto(self, spec: pb.JobSpec, actor: str) -> pb.JobStatus:
         runner = self.start_job(job_config_from_proto(spec), actor)
         return self.job_status(runner.job_id)
@@ -107,14 +171,17 @@ class Coordinator:
             await asyncio.shield(self._job_task)
 
     async def drain(self) -> None:
-        """First half of shutdown: stop the running job (recorded as stopped) and end every work stream."""
-        if self.runner is not None and self.runner.state == "running":
-            self.runner.stop("coordinator shutting down")
-        if self._job_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._job_task), timeout=10)
-            except TimeoutError:
-                self._job_task.cancel()
+        """First half of shutdown: interrupt the running job, resumable at the next start, and end every stream.
+
+        The job is not stopped: its open round and accepted uploads stay on disk and the next start continues it
+        (`cohort job stop` is how an operator ends a job)."""
+        runner = self.runner
+        if runner is not None and runner.state == "running":
+            number = runner.current_round.number if runner.current_round is not None else 0
+            runner.suspend(f"coordinator shut down during round {number}; it resumes when the coordinator restarts")
+        if self._job_task is not None and not self._job_task.done():
+            self._job_task.cancel()
+            await asyncio.gather(self._job_task, return_exceptions=True)
         self.registry.close_all()
 
     def close(self) -> None:
@@ -176,6 +243,10 @@ class Coordinator:
         if runner is None or runner.state != "running":
             raise FailedPrecondition(f"job {job_id!r} is not running")
         return runner
+
+    def model_round(self) -> int | None:
+        """The round the running job's current global model is the base of (for failpoints and logs)."""
+        return self.runner.completed_rounds + 1 if self.runner is not None else None
 
     def model_for(self, site: str, req: pb.ModelRequest) -> EncodedTensors:
         self._require_member(site)

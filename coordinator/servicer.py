@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from common import failpoints
 from common.certs import Role
 from common.errors import InvalidArgument, RpcError, status_for
 from common.proto.cohort.v1 import cohort_pb2 as pb
@@ -104,8 +105,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         site = require_role(context, Role.PARTICIPANT).name
         model = self.c.model_for(site, request)
         yield pb.ModelChunk(manifest=model.manifest())
-        for chunk in model.chunks():
+        for i, chunk in enumerate(model.chunks()):
             yield pb.ModelChunk(data=bytes(chunk))
+            if i == 0:
+                failpoints.hit("coordinator.model_streaming", round=self.c.model_round())
 
     @translated
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk], context: Ctx) -> pb.UploadReply:

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     test_accuracy REAL,
     test_samples INTEGER,
     epsilon REAL NOT NULL DEFAULT 0,
-    site_epsilon TEXT NOT NULL DEFAULT '{}'
+    site_epsilon TEXT NOT NULL DEFAULT '{}',
+    privacy_state TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL,
@@ -125,6 +126,13 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a state directory was first created (SQLite cannot add them in CREATE IF NOT EXISTS)."""
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
+        if "privacy_state" not in have:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN privacy_state TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -160,6 +168,7 @@ class Store:
             "test_samples",
             "epsilon",
             "site_epsilon",
+            "privacy_state",
         }
         bad = set(fields) - allowed
         if bad:
@@ -177,8 +186,12 @@ class Store:
         for r in rows:
             d = dict(r)
             d["spec"] = json.loads(d["spec"])
+            d["privacy_state"] = json.loads(d["privacy_state"])
             out.append(d)
         return out
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        return next((j for j in self.jobs() if j["job_id"] == job_id), None)
 
     # -- rounds -------------------------------------------------------------------------------------------------
     def start_round(self, job_id: str, rnd: int, attempt: int, cohort: list[str], base_version: str) -> None:
@@ -203,7 +216,10 @@ class Store:
         timings: Mapping[str, float] | None = None,
         detail: str = "",
         epsilon: float | None = None,
+        privacy_state: Mapping[str, Any] | None = None,
     ) -> None:
+        """Close a round attempt. A completed round, the job's new model and its privacy state (the accountant) are
+        committed in one transaction: after a crash either all of them are there or none is."""
         with self._tx() as db:
             db.execute(
                 "UPDATE rounds SET state = ?, finished = ?, reported = ?, model_version = ?, train_loss = ?,"
@@ -226,9 +242,34 @@ class Store:
             )
             if state == "completed":
                 db.execute(
-                    "UPDATE jobs SET current_round = ?, model_version = ?, updated = ?, epsilon = ? WHERE job_id = ?",
-                    (rnd, model_version, time.time(), epsilon or 0.0, job_id),
+                    "UPDATE jobs SET current_round = ?, model_version = ?, updated = ?, epsilon = ?,"
+                    " privacy_state = ? WHERE job_id = ?",
+                    (
+                        rnd,
+                        model_version,
+                        time.time(),
+                        epsilon or 0.0,
+                        json.dumps(dict(privacy_state or {}), sort_keys=True),
+                        job_id,
+                    ),
                 )
+
+    def abandon_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None:
+        """Mark an attempt that a restart cannot continue as failed, and forget its uploads (never counted)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET state = 'failed', finished = ?, detail = ?"
+                " WHERE job_id = ? AND round = ? AND attempt = ?",
+                (time.time(), detail, job_id, rnd, attempt),
+            )
+
+    def discard_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None:
+        """A completed round whose checkpoint was lost: it is run again (its privacy cost stays accounted)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE rounds SET state = 'discarded', detail = ? WHERE job_id = ? AND round = ? AND attempt = ?",
+                (detail, job_id, rnd, attempt),
+            )
 
     def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None:
         with self._tx() as db:
@@ -284,6 +325,14 @@ class Store:
             (job_id, rnd, attempt),
         ).fetchall()
         return [dict(r) | {"metrics": json.loads(r["metrics"])} for r in rows]
+
+    def forget_upload(self, job_id: str, rnd: int, attempt: int, site: str) -> None:
+        """Drop the record of an accepted upload whose spooled file did not survive (the site may upload again)."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM uploads WHERE job_id = ? AND round = ? AND attempt = ? AND site = ?",
+                (job_id, rnd, attempt, site),
+            )
 
     def record_evaluation(
         self,

@@ -146,6 +146,14 @@ class ParticipantDaemon:
     def _open_channel(self) -> pb_grpc.FederationAsyncStub:
         cfg = self.config.coordinator
         options = keepalive_options(5.0) + message_options(8 << 20)
+        # gRPC's own reconnect backoff (1 s growing to 120 s by default) would keep a restarted coordinator waiting;
+        # bound it by this daemon's reconnect settings.
+        backoff = self.config.reconnect
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", max(10, int(backoff.initial_backoff_s * 1000))),
+            ("grpc.min_reconnect_backoff_ms", max(10, int(backoff.initial_backoff_s * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(100, int(backoff.max_backoff_s * 1000))),
+        ]
         if cfg.server_name:
             options.append(("grpc.ssl_target_name_override", cfg.server_name))
         self._channel = grpc.aio.secure_channel(cfg.address, self._credentials, options=options)

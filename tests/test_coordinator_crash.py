@@ -1,0 +1,317 @@
+"""The coordinator killed with SIGKILL in every phase of a round resumes its job and ends where an uninterrupted run
+ends: the same final model given the same accepted updates, the same epsilon, no upload lost or counted twice.
+
+The coordinator runs as a real process (``cohort coordinator --exit-when-done``) and is killed by a failpoint
+(common/failpoints.py) at an exact point; the three sites are in-process daemons that reconnect to the restarted
+coordinator on their own, over mutual TLS. The store, the spool and the checkpoints are the real files on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from support import Pki, participant_config
+
+from common.privacy.accounting import Accountant, PrivacyEvent
+from coordinator.model_store import ModelStore
+from coordinator.resume import RESTART_DETAIL
+from participant.daemon import ParticipantDaemon
+
+REPO = Path(__file__).resolve().parent.parent
+SITES = ("site-a", "site-b", "site-c")
+ROUNDS = 2
+
+PLAIN: dict[str, Any] = {}
+SECURE: dict[str, Any] = {"secure_aggregation": {"enabled": True, "stage_timeout_s": 20, "clip": 1.0}}
+CENTRAL_DP: dict[str, Any] = {"privacy": {"unit": "site", "clip_norm": 1.0, "noise_multiplier": 1.2, "delta": 1e-5}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Run:
+    directory: Path
+    port: int
+    config: Path
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state"
+
+    def db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.state / "coordinator.db")
+        db.row_factory = sqlite3.Row
+        return db
+
+    def job(self) -> dict[str, Any]:
+        with self.db() as db:
+            return dict(db.execute("SELECT * FROM jobs").fetchone())
+
+    def rounds(self) -> list[dict[str, Any]]:
+        with self.db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM rounds ORDER BY round, attempt")]
+
+    def uploads(self) -> list[dict[str, Any]]:
+        with self.db() as db:
+            return [dict(r) for r in db.execute("SELECT * FROM uploads ORDER BY round, attempt, site")]
+
+    def audit_kinds(self) -> list[str]:
+        with self.db() as db:
+            return [r["kind"] for r in db.execute("SELECT kind FROM audit ORDER BY seq")]
+
+    def final_model(self) -> dict[str, torch.Tensor]:
+        return ModelStore(self.state / "models").load(self.job()["model_version"])
+
+
+def make_run(directory: Path, pki: Pki, job: dict[str, Any]) -> Run:
+    directory.mkdir(parents=True)
+    port = free_port()
+    coord = pki.coordinator
+    spec = {
+        "name": "crash",
+        "task": "breast_cancer",
+        "rounds": ROUNDS,
+        "fraction": 1.0,
+        "min_sites": 3,
+        "round_timeout_s": 40,
+        "wait_for_sites_s": 40,
+        "evaluate_every": 1,
+        "params": {"local_epochs": 1, "batch_size": 16, "learning_rate": 0.05, "seed": 3},
+    } | job
+    config = {
+        "federation": {"name": "crash", "sites": list(SITES)},
+        "server": {
+            "listen": f"127.0.0.1:{port}",
+            "tls": {"ca": str(coord.ca), "cert": str(coord.cert), "key": str(coord.key)},
+            "heartbeat_interval_s": 1.0,
+            "shutdown_grace_s": 1.0,
+        },
+        "state_dir": str(directory / "state"),
+        "job": spec,
+    }
+    path = directory / "coordinator.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return Run(directory, port, path)
+
+
+async def coordinator_process(run: Run, failpoint: str | None) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if k != "COHORT_FAILPOINTS"}
+    if failpoint:
+        env["COHORT_FAILPOINTS"] = failpoint
+    with (run.directory / "coordinator.log").open("ab") as log:  # the child keeps its own descriptor
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "common.cli",
+            "coordinator",
+            "--config",
+            str(run.config),
+            "--exit-when-done",
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+
+
+async def wait_exit(proc: asyncio.subprocess.Process, run: Run, timeout: float = 120) -> int:
+    try:
+        return await asyncio.wait_for(proc.wait(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log = (run.directory / "coordinator.log").read_text()[-4000:]
+        raise AssertionError("coordinator did not finish:\n" + log) from None
+
+
+async def federate(
+    run: Run,
+    pki: Pki,
+    site_data: dict[str, Path],
+    crashes: tuple[str, ...] = (),
+    between: Callable[[Run], None] | None = None,
+) -> None:
+    """Run the job to its end; each entry of ``crashes`` arms one failpoint for one coordinator life."""
+    address = f"127.0.0.1:{run.port}"
+    sites = [ParticipantDaemon(participant_config(pki.site(s), address, site_data[s])) for s in SITES]
+    for daemon in sites:
+        await daemon.start()
+    try:
+        await _lives(run, crashes, between)
+    finally:
+        for daemon in sites:
+            await daemon.close("test done")
+
+
+async def _lives(run: Run, crashes: tuple[str, ...], between: Callable[[Run], None] | None) -> None:
+    for failpoint in crashes:
+        proc = await coordinator_process(run, failpoint)
+        code = await wait_exit(proc, run)
+        log = (run.directory / "coordinator.log").read_text()
+        assert code == -signal.SIGKILL, f"failpoint {failpoint} was not hit (exit {code}):\n{log[-3000:]}"
+        if between is not None:
+            between(run)
+    proc = await coordinator_process(run, None)
+    code = await wait_exit(proc, run)
+    assert code == 0, (run.directory / "coordinator.log").read_text()[-4000:]
+
+
+_baselines: dict[str, Run] = {}
+
+
+async def baseline(kind: str, tmp_path_factory: pytest.TempPathFactory, pki: Pki, site_data: dict[str, Path]) -> Run:
+    """The uninterrupted run of the same job with the same sites (computed once per job kind)."""
+    if kind not in _baselines:
+        run = make_run(tmp_path_factory.mktemp("baseline") / kind, pki, {"plain": PLAIN, "secure": SECURE}[kind])
+        await federate(run, pki, site_data)
+        _baselines[kind] = run
+    return _baselines[kind]
+
+
+def assert_same_model(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert list(got) == list(want)
+    for name in want:
+        diff = float((got[name] - want[name]).abs().max())
+        assert diff <= atol, f"{name}: max difference {diff:g} > {atol:g}"
+
+
+def assert_each_round_counted_once(run: Run) -> None:
+    rounds = run.rounds()
+    completed = [r for r in rounds if r["state"] == "completed"]
+    assert [r["round"] for r in completed] == list(range(1, ROUNDS + 1))
+    for r in completed:
+        ups = [u for u in run.uploads() if u["round"] == r["round"] and u["attempt"] == r["attempt"]]
+        assert sorted(u["site"] for u in ups) == list(SITES)  # each site's update exactly once
+        assert r["train_samples"] == sum(u["num_samples"] for u in ups)
+
+
+PHASES = [
+    pytest.param("coordinator.model_streaming@2", id="streaming-model"),
+    pytest.param("coordinator.upload_accepted@2", id="collecting-uploads"),
+    pytest.param("coordinator.checkpoint_writing@2", id="writing-checkpoint"),
+    pytest.param("coordinator.checkpoint_saved@2", id="checkpoint-written-not-committed"),
+    pytest.param("coordinator.round_committed@1", id="between-rounds"),
+    pytest.param("coordinator.evaluating@2", id="evaluating"),
+]
+
+
+@pytest.mark.parametrize("failpoint", PHASES)
+async def test_plaintext_round_resumes_to_the_same_model(
+    failpoint: str,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: Pki,
+    site_data: dict[str, Path],
+) -> None:
+    want = await baseline("plain", tmp_path_factory, pki, site_data)
+    run = make_run(tmp_path / "run", pki, PLAIN)
+    await federate(run, pki, site_data, crashes=(failpoint,))
+
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    assert "job_resumed" in run.audit_kinds()
+    # Bit for bit: updates are folded in site order, so the model depends on the accepted updates alone.
+    assert job["model_version"] == want.job()["model_version"]
+    assert_same_model(run.final_model(), want.final_model())
+    assert_each_round_counted_once(run)
+    assert job["test_accuracy"] == pytest.approx(want.job()["test_accuracy"])
+    assert not list((run.state / "models").glob("*.tmp"))  # a torn checkpoint write leaves nothing behind
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    [
+        pytest.param("coordinator.upload_accepted@2", id="collecting-masked-inputs"),
+        pytest.param("coordinator.unmasking@2", id="unmasking"),
+    ],
+)
+async def test_secure_round_is_retried_with_fresh_keys(
+    failpoint: str,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: Pki,
+    site_data: dict[str, Path],
+) -> None:
+    want = await baseline("secure", tmp_path_factory, pki, site_data)
+    run = make_run(tmp_path / "run", pki, SECURE)
+    await federate(run, pki, site_data, crashes=(failpoint,))
+
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    rounds = [(r["round"], r["attempt"], r["state"], r["detail"]) for r in run.rounds()]
+    assert rounds[0][:3] == (1, 0, "completed")
+    assert rounds[1][:3] == (2, 0, "failed")
+    assert rounds[1][3] == RESTART_DETAIL
+    assert rounds[2][:3] == (2, 1, "completed")
+    # The retried attempt trains from the same model with the same seed; the masks cancel exactly, so the models
+    # differ only by the encoding's stochastic rounding (a step of clip / 2**29 per coordinate and site here).
+    assert_same_model(run.final_model(), want.final_model(), atol=1e-5)
+    assert not (run.state / "spool" / job["job_id"]).exists() or not any(
+        (run.state / "spool" / job["job_id"]).iterdir()
+    )
+
+
+async def test_epsilon_survives_crashes_exactly(tmp_path: Path, pki: Pki, site_data: dict[str, Path]) -> None:
+    """Two crashes (mid-uploads of round 1, checkpoint written but not committed in round 2): the accountant's state
+    comes back from the store, so epsilon is what an uninterrupted run of two rounds spends, to the last digit."""
+    run = make_run(tmp_path / "run", pki, CENTRAL_DP)
+    await federate(run, pki, site_data, crashes=("coordinator.upload_accepted@1", "coordinator.checkpoint_saved@2"))
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    assert_each_round_counted_once(run)
+
+    p = CENTRAL_DP["privacy"]
+    uninterrupted = Accountant("pld", p["delta"])
+    per_round = []
+    for _ in range(ROUNDS):
+        uninterrupted.compose(PrivacyEvent("gaussian", p["noise_multiplier"], "full", 1.0, 1))
+        per_round.append(uninterrupted.epsilon())
+    completed = [r for r in run.rounds() if r["state"] == "completed"]
+    assert [r["epsilon"] for r in completed] == pytest.approx(per_round, rel=1e-12)
+    assert job["epsilon"] == pytest.approx(per_round[-1], rel=1e-12)
+
+
+async def test_damaged_checkpoint_is_reported_and_the_previous_one_used(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, pki: Pki, site_data: dict[str, Path]
+) -> None:
+    want = await baseline("plain", tmp_path_factory, pki, site_data)
+    run = make_run(tmp_path / "run", pki, PLAIN)
+    damaged: list[str] = []
+
+    def damage_latest(r: Run) -> None:
+        version = r.job()["model_version"]
+        path = ModelStore(r.state / "models").path_for(version)
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF  # one flipped bit pattern in the tensor bytes
+        path.write_bytes(bytes(data))
+        damaged.append(version)
+
+    await federate(run, pki, site_data, crashes=("coordinator.round_committed@2",), between=damage_latest)
+
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    with run.db() as db:
+        corrupt = [r["detail"] for r in db.execute("SELECT detail FROM audit WHERE kind = 'checkpoint_corrupt'")]
+    assert len(corrupt) == 1
+    assert damaged[0] in corrupt[0]
+    states = [(r["round"], r["attempt"], r["state"]) for r in run.rounds()]
+    assert states == [(1, 0, "completed"), (2, 0, "discarded"), (2, 1, "completed")]
+    # Round 2 ran again from round 1's verified model: the same model as the uninterrupted run.
+    assert job["model_version"] == want.job()["model_version"] == damaged[0]
+    assert_same_model(run.final_model(), want.final_model())
