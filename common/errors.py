@@ -11,11 +11,13 @@
         ├── InvalidArgument          malformed request, wrong tensor names/shapes/dtypes, digest mismatch
         ├── Unauthenticated          no usable peer certificate
         ├── PermissionDenied         the certificate's site or role may not do this
+        │   └── CertificateRevoked   the certificate, or its site, is on the coordinator's deny-list
         ├── NotFound                 unknown job, round or model version
         ├── FailedPrecondition       the request does not fit the current state (wrong task digest, no job ...)
         ├── AlreadyExists            a different update for the same (job, round, site) was already accepted
         ├── ResourceExhausted        size or rate limits
-        ├── DeadlineExceeded         the round's deadline passed
+        │   └── RateLimited          too many calls; carries a retry hint (``retry_after_s``)
+        ├── DeadlineExceeded         the round's deadline passed, or an upload stalled or ran past its deadline
         └── Aborted                  the round was cancelled while the request was in flight
 
 Servicers raise these; :func:`status_for` maps them to a status code and a public message. Anything else is a bug:
@@ -66,6 +68,14 @@ class PermissionDenied(RpcError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class CertificateRevoked(PermissionDenied):
+    """The caller's certificate (by serial or fingerprint) or its site id is on the deny-list.
+
+    A revoked peer can repeat its calls at will, so the coordinator audits these refusals at most once per window
+    and caller (with a count), not once per call.
+    """
+
+
 class NotFound(RpcError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -80,6 +90,18 @@ class AlreadyExists(RpcError):
 
 class ResourceExhausted(RpcError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class RateLimited(ResourceExhausted):
+    """Too many calls from one caller (or from everyone): retry after ``retry_after_s`` seconds.
+
+    ``audit_kind`` names the (throttled) audit event the refusal is recorded as.
+    """
+
+    def __init__(self, message: str, retry_after_s: float, audit_kind: str = "rate_limited") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.audit_kind = audit_kind
 
 
 class DeadlineExceeded(RpcError):

@@ -16,40 +16,76 @@ _SITE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """Who may take part: the allow-list of site ids (each must match a certificate's CN)."""
+    """Who may take part: the allow-list of site ids (each must match a certificate's CN), and who may not.
+
+    ``deny_list`` names a YAML file of revoked site ids, certificate serials and fingerprints
+    (coordinator/denylist.py). The coordinator re-reads it when it changes (checked every ``deny_list_poll_s``)
+    and drops the live sessions it revokes, without a restart.
+    """
 
     name: str = "cohort"
     sites: tuple[str, ...] = ()
+    deny_list: Path | None = None
+    deny_list_poll_s: float = 1.0
 
     def check(self, path: str) -> None:
+        where = path or "federation"
         for i, site in enumerate(self.sites):
             if not _SITE_ID.match(site):
-                raise ConfigError(f"{path}.sites[{i}]: {site!r} is not a valid site id (a-z, 0-9, '.', '_', '-')")
+                raise ConfigError(f"{where}.sites[{i}]: {site!r} is not a valid site id (a-z, 0-9, '.', '_', '-')")
         if len(set(self.sites)) != len(self.sites):
-            raise ConfigError(f"{path}.sites: a site id is listed twice")
+            raise ConfigError(f"{where}.sites: a site id is listed twice")
         if not self.sites:
-            raise ConfigError(f"{path}.sites: the allow-list is empty; list the site ids that may join")
+            raise ConfigError(f"{where}.sites: the allow-list is empty; list the site ids that may join")
+        if not 0.05 <= self.deny_list_poll_s <= 3600:
+            raise ConfigError(f"{where}.deny_list_poll_s: must be between 0.05 and 3600 seconds")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """The listening endpoint and the limits that keep one peer from exhausting the coordinator.
+
+    Uploads: a stream that sends no message for ``upload_idle_timeout_s`` or is not complete within
+    ``upload_deadline_s`` is cut (slow-loris), as is one with more than ``max_upload_chunks`` messages or a chunk over
+    ``max_chunk_bytes``. Joins: a token bucket per caller (``join_rate_per_min`` refill, ``join_burst`` size) and one
+    for everyone (``join_global_rate_per_min``, ``join_global_burst``; 0 sizes it from the allow-list).
+    """
+
     listen: str = "127.0.0.1:50051"
     tls: TlsConfig | None = None
     heartbeat_interval_s: float = 5.0
     shutdown_grace_s: float = 5.0
     max_chunk_bytes: int = 4 << 20
     max_update_bytes: int = 2 << 30
+    max_upload_chunks: int = 65_536
+    upload_idle_timeout_s: float = 30.0
+    upload_deadline_s: float = 900.0
+    join_rate_per_min: float = 30.0
+    join_burst: int = 10
+    join_global_rate_per_min: float = 600.0
+    join_global_burst: int = 0
 
     def check(self, path: str) -> None:
-        parse_address(self.listen, f"{path}.listen")
+        where = path or "server"
+        parse_address(self.listen, f"{where}.listen")
         if self.tls is None:
-            raise ConfigError(f"{path}.tls: required (ca, cert, key); Cohort has no insecure mode")
+            raise ConfigError(f"{where}.tls: required (ca, cert, key); Cohort has no insecure mode")
         if not 0.05 <= self.heartbeat_interval_s <= 600:
-            raise ConfigError(f"{path}.heartbeat_interval_s: must be between 0.05 and 600 seconds")
+            raise ConfigError(f"{where}.heartbeat_interval_s: must be between 0.05 and 600 seconds")
         if self.shutdown_grace_s < 0:
-            raise ConfigError(f"{path}.shutdown_grace_s: must be >= 0")
+            raise ConfigError(f"{where}.shutdown_grace_s: must be >= 0")
         if not 1 << 16 <= self.max_chunk_bytes <= 64 << 20:
-            raise ConfigError(f"{path}.max_chunk_bytes: must be between 64 KiB and 64 MiB")
+            raise ConfigError(f"{where}.max_chunk_bytes: must be between 64 KiB and 64 MiB")
+        if not 1 <= self.max_upload_chunks <= 1 << 24:
+            raise ConfigError(f"{where}.max_upload_chunks: must be between 1 and {1 << 24}")
+        if not 0 < self.upload_idle_timeout_s <= self.upload_deadline_s <= 86_400:
+            raise ConfigError(
+                f"{where}.upload_idle_timeout_s and upload_deadline_s: need 0 < idle timeout <= deadline <= 86400 s"
+            )
+        if self.join_rate_per_min <= 0 or self.join_global_rate_per_min <= 0:
+            raise ConfigError(f"{where}.join_rate_per_min and join_global_rate_per_min: must be > 0")
+        if self.join_burst < 1 or self.join_global_burst < 0:
+            raise ConfigError(f"{where}.join_burst: must be >= 1; join_global_burst: >= 0 (0: from the allow-list)")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Connected participant sessions: who is here, what task they declared, and their outgoing work queues.
 
 One session per site (a new Join replaces the old one). A site counts as connected while its WaitForWork stream
-is open; the job runner is told when a site connects or goes away.
+is open; the job runner is told when a site connects or goes away, including when its session is dropped because
+its certificate was revoked (coordinator/denylist.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from coordinator.denylist import CertRef
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Session:
     last_seen: float
     queue: asyncio.Queue[pb.WorkItem | None] = field(default_factory=asyncio.Queue)
     streams: int = 0
+    cert: CertRef | None = None  # the certificate the site joined with (revocation by serial or fingerprint)
 
     @property
     def connected(self) -> bool:
@@ -50,6 +53,7 @@ class Registry:
         self._clock = clock
         self._listeners: list[Listener] = []
         self.changed = asyncio.Event()
+        self.closed = asyncio.Event()  # set by close_all(): shutdown; background watchers stop on it
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -63,12 +67,12 @@ class Registry:
         for listener in list(self._listeners):
             listener(site, connected)
 
-    def join(self, site: str, declaration: Declaration) -> Session:
+    def join(self, site: str, declaration: Declaration, cert: CertRef | None = None) -> Session:
         old = self._sessions.get(site)
         if old is not None:
             old.queue.put_nowait(None)  # ends the old session's stream
         now = self._clock()
-        session = Session(site, secrets.token_hex(16), declaration, now, now)
+        session = Session(site, secrets.token_hex(16), declaration, now, now, cert=cert)
         self._sessions[site] = session
         return session
 
@@ -80,6 +84,20 @@ class Registry:
         session.last_seen = self._clock()
         if session.streams == 1:
             self._notify(site, True)
+        return session
+
+    def drop(self, site: str) -> Session | None:
+        """Forget ``site``'s session now (its certificate was revoked): end its stream, tell the listeners.
+
+        Listeners hear ``(site, False)`` at once if it was connected, not when its stream finishes closing, so an
+        open round counts the site as a dropout before it can send anything more.
+        """
+        session = self._sessions.pop(site, None)
+        if session is None:
+            return None
+        session.queue.put_nowait(None)
+        if session.connected:
+            self._notify(site, False)
         return session
 
     def detach(self, session: Session) -> None:
@@ -107,5 +125,6 @@ class Registry:
         return True
 
     def close_all(self) -> None:
+        self.closed.set()
         for session in self._sessions.values():
             session.queue.put_nowait(None)

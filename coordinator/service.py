@@ -18,11 +18,13 @@ from common.serde import EncodedTensors, Limits
 from common.tasks.base import load_task
 from common.version import VERSION
 from coordinator.config import CoordinatorConfig, JobConfig
+from coordinator.denylist import CertRef, Revocations
 from coordinator.job import JobRunner, ProgressHook
 from coordinator.job_proto import job_config_from_proto, job_status
 from coordinator.job_state import JobIdentity
 from coordinator.model_store import ModelStore
 from coordinator.privacy import JobPrivacy
+from coordinator.ratelimit import AuditThrottle, JoinLimiter
 from coordinator.registry import Declaration, Registry
 from coordinator.resume import CannotResume, plan_resume
 from coordinator.secagg_round import load_ca_certs
@@ -36,10 +38,21 @@ class Coordinator:
         self.config = config
         self.allowed = frozenset(config.federation.sites)
         state = config.state_dir
+        self.registry = Registry()
+        fed, server = config.federation, config.server
+        deny = Revocations.initial(fed.deny_list)  # before the store opens: a broken file stops the start-up
         self.store = Store(state / "coordinator.db")
         self.models = ModelStore(state / "models")
         self.spool_root = state / "spool"
-        self.registry = Registry()
+        self.revocations = Revocations(fed.deny_list, fed.deny_list_poll_s, self.registry, self.store, deny)
+        self.revocations.start()
+        self.join_limiter = JoinLimiter(
+            server.join_rate_per_min,
+            server.join_burst,
+            server.join_global_rate_per_min,
+            server.join_global_burst or max(100, 2 * len(self.allowed)),
+        )
+        self.audit_throttle = AuditThrottle()
         self.limits = Limits(
             max_chunk_bytes=config.server.max_chunk_bytes, max_total_bytes=config.server.max_update_bytes
         )
@@ -189,7 +202,9 @@ class Coordinator:
         self.store.close()
 
     # -- participants -------------------------------------------------------------------------------------------
-    def join(self, site: str, req: pb.JoinRequest) -> pb.JoinReply:
+    def join(self, site: str, req: pb.JoinRequest, cert: CertRef | None = None) -> pb.JoinReply:
+        # Rate first: every refusal below is audited, so a flood must be cut before it can write to the log.
+        self.join_limiter.take(site)
         if site not in self.allowed:
             self.store.audit("join_refused", site, reason="not on the allow-list")
             raise PermissionDenied(
@@ -209,7 +224,7 @@ class Coordinator:
             if mismatch is not None:
                 self.store.audit("join_refused", site, reason=mismatch)
                 raise FailedPrecondition(f"site {site!r} does not fit job {runner.job_id}: {mismatch}")
-        session = self.registry.join(site, decl)
+        session = self.registry.join(site, decl, cert)
         self.store.audit("join", site, task=req.task_name, version=req.software_version)
         return pb.JoinReply(
             session_id=session.session_id,

@@ -1,11 +1,17 @@
-"""Thin gRPC servicers: check the caller's certificate role, call a domain method, convert the result.
+"""Thin gRPC servicers: check the caller's certificate role and revocation, call a domain method, convert the result.
 
 Errors are translated once, in :func:`translated` / :func:`translated_stream`: a :class:`CohortError` becomes its
-status code and message; anything else becomes INTERNAL with a generic message and a logged traceback.
+status code and message; anything else becomes INTERNAL with a generic message and a logged traceback. Every refusal
+is audited; refusals a caller can repeat at will (rate limits, a revoked certificate) at most once per window, with a
+count, so a flood cannot fill the audit log.
+
+Hostile input is cut here, before the domain: uploads go through :class:`GuardedStream` (idle timeout, transfer
+deadline, chunk count and size, revocation while sending).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,11 +21,13 @@ import grpc
 
 from common import failpoints
 from common.certs import Role
-from common.errors import InvalidArgument, RpcError, status_for
+from common.errors import CertificateRevoked, InvalidArgument, RateLimited, RpcError, status_for
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.tls import peer_identity, require_role
+from coordinator.denylist import CertRef, cert_ref
 from coordinator.service import Coordinator
+from coordinator.upload_guard import GuardedStream, StreamLimits
 
 log = logging.getLogger("cohort.coordinator.rpc")
 
@@ -27,19 +35,30 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
+RETRY_AFTER_KEY = "cohort-retry-after-ms"  # trailing metadata of a rate-limited call: when to try again
+
 
 async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -> None:
     code, message = status_for(exc)
+    trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, RpcError):
         log.info("%s refused: %s: %s", method, code.name, message)
-        _audit_refusal(servicer, context, method, code.name, message)
+        _audit_refusal(servicer, context, method, exc, code.name, message)
+        if isinstance(exc, RateLimited):
+            trailing = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
     else:
         log.error("%s failed with an unexpected error", method, exc_info=exc)
-    await context.abort(code, message)
+    await context.abort(code, message, trailing)
 
 
-def _audit_refusal(servicer: Any, context: Ctx, method: str, code: str, message: str) -> None:
+def _audit_refusal(servicer: Any, context: Ctx, method: str, exc: RpcError, code: str, message: str) -> None:
     """Every refused request is an audit event (who, which call, which status, why); never its payload."""
+    kind = exc.audit_kind if isinstance(exc, RateLimited) else "rpc_refused"
+    throttled = isinstance(exc, RateLimited | CertificateRevoked)  # repeatable at will: once per window, counted
+    _audit(servicer, context, kind, throttled, method=method, code=code, message=message[:300])
+
+
+def _audit(servicer: Any, context: Ctx, kind: str, throttled: bool, **detail: Any) -> None:
     coordinator = getattr(servicer, "c", None)
     if coordinator is None:
         return
@@ -47,8 +66,13 @@ def _audit_refusal(servicer: Any, context: Ctx, method: str, code: str, message:
         actor = peer_identity(context).name
     except RpcError:
         actor = "unauthenticated"
+    if throttled:
+        held = coordinator.audit_throttle.admit((kind, actor, detail.get("method")))
+        if held is None:
+            return  # counted; the next event of this kind from this caller says how many were held back
+        detail["held_back"] = held
     try:
-        coordinator.store.audit("rpc_refused", actor, method=method, code=code, message=message[:300])
+        coordinator.store.audit(kind, actor, **detail)
     except Exception:  # the store may be closing during shutdown; the refusal itself still goes out
         log.debug("could not audit a refusal", exc_info=True)
 
@@ -88,55 +112,84 @@ def translated_stream(
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
+        server = coordinator.config.server
+        self.upload_limits = StreamLimits(
+            idle_timeout_s=server.upload_idle_timeout_s,
+            deadline_s=server.upload_deadline_s,
+            max_chunks=server.max_upload_chunks,
+            max_chunk_bytes=server.max_chunk_bytes,
+        )
+
+    def _site(self, context: Ctx) -> CertRef:
+        """The calling site's certificate: a participant certificate that is not revoked."""
+        require_role(context, Role.PARTICIPANT)
+        ref = cert_ref(context)
+        self.c.revocations.check(ref)
+        return ref
 
     @translated
     async def Join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinReply:
-        site = require_role(context, Role.PARTICIPANT).name
-        return self.c.join(site, request)
+        ref = self._site(context)
+        return self.c.join(ref.name, request, cert=ref)
 
     @translated_stream
     async def WaitForWork(self, request: pb.WaitRequest, context: Ctx) -> AsyncIterator[pb.WorkItem]:
-        site = require_role(context, Role.PARTICIPANT).name
-        async for item in self.c.work_stream(site, request.session_id):
+        ref = self._site(context)
+        async for item in self.c.work_stream(ref.name, request.session_id):
             yield item
+        self.c.revocations.check(ref)  # a revoked site's stream ends with PERMISSION_DENIED, not a clean end
 
     @translated_stream
     async def DownloadModel(self, request: pb.ModelRequest, context: Ctx) -> AsyncIterator[pb.ModelChunk]:
-        site = require_role(context, Role.PARTICIPANT).name
-        model = self.c.model_for(site, request)
-        yield pb.ModelChunk(manifest=model.manifest())
-        for i, chunk in enumerate(model.chunks()):
-            yield pb.ModelChunk(data=bytes(chunk))
-            if i == 0:
-                failpoints.hit("coordinator.model_streaming", round=self.c.model_round())
+        ref = self._site(context)
+        with self.c.revocations.watch(ref) as revoked:
+            model = self.c.model_for(ref.name, request)
+            yield pb.ModelChunk(manifest=model.manifest())
+            for i, chunk in enumerate(model.chunks()):
+                if revoked.is_set():
+                    self.c.revocations.check(ref)
+                yield pb.ModelChunk(data=bytes(chunk))
+                if i == 0:
+                    failpoints.hit("coordinator.model_streaming", round=self.c.model_round())
 
     @translated
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk], context: Ctx) -> pb.UploadReply:
-        site = require_role(context, Role.PARTICIPANT).name
-        iterator = aiter(request_iterator)
-        try:
-            first = await anext(iterator)
-        except StopAsyncIteration:
-            raise InvalidArgument("empty upload: the first message must be the update header") from None
-        if first.WhichOneof("kind") != "header":
-            raise InvalidArgument("the first message of an upload must be its header")
-        return await self.c.receive_upload(site, first.header, iterator)
+        ref = self._site(context)
+        with self.c.revocations.watch(ref) as revoked:
+            stream = GuardedStream(
+                request_iterator, self.upload_limits, revoked=revoked, on_revoked=lambda: self.c.revocations.check(ref)
+            )
+            try:
+                try:
+                    first = await anext(stream)
+                except StopAsyncIteration:
+                    raise InvalidArgument("empty upload: the first message must be the update header") from None
+                if first.WhichOneof("kind") != "header":
+                    raise InvalidArgument("the first message of an upload must be its header")
+                return await self.c.receive_upload(ref.name, first.header, stream)
+            except asyncio.CancelledError:
+                # gRPC cancels the handler when the client goes away or the transport refuses a message (one over
+                # the size limit): the intake has discarded the spool; record that a transfer broke off.
+                _audit(self, context, "upload_cancelled", True, method="UploadUpdate", messages=stream.messages)
+                raise
+            finally:
+                stream.close()
 
     @translated
     async def SecAgg(self, request: pb.SecAggMessage, context: Ctx) -> pb.Ack:
-        site = require_role(context, Role.PARTICIPANT).name
+        site = self._site(context).name
         self.c.receive_secagg(site, request)
         return pb.Ack()
 
     @translated
     async def Decline(self, request: pb.DeclineRequest, context: Ctx) -> pb.Ack:
-        site = require_role(context, Role.PARTICIPANT).name
+        site = self._site(context).name
         self.c.receive_decline(site, request)
         return pb.Ack()
 
     @translated
     async def ReportEvaluation(self, request: pb.EvaluationReport, context: Ctx) -> pb.Ack:
-        site = require_role(context, Role.PARTICIPANT).name
+        site = self._site(context).name
         self.c.receive_evaluation(site, request)
         return pb.Ack()
 
@@ -145,17 +198,24 @@ class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, coordinator: Coordinator) -> None:
         self.c = coordinator
 
+    def _admin(self, context: Ctx) -> str:
+        """The calling admin's name: an admin certificate that is not revoked (by serial or fingerprint)."""
+        require_role(context, Role.ADMIN)
+        ref = cert_ref(context)
+        self.c.revocations.check(ref)
+        return ref.name
+
     @translated
     async def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.JobStatus:
-        admin = require_role(context, Role.ADMIN).name
+        admin = self._admin(context)
         return self.c.start_job_from_proto(request.spec, actor=admin)
 
     @translated
     async def StopJob(self, request: pb.StopJobRequest, context: Ctx) -> pb.JobStatus:
-        admin = require_role(context, Role.ADMIN).name
+        admin = self._admin(context)
         return self.c.stop_job(request.job_id, request.reason or f"stopped by admin {admin}", actor=admin)
 
     @translated
     async def GetStatus(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusReply:
-        require_role(context, Role.ADMIN)
+        self._admin(context)
         return self.c.status()

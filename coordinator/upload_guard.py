@@ -1,0 +1,125 @@
+"""Limits on an incoming upload stream, applied before the domain sees a message.
+
+:class:`GuardedStream` wraps a client stream's request iterator. It ends the call with
+
+- DEADLINE_EXCEEDED when no message arrives for ``idle_timeout_s`` (a stalled or slow-loris sender) or the whole
+  transfer is not complete within ``deadline_s`` (a trickle that stays just under the idle timeout);
+- RESOURCE_EXHAUSTED when the stream carries more than ``max_chunks`` chunks (a flood of tiny chunks) or a chunk
+  over ``max_chunk_bytes``;
+- PERMISSION_DENIED when the caller's certificate is revoked while it is sending.
+
+It raises inside the consumer's ``async for``, so the upload intake discards its spool and changes nothing, exactly as
+for a stream that broke off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import DeadlineExceeded, ResourceExhausted
+from common.proto.cohort.v1 import cohort_pb2 as pb
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    idle_timeout_s: float
+    deadline_s: float
+    max_chunks: int  # data chunks after the header
+    max_chunk_bytes: int
+
+
+def _consume(task: asyncio.Future[pb.UpdateChunk]) -> None:
+    # A read cancelled after it already failed: its exception is of no interest any more.
+    if not task.cancelled():
+        task.exception()
+
+
+class GuardedStream:
+    """An ``AsyncIterator[pb.UpdateChunk]`` over ``source`` within ``limits``. Call :meth:`close` when done."""
+
+    def __init__(
+        self,
+        source: AsyncIterator[pb.UpdateChunk],
+        limits: StreamLimits,
+        *,
+        revoked: asyncio.Event | None = None,
+        on_revoked: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = aiter(source)
+        self.limits = limits
+        self._revoked = revoked
+        self._on_revoked = on_revoked
+        self._clock = clock
+        self._deadline = clock() + limits.deadline_s
+        self._revoked_wait: asyncio.Future[Any] | None = None
+        self.messages = 0
+
+    def __aiter__(self) -> GuardedStream:
+        return self
+
+    async def _read(self) -> pb.UpdateChunk:
+        return await anext(self._source)
+
+    def _check_revoked(self) -> None:
+        if self._revoked is not None and self._revoked.is_set():
+            self._on_revoked()  # raises CertificateRevoked
+
+    async def __anext__(self) -> pb.UpdateChunk:
+        self._check_revoked()
+        remaining = self._deadline - self._clock()
+        if remaining <= 0:
+            raise self._too_slow()
+        timeout = min(self.limits.idle_timeout_s, remaining)
+        read = asyncio.ensure_future(self._read())
+        waiters: set[asyncio.Future[Any]] = {read}
+        if self._revoked is not None:
+            if self._revoked_wait is None:
+                self._revoked_wait = asyncio.ensure_future(self._revoked.wait())
+            waiters.add(self._revoked_wait)
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not read.done():
+                read.cancel()
+                read.add_done_callback(_consume)
+        if not read.done() or read.cancelled():
+            self._check_revoked()
+            if timeout < self.limits.idle_timeout_s:
+                raise self._too_slow()
+            raise DeadlineExceeded(
+                f"upload stalled: no message for {self.limits.idle_timeout_s:g} s (server.upload_idle_timeout_s); "
+                "the partial upload was discarded"
+            )
+        try:
+            msg = read.result()  # the transport's error if the stream broke
+        except StopAsyncIteration:
+            self._check_revoked()  # the last look before the intake verifies and folds the upload
+            raise
+        self.messages += 1
+        if self.messages > self.limits.max_chunks + 1:
+            raise ResourceExhausted(
+                f"upload has more than {self.limits.max_chunks} chunks (server.max_upload_chunks); send larger "
+                "chunks; the partial upload was discarded"
+            )
+        if msg.WhichOneof("kind") == "data" and len(msg.data) > self.limits.max_chunk_bytes:
+            raise ResourceExhausted(
+                f"chunk of {len(msg.data)} bytes exceeds the limit of {self.limits.max_chunk_bytes} bytes "
+                "(server.max_chunk_bytes); the partial upload was discarded"
+            )
+        self._check_revoked()
+        return msg
+
+    def _too_slow(self) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"upload not complete within {self.limits.deadline_s:g} s (server.upload_deadline_s); "
+            "the partial upload was discarded"
+        )
+
+    def close(self) -> None:
+        if self._revoked_wait is not None and not self._revoked_wait.done():
+            self._revoked_wait.cancel()
