@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/round.py
 	$(PY) bench/secagg.py
 	$(PY) bench/privacy_utility.py
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache
