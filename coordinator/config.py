@@ -175,6 +175,9 @@ class JobConfig:
     wait_for_sites_s: float = 600.0
     evaluate_every: int = 1
     max_round_retries: int = 3
+    # Over-selection (Bonawitz et al. 2019): pick ceil(k * (1 + over_selection)) sites for a round that needs k and
+    # close it as soon as k have reported, so a few stragglers do not hold every round up to its deadline.
+    over_selection: float = 0.0
     params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -195,6 +198,15 @@ class JobConfig:
             raise ConfigError(f"{where}.round_timeout_s and wait_for_sites_s must be > 0")
         if self.evaluate_every < 0 or self.max_round_retries < 0:
             raise ConfigError(f"{where}.evaluate_every and max_round_retries must be >= 0")
+        if not 0 <= self.over_selection <= 1:
+            raise ConfigError(f"{where}.over_selection: must be between 0 (off) and 1 (twice the sites a round needs)")
+
+    @property
+    def unmask_reserve_s(self) -> float:
+        """The end of the round kept for the two unmasking stages of secure aggregation (0 without it)."""
+        if not self.secure_aggregation.enabled:
+            return 0.0
+        return min(2 * self.secure_aggregation.stage_timeout_s, self.round_timeout_s / 4)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,6 +39,7 @@ class CoordinatorDaemon:
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._closed = asyncio.Event()
+        self._liveness: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
         if self.status is not Status.INIT:
@@ -47,7 +50,7 @@ class CoordinatorDaemon:
         credentials = server_credentials(tls_files(cfg.server.tls))
         coordinator = Coordinator(cfg, progress=self._progress)
         server = grpc.aio.server(
-            options=keepalive_options(cfg.server.heartbeat_interval_s)
+            options=keepalive_options(cfg.server.heartbeat_interval_s / 2)
             + message_options(cfg.server.max_chunk_bytes + (64 << 10))
         )
         pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), server)
@@ -62,6 +65,7 @@ class CoordinatorDaemon:
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server, self._coordinator = server, coordinator
+        self._liveness = asyncio.create_task(coordinator.watch_liveness(), name="coordinator-liveness")
         self.address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         self.status = Status.RUNNING
         log.info("coordinator for federation %r listening on %s (mutual TLS)", cfg.federation.name, self.address)
@@ -82,6 +86,9 @@ class CoordinatorDaemon:
             await self._health.enter_graceful_shutdown()
         if self._coordinator is not None:
             await self._coordinator.drain()
+        if self._liveness is not None:
+            self._liveness.cancel()
+            await asyncio.gather(self._liveness, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace_s)
         if self._coordinator is not None:
@@ -115,6 +122,9 @@ async def run(config: CoordinatorConfig, ready_file: Path | None = None, exit_wh
     install_stop_handlers(stop)
     daemon = CoordinatorDaemon(config)
     address = await daemon.start()
+    # SIGHUP: re-read the deny-list now (it is also polled every federation.deny_list_poll_s).
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.coordinator.revocations.reload)
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(address + "\n")

@@ -224,9 +224,22 @@ class JobRunner(Intake):
 
     def _select(self, eligible: list[str], number: int, attempt: int) -> list[str]:
         k = max(self.spec.min_sites, math.ceil(self.spec.fraction * len(eligible)))
+        # Over-selection: ask a few more sites than the round needs; it closes when k of them have reported.
+        size = min(len(eligible), math.ceil(k * (1 + self.spec.over_selection)))
         # Reproducible selection, not a secret: which sites train is visible to them anyway.
         rng = random.Random(f"{self.job_id}/{number}/{attempt}")  # noqa: S311
-        return sorted(rng.sample(eligible, min(k, len(eligible))))
+        return sorted(rng.sample(eligible, size))
+
+    def _target(self, cohort_size: int) -> int | None:
+        """How many reports close an over-selected round early (None without over-selection)."""
+        if self.spec.over_selection <= 0:
+            return None
+        k = math.ceil(cohort_size / (1 + self.spec.over_selection))
+        return min(cohort_size, max(self.spec.min_sites, k))
+
+    def _round_state(self, sites: frozenset[str], target: int | None) -> RoundState:
+        min_sites = min(self.spec.min_sites, len(sites))
+        return RoundState(sites, min_sites, None if target is None else max(min_sites, min(target, len(sites))))
 
     async def _run_round(self, number: int, attempt: int, reopen: ResumePoint | None = None) -> bool:
         started = time.monotonic()
@@ -253,13 +266,16 @@ class JobRunner(Intake):
             self.store.audit("budget_stop", "coordinator", job_id=self.job_id, round=number, epsilon=over)
             return False
         seed = round_seed(self.spec.params.seed, number)
+        # The timeout model (docs/ARCHITECTURE.md): round_timeout_s bounds the whole round. With secure aggregation
+        # the last part of it is kept for the two unmasking stages; sites must upload before the rest.
         deadline = time.time() + self.spec.round_timeout_s
+        upload_deadline = deadline - self.spec.unmask_reserve_s
         task = pb.TrainTask(
             job_id=self.job_id,
             round=number,
             attempt=attempt,
             model_version=self.global_model.version,
-            deadline_unix=deadline,
+            deadline_unix=upload_deadline,
             params=pb.TrainParams(
                 local_epochs=self.spec.params.local_epochs,
                 batch_size=self.spec.params.batch_size,
@@ -290,9 +306,9 @@ class JobRunner(Intake):
             number=number,
             attempt=attempt,
             base=self.global_model,
-            state=RoundState(frozenset(cohort), min(self.spec.min_sites, len(cohort))),
+            state=self._round_state(frozenset(cohort), self._target(len(cohort))),
             running=RunningSum(self.global_specs if secagg is None else ()),
-            deadline=deadline,
+            deadline=upload_deadline,
             spool_dir=spool_dir(self.spool_root, self.job_id, number, attempt),
             task=task,
             secagg=secagg,
@@ -312,14 +328,14 @@ class JobRunner(Intake):
                 await self._apply(rnd, SiteLost(site))
         if secagg is not None:
             await self._secagg_key_stages(rnd, secagg)
-        if not await self._wait(rnd.done, deadline - time.time()):
+        if not await self._wait(rnd.done, upload_deadline - time.time()):
             await self._apply(rnd, DeadlinePassed())
         await rnd.done.wait()
         outcome = rnd.outcome
         assert outcome is not None
         secagg_mean = None
         if outcome.succeeded and secagg is not None:
-            result = await unmask_stages(secagg, self.registry.send, self._wait)
+            result = await unmask_stages(secagg, self.registry.send, self._wait, deadline)
             if isinstance(result, str):
                 outcome = CloseRound(False, result)
             else:
@@ -358,7 +374,7 @@ class JobRunner(Intake):
                     # the cohort size (a fixed, public denominator, so one site changes the mean by at most C / m).
                     noise = self.privacy.central_noise(rnd.running.numel)
                     new_tensors = await asyncio.to_thread(
-                        rnd.running.apply_noisy_sum, self.global_tensors, noise, float(len(cohort))
+                        rnd.running.apply_noisy_sum, self.global_tensors, noise, float(rnd.state.target or len(cohort))
                     )
                 else:
                     new_tensors = await asyncio.to_thread(rnd.running.apply_to, self.global_tensors)
@@ -437,14 +453,14 @@ class JobRunner(Intake):
 
     async def _secagg_key_stages(self, rnd: ActiveRound, secagg: SecAggRound) -> None:
         """Stages 0 and 1 of secure aggregation; then only the sites that shared their keys (U2) may upload."""
-        reason = await key_stages(secagg, self.registry.send, self._wait, rnd.done)
+        reason = await key_stages(secagg, self.registry.send, self._wait, rnd.done, rnd.deadline)
         if reason is None and not rnd.done.is_set():
             u2 = secagg.u2
             if len(u2) < self.spec.min_sites:
                 reason = f"only {len(u2)} sites shared their keys; the round needs {self.spec.min_sites}"
             else:
                 async with rnd.lock:
-                    old, rnd.state = rnd.state, RoundState(frozenset(u2), min(self.spec.min_sites, len(u2)))
+                    old, rnd.state = rnd.state, self._round_state(frozenset(u2), rnd.state.target)
                     for site in old.lost & u2:
                         rnd.state.handle(SiteLost(site))
                     rnd.uploads_open = True

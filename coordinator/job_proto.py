@@ -103,6 +103,7 @@ def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
         "round_timeout_s",
         "evaluate_every",
         "wait_for_sites_s",
+        "over_selection",
     ):
         value = getattr(spec, key)
         if value:

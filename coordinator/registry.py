@@ -37,6 +37,8 @@ class Session:
     last_seen: float
     queue: asyncio.Queue[pb.WorkItem | None] = field(default_factory=asyncio.Queue)
     streams: int = 0
+    heard: float = 0.0  # when the site last proved it is alive (attach or Heartbeat)
+    beats: bool = False  # it sends Heartbeat calls (a client that never does is watched by HTTP/2 keepalive only)
     cert: CertRef | None = None  # the certificate the site joined with (revocation by serial or fingerprint)
 
     @property
@@ -81,7 +83,7 @@ class Registry:
         if session is None or not secrets.compare_digest(session.session_id, session_id):
             return None
         session.streams += 1
-        session.last_seen = self._clock()
+        session.last_seen = session.heard = self._clock()
         if session.streams == 1:
             self._notify(site, True)
         return session
@@ -105,6 +107,20 @@ class Registry:
         current = self._sessions.get(session.site) is session
         if session.streams == 0 and current:
             self._notify(session.site, False)
+
+    def heartbeat(self, site: str, session_id: str) -> bool:
+        """Record that ``site``'s current session is alive; False when that session is not (or no longer) current."""
+        session = self._sessions.get(site)
+        if session is None or not secrets.compare_digest(session.session_id, session_id):
+            return False
+        session.heard = session.last_seen = self._clock()
+        session.beats = True
+        return True
+
+    def silent(self, ttl: float) -> list[Session]:
+        """Connected, heartbeating sessions not heard from for more than ``ttl`` seconds."""
+        now = self._clock()
+        return [s for s in self._sessions.values() if s.connected and s.beats and now - s.heard > ttl]
 
     def touch(self, site: str) -> None:
         session = self._sessions.get(site)

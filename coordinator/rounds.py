@@ -57,6 +57,9 @@ Action = CloseRound
 class RoundState:
     cohort: frozenset[str]
     min_sites: int
+    # Over-selection: the round closes as soon as ``target`` sites have reported (None: wait for the whole cohort,
+    # up to the deadline). The cohort is then larger than the target, so stragglers do not hold the round.
+    target: int | None = None
     phase: Phase = Phase.TRAINING
     reported: set[str] = field(default_factory=set)
     lost: set[str] = field(default_factory=set)
@@ -64,6 +67,8 @@ class RoundState:
     def __post_init__(self) -> None:
         if not 1 <= self.min_sites <= len(self.cohort):
             raise ValueError("min_sites must be between 1 and the cohort size")
+        if self.target is not None and not self.min_sites <= self.target <= len(self.cohort):
+            raise ValueError("the over-selection target must be between min_sites and the cohort size")
 
     @property
     def open(self) -> bool:
@@ -103,6 +108,10 @@ class RoundState:
         return self._progress()
 
     def _progress(self) -> list[Action]:
+        if self.target is not None and len(self.reported) >= self.target:
+            return self._close(
+                True, f"{len(self.reported)} of {len(self.cohort)} sites reported (target {self.target})"
+            )
         pending = self.cohort - self.reported - self.lost
         if pending:
             if len(self.reported) + len(pending) < self.min_sites:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,14 +240,22 @@ def _route(items: dict[str, pb.WorkItem], send: Send, rnd: SecAggRound) -> None:
             rnd.site_lost(site)
 
 
-async def key_stages(rnd: SecAggRound, send: Send, wait: Wait, round_closed: asyncio.Event) -> str | None:
-    """Stages 0 (advertise keys) and 1 (share keys). Returns why the round must fail, or None."""
+def _stage_timeout(rnd: SecAggRound, deadline: float) -> float:
+    """A stage waits at most stage_timeout_s, and never past the round's deadline."""
+    return max(0.0, min(rnd.config.stage_timeout_s, deadline - time.time()))
+
+
+async def key_stages(
+    rnd: SecAggRound, send: Send, wait: Wait, round_closed: asyncio.Event, deadline: float
+) -> str | None:
+    """Stages 0 (advertise keys) and 1 (share keys), before ``deadline`` (the upload deadline). Returns why the round
+    must fail, or None."""
     try:
-        await _run_stage(rnd, wait, rnd.config.stage_timeout_s, round_closed)
+        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline), round_closed)
         if rnd.site_abort:
             return rnd.site_abort
         _route(rnd.close_advertise(), send, rnd)
-        await _run_stage(rnd, wait, rnd.config.stage_timeout_s, round_closed)
+        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline), round_closed)
         if rnd.site_abort:
             return rnd.site_abort
         _route(rnd.close_share_keys(), send, rnd)
@@ -255,15 +264,16 @@ async def key_stages(rnd: SecAggRound, send: Send, wait: Wait, round_closed: asy
     return None
 
 
-async def unmask_stages(rnd: SecAggRound, send: Send, wait: Wait) -> tuple[F64Array, float, int] | str:
-    """Stages 3 (consistency check) and 4 (unmask) after the masked inputs; the decoded mean, or why it failed."""
+async def unmask_stages(rnd: SecAggRound, send: Send, wait: Wait, deadline: float) -> tuple[F64Array, float, int] | str:
+    """Stages 3 (consistency check) and 4 (unmask) after the masked inputs, before the round's ``deadline``; the
+    decoded mean, or why it failed."""
     try:
         _route(rnd.close_masked_input(), send, rnd)
-        await _run_stage(rnd, wait, rnd.config.stage_timeout_s)
+        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline))
         if rnd.site_abort:
             return rnd.site_abort
         _route(rnd.close_consistency(), send, rnd)
-        await _run_stage(rnd, wait, rnd.config.stage_timeout_s)
+        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline))
         if rnd.site_abort:
             return rnd.site_abort
         return await asyncio.to_thread(rnd.finish)

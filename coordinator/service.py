@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
@@ -252,6 +253,23 @@ class Coordinator:
                 yield item
         finally:
             self.registry.detach(session)
+
+    def heartbeat(self, site: str, session_id: str) -> None:
+        if not self.registry.heartbeat(site, session_id):
+            raise FailedPrecondition("unknown or replaced session; call Join again")
+
+    async def watch_liveness(self) -> None:
+        """Drop sessions whose site stopped heartbeating: within one heartbeat interval, checked four times per
+        interval. The job runner hears of it at once (a dropout), and the site joins again when it is back."""
+        interval = self.config.server.heartbeat_interval_s
+        while not self.registry.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.closed.wait(), timeout=interval / 4)
+            for session in self.registry.silent(interval):
+                if self.registry.drop(session.site) is not None:
+                    silent_s = time.time() - session.heard
+                    self.store.audit("site_timed_out", session.site, silent_s=round(silent_s, 3))
+                    log.warning("site %s sent no heartbeat for %.1fs; dropped", session.site, silent_s)
 
     def _active(self, job_id: str) -> JobRunner:
         runner = self.runners.get(job_id)

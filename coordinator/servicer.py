@@ -139,6 +139,12 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield item
         self.c.revocations.check(ref)  # a revoked site's stream ends with PERMISSION_DENIED, not a clean end
 
+    @translated
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.Ack:
+        ref = self._site(context)
+        self.c.heartbeat(ref.name, request.session_id)
+        return pb.Ack()
+
     @translated_stream
     async def DownloadModel(self, request: pb.ModelRequest, context: Ctx) -> AsyncIterator[pb.ModelChunk]:
         ref = self._site(context)

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 import grpc
 import torch
 
+from common import failpoints
 from common.certs import Role
 from common.errors import RETRYABLE_CODES, CohortError, InvalidArgument
 from common.lifecycle import Status
@@ -151,7 +152,6 @@ class ParticipantDaemon:
         backoff = self.config.reconnect
         options += [
             ("grpc.initial_reconnect_backoff_ms", max(10, int(backoff.initial_backoff_s * 1000))),
-            ("grpc.min_reconnect_backoff_ms", max(10, int(backoff.initial_backoff_s * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(100, int(backoff.max_backoff_s * 1000))),
         ]
         if cfg.server_name:
@@ -195,9 +195,15 @@ class ParticipantDaemon:
         log.info("joined federation %r as site %r", reply.federation, reply.site_id)
         stream = stub.WaitForWork(pb.WaitRequest(session_id=reply.session_id))
         window = 2 * reply.heartbeat_interval_s + 1.0
+        beating = asyncio.create_task(self._heartbeats(stub, reply, stream), name="participant-heartbeat")
         try:
             while not self._stop.is_set():
-                item = await asyncio.wait_for(stream.read(), timeout=window)
+                try:
+                    item = await asyncio.wait_for(stream.read(), timeout=window)
+                except asyncio.CancelledError:
+                    if beating.done() and not self._stop.is_set():
+                        return  # _heartbeats ended the stream: the coordinator dropped this session
+                    raise
                 if item is grpc.aio.EOF:
                     log.info("coordinator ended the work stream")
                     return
@@ -207,7 +213,24 @@ class ParticipantDaemon:
                     self._backoff.reset()
                 self._dispatch(item)
         finally:
+            beating.cancel()
             stream.cancel()
+
+    async def _heartbeats(self, stub: pb_grpc.FederationAsyncStub, reply: pb.JoinReply, stream: Any) -> None:
+        """Tell the coordinator this site is alive, three times per heartbeat interval (it drops a site after one
+        silent interval). A refused heartbeat means the session was replaced or dropped: end it and join again."""
+        interval = max(0.05, reply.heartbeat_interval_s / 3)
+        request = pb.HeartbeatRequest(session_id=reply.session_id)
+        while True:
+            try:
+                await stub.Heartbeat(request, timeout=reply.heartbeat_interval_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    log.info("coordinator no longer knows this session (%s); joining again", exc.details())
+                    stream.cancel()
+                    return
+                log.debug("heartbeat not delivered: %s", exc.code().name)
+            await asyncio.sleep(interval)
 
     def _dispatch(self, item: pb.WorkItem) -> None:
         kind = item.WhichOneof("kind")
@@ -301,6 +324,7 @@ class ParticipantDaemon:
                 self._secagg.pop(next(iter(self._secagg)))
             msg = await asyncio.to_thread(session.advertise)
             await self._secagg_send(session, msg)
+            failpoints.hit("participant.secagg_advertised", round=task.round)
         except (CohortError, grpc.aio.AioRpcError) as exc:
             log.error("round %d: cannot take part in secure aggregation: %s", task.round, exc)
 
@@ -308,6 +332,8 @@ class ParticipantDaemon:
         session = self._secagg.get((step.job_id, step.round, step.attempt))
         if session is None or session.aborted:
             return
+        if step.WhichOneof("stage") == "signatures":
+            failpoints.hit("participant.unmasking", round=step.round)
         try:
             reply = await asyncio.to_thread(session.on_step, step)
         except SecAggAborted as exc:
@@ -404,6 +430,7 @@ class ParticipantDaemon:
         record_dp = self._record_dp_for(task)
         if record_dp is False:
             return
+        failpoints.hit("participant.training", round=task.round)
         local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None)
         if record_dp:
             assert self._budget is not None
@@ -441,6 +468,7 @@ class ParticipantDaemon:
                 yield pb.UpdateChunk(header=header)
                 for part in upload_tensors.chunks(CHUNK_BYTES):
                     yield pb.UpdateChunk(data=bytes(part))
+                    failpoints.hit("participant.upload", round=task.round)  # the stream is open, not yet ended
 
             reply: pb.UploadReply = await self._stub.UploadUpdate(
                 chunks(), timeout=self.config.coordinator.transfer_timeout_s
@@ -448,6 +476,8 @@ class ParticipantDaemon:
             return reply
 
         reply = await self._retrying("upload", task.deadline_unix, upload)
+        if task.HasField("secagg"):
+            failpoints.hit("participant.masked_sent", round=task.round)
         log.info(
             "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.2fs, train %.2fs, upload %.2fs",
             task.round,

@@ -204,6 +204,25 @@ class WaitRequest(_message.Message):
 Global___WaitRequest: _TypeAlias = WaitRequest  # noqa: Y015
 
 @_typing.final
+class HeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
 class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1124,6 +1143,7 @@ class JobSpec(_message.Message):
     MIN_AVAILABLE_SITES_FIELD_NUMBER: _builtins.int
     SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    OVER_SELECTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -1140,6 +1160,8 @@ class JobSpec(_message.Message):
     max_round_retries: _builtins.int
     min_available_sites: _builtins.int
     """connected, eligible sites needed before a round starts (0: min_sites)"""
+    over_selection: _builtins.float
+    """ask ceil(k * (1 + x)) sites, close the round when k reported (0: off)"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -1162,10 +1184,11 @@ class JobSpec(_message.Message):
         min_available_sites: _builtins.int = ...,
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
         privacy: Global___PrivacySpec | None = ...,
+        over_selection: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params", "privacy", b"privacy", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
     _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015

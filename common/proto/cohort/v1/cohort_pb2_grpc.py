@@ -44,6 +44,11 @@ class FederationStub:
                 request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.WaitRequest.SerializeToString,
                 response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.WorkItem.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/cohort.v1.Federation/Heartbeat',
+                request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
+                _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/cohort.v1.Federation/DownloadModel',
                 request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelRequest.SerializeToString,
@@ -83,6 +88,14 @@ class FederationServicer:
     def WaitForWork(self, request, context):
         """Server stream: work items and periodic heartbeats. The stream ending or going silent for longer than the
         heartbeat interval means the peer is gone; the participant reconnects with backoff.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """The site is alive: sent every third of the heartbeat interval the Join reply names. A session not heard from
+        for one interval is dropped (its work counts as a dropout); the site joins again when it can.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +143,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.WaitForWork,
                     request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.WaitRequest.FromString,
                     response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.WorkItem.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.HeartbeatRequest.FromString,
+                    response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
@@ -211,6 +229,33 @@ class Federation:
             '/cohort.v1.Federation/WaitForWork',
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.WaitRequest.SerializeToString,
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.WorkItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohort.v1.Federation/Heartbeat',
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.HeartbeatRequest.SerializeToString,
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

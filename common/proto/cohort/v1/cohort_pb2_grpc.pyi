@@ -41,6 +41,10 @@ class FederationStub:
     """Server stream: work items and periodic heartbeats. The stream ending or going silent for longer than the
     heartbeat interval means the peer is gone; the participant reconnects with backoff.
     """
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.HeartbeatRequest, _cohort_pb2.Ack]
+    """The site is alive: sent every third of the heartbeat interval the Join reply names. A session not heard from
+    for one interval is dropped (its work counts as a dropout); the site joins again when it can.
+    """
     DownloadModel: _grpc.UnaryStreamMultiCallable[_cohort_pb2.ModelRequest, _cohort_pb2.ModelChunk]
     UploadUpdate: _grpc.StreamUnaryMultiCallable[_cohort_pb2.UpdateChunk, _cohort_pb2.UploadReply]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.EvaluationReport, _cohort_pb2.Ack]
@@ -54,6 +58,10 @@ class FederationAsyncStub(FederationStub):
     WaitForWork: _aio.UnaryStreamMultiCallable[_cohort_pb2.WaitRequest, _cohort_pb2.WorkItem]  # type: ignore[assignment]
     """Server stream: work items and periodic heartbeats. The stream ending or going silent for longer than the
     heartbeat interval means the peer is gone; the participant reconnects with backoff.
+    """
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_cohort_pb2.HeartbeatRequest, _cohort_pb2.Ack]  # type: ignore[assignment]
+    """The site is alive: sent every third of the heartbeat interval the Join reply names. A session not heard from
+    for one interval is dropped (its work counts as a dropout); the site joins again when it can.
     """
     DownloadModel: _aio.UnaryStreamMultiCallable[_cohort_pb2.ModelRequest, _cohort_pb2.ModelChunk]  # type: ignore[assignment]
     UploadUpdate: _aio.StreamUnaryMultiCallable[_cohort_pb2.UpdateChunk, _cohort_pb2.UploadReply]  # type: ignore[assignment]
@@ -77,6 +85,16 @@ class FederationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_cohort_pb2.WorkItem], _abc.AsyncIterator[_cohort_pb2.WorkItem]]:
         """Server stream: work items and periodic heartbeats. The stream ending or going silent for longer than the
         heartbeat interval means the peer is gone; the participant reconnects with backoff.
+        """
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _cohort_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cohort_pb2.Ack, _abc.Awaitable[_cohort_pb2.Ack]]:
+        """The site is alive: sent every third of the heartbeat interval the Join reply names. A session not heard from
+        for one interval is dropped (its work counts as a dropout); the site joins again when it can.
         """
 
     @_abc_1.abstractmethod
