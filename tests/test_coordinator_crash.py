@@ -22,9 +22,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from support import Pki, participant_config
+from support import Pki, participant_config, poll_until
 
+from common import config as config_loader
 from common.privacy.accounting import Accountant, PrivacyEvent
+from coordinator.config import CoordinatorConfig
+from coordinator.daemon import CoordinatorDaemon
 from coordinator.model_store import ModelStore
 from coordinator.resume import RESTART_DETAIL
 from participant.daemon import ParticipantDaemon
@@ -315,3 +318,38 @@ async def test_damaged_checkpoint_is_reported_and_the_previous_one_used(
     # Round 2 ran again from round 1's verified model: the same model as the uninterrupted run.
     assert job["model_version"] == want.job()["model_version"] == damaged[0]
     assert_same_model(run.final_model(), want.final_model())
+
+
+async def test_graceful_shutdown_interrupts_and_the_next_start_resumes(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, pki: Pki, site_data: dict[str, Path]
+) -> None:
+    """SIGTERM (close) mid-round leaves the job `interrupted` with its accepted uploads; the next start resumes it."""
+    want = await baseline("plain", tmp_path_factory, pki, site_data)
+    run = make_run(tmp_path / "run", pki, PLAIN)
+    config = config_loader.load(CoordinatorConfig, run.config)
+    address = f"127.0.0.1:{run.port}"
+    sites = [ParticipantDaemon(participant_config(pki.site(s), address, site_data[s])) for s in SITES]
+    first = CoordinatorDaemon(config)
+    await first.start()
+    for daemon in sites:
+        await daemon.start()
+    try:
+        await poll_until(lambda: any(u["round"] == 2 for u in run.uploads()), timeout=60, what="an upload in round 2")
+        await first.close("test: graceful restart")
+        job = run.job()
+        assert job["state"] == "interrupted"
+        assert "resumes" in job["detail"]
+        second = CoordinatorDaemon(config)
+        await second.start()
+        try:
+            await poll_until(
+                lambda: run.job()["state"] in ("finished", "failed"), timeout=90, what="the resumed job to end"
+            )
+        finally:
+            await second.close("test done")
+    finally:
+        for daemon in sites:
+            await daemon.close("test done")
+    assert run.job()["state"] == "finished"
+    assert run.job()["model_version"] == want.job()["model_version"]
+    assert_each_round_counted_once(run)

@@ -126,7 +126,7 @@ async def test_over_selected_round_does_not_wait_for_a_straggler(
     participant_factory: ParticipantFactory,
 ) -> None:
     # k = 2 sites per round (fraction 0.5 of 4), over-selected to 4: one of them never answers.
-    job = job_config(rounds=2, min_sites=2, fraction=0.5, over_selection=1.0, round_timeout_s=20, evaluate_every=0)
+    job = job_config(rounds=2, min_sites=2, fraction=0.5, over_selection=1.0, round_timeout_s=10, evaluate_every=0)
     coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", sites=SITES[:4], job=job))
     async with silent_site(coord.address, pki, SITES[3]):
         for site in SITES[:3]:
@@ -142,7 +142,7 @@ async def test_over_selected_round_does_not_wait_for_a_straggler(
         assert SITES[3] not in r.reported
         assert "target 2" in r.detail  # closed by its target, not by the deadline
         assert r.finished is not None
-        assert r.finished - r.started < 20
+        assert r.finished - r.started < 10
 
 
 async def test_round_never_waits_past_its_deadline(
