@@ -83,6 +83,7 @@ class ParticipantDaemon:
         self._site_keys: SiteKeys | None = None
         self._budget: SiteBudget | None = None
         self._secagg: dict[tuple[str, int, int], SecAggSession] = {}
+        self._declined: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=16)
         self._side_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ class ParticipantDaemon:
             if self._cache is not None and self._pending == set():
                 self._cache = None  # free the model until the next job needs one
 
-    async def _decline(self, task: pb.TrainTask, reason: str) -> None:
+    async def _decline(self, task: pb.TrainTask | pb.SecAggStep, reason: str) -> None:
         stub = self._stub
         assert stub is not None
         req = pb.DeclineRequest(job_id=task.job_id, round=task.round, attempt=task.attempt, reason=reason)
@@ -329,7 +330,15 @@ class ParticipantDaemon:
             log.error("round %d: cannot take part in secure aggregation: %s", task.round, exc)
 
     async def _secagg_step(self, step: pb.SecAggStep) -> None:
-        session = self._secagg.get((step.job_id, step.round, step.attempt))
+        key = (step.job_id, step.round, step.attempt)
+        session = self._secagg.get(key)
+        if session is None and key not in self._declined:
+            # No keys for that round here (this daemon restarted since the round began, or never started its
+            # session): say so, or the coordinator, seeing the site connected, waits for it until the stage times out.
+            self._declined.append(key)
+            log.warning("round %d: no secure-aggregation keys for it (restarted?); declining", step.round)
+            await self._decline(step, "restarted: this site lost the round's secure-aggregation keys")
+            return
         if session is None or session.aborted:
             return
         if step.WhichOneof("stage") == "signatures":
