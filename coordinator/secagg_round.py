@@ -240,9 +240,10 @@ def _route(items: dict[str, pb.WorkItem], send: Send, rnd: SecAggRound) -> None:
             rnd.site_lost(site)
 
 
-def _stage_timeout(rnd: SecAggRound, deadline: float) -> float:
-    """A stage waits at most stage_timeout_s, and never past the round's deadline."""
-    return max(0.0, min(rnd.config.stage_timeout_s, deadline - time.time()))
+def _stage_timeout(rnd: SecAggRound, deadline: float, stages_left: int = 1) -> float:
+    """A stage waits at most stage_timeout_s, never past the round's deadline, and leaves the stages after it their
+    share of the time that is left (a site that hangs in one stage must not starve the next)."""
+    return max(0.0, min(rnd.config.stage_timeout_s, (deadline - time.time()) / stages_left))
 
 
 async def key_stages(
@@ -251,11 +252,12 @@ async def key_stages(
     """Stages 0 (advertise keys) and 1 (share keys), before ``deadline`` (the upload deadline). Returns why the round
     must fail, or None."""
     try:
-        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline), round_closed)
+        # Before the upload deadline: advertise, share keys, then the masked inputs (training) take what is left.
+        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline, stages_left=3), round_closed)
         if rnd.site_abort:
             return rnd.site_abort
         _route(rnd.close_advertise(), send, rnd)
-        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline), round_closed)
+        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline, stages_left=2), round_closed)
         if rnd.site_abort:
             return rnd.site_abort
         _route(rnd.close_share_keys(), send, rnd)
@@ -269,7 +271,7 @@ async def unmask_stages(rnd: SecAggRound, send: Send, wait: Wait, deadline: floa
     decoded mean, or why it failed."""
     try:
         _route(rnd.close_masked_input(), send, rnd)
-        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline))
+        await _run_stage(rnd, wait, _stage_timeout(rnd, deadline, stages_left=2))
         if rnd.site_abort:
             return rnd.site_abort
         _route(rnd.close_consistency(), send, rnd)

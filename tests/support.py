@@ -86,7 +86,7 @@ def coordinator_config(
     *,
     sites: tuple[str, ...] = SITES,
     job: JobConfig | None = None,
-    heartbeat_s: float = 1.0,
+    heartbeat_s: float = 2.0,
 ) -> CoordinatorConfig:
     return CoordinatorConfig(
         federation=FederationConfig(name="test", sites=sites),
