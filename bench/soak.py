@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import csv
 import gc
 import json
@@ -40,7 +39,6 @@ import platform
 import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +46,7 @@ import tracemalloc
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
@@ -58,6 +56,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the coordinator/
 
 from common.certs import TlsFiles, init_federation  # noqa: E402
 from common.datasets import load_source, split_sites, write_site_folders  # noqa: E402
+from common.errors import CohortError  # noqa: E402
+from common.processes import Processes  # noqa: E402
 from common.tasks import breast_cancer, digits  # noqa: E402
 from common.tasks.base import TrainSettings  # noqa: E402
 
@@ -209,67 +209,6 @@ def traced_coordinator(argv: Sequence[str], snapshot_dir: Path) -> int:
     return cli_main(list(argv))
 
 
-class Children:
-    """The coordinator and participant processes; every one is stopped on exit, whatever happens."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[IO[bytes]] = []
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.work / f"{name}.log").open("wb")
-        self._logs.append(log)
-        proc = subprocess.Popen(
-            [sys.executable, *args],
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{self.tail(name)}")
-
-    def pause(self, seconds: float) -> None:
-        """Wait on the coordinator rather than sleep: if it exits, the wait ends at once."""
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.procs["coordinator"].wait(timeout=seconds)
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        path = self.work / f"{name}.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    def stop_all(self, timeout: float = 30.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in self._logs:
-            log.close()
-
-
-def wait_for_file(path: Path, children: Children, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        children.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{path.name} did not appear within {timeout:.0f}s")
-        children.pause(0.1)
-    return path.read_text().strip()
-
-
 # -- sampling ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Sample:
@@ -304,13 +243,13 @@ def read_only(db: Path) -> sqlite3.Connection:
 
 
 def monitor(
-    children: Children, db_path: Path, rounds: int, snapshot_at: int | None, snapshot_dir: Path | None
+    children: Processes, db_path: Path, rounds: int, snapshot_at: int | None, snapshot_dir: Path | None
 ) -> tuple[list[Sample], sqlite3.Row, list[Path]]:
     """Poll the coordinator until its job ends; one :class:`Sample` per completed round."""
     pid = children.procs["coordinator"].pid
     while not db_path.exists():
         children.check_alive()
-        children.pause(POLL_S)
+        children.pause(POLL_S, on="coordinator")
     conn = read_only(db_path)
     samples: list[Sample] = []
     snapshots: list[Path] = []
@@ -360,12 +299,12 @@ def monitor(
                         snapshots.append(request_snapshot(children, snapshot_dir, len(snapshots) + 1))
                 if job is not None and job["state"] != "running":
                     return samples, job, snapshots
-            children.pause(POLL_S)
+            children.pause(POLL_S, on="coordinator")
     finally:
         conn.close()
 
 
-def request_snapshot(children: Children, snapshot_dir: Path, n: int, timeout: float = 120.0) -> Path:
+def request_snapshot(children: Processes, snapshot_dir: Path, n: int, timeout: float = 120.0) -> Path:
     children.procs["coordinator"].send_signal(signal.SIGUSR1)
     path = snapshot_dir / f"snapshot-{n}.bin"
     deadline = time.monotonic() + timeout
@@ -373,7 +312,7 @@ def request_snapshot(children: Children, snapshot_dir: Path, n: int, timeout: fl
         children.check_alive()
         if time.monotonic() > deadline:
             raise RuntimeError(f"the coordinator wrote no heap snapshot within {timeout:.0f}s")
-        children.pause(0.1)
+        children.pause(0.1, on="coordinator")
     return path
 
 
@@ -419,7 +358,7 @@ def heap_growth(snapshot_dir: Path, first: int, last: int, top: int = 10) -> lis
 
 def run_soak(s: Settings, work: Path) -> Outcome:
     coordinator_yaml = prepare(work, s)
-    children = Children(work)
+    children = Processes(work, cwd=ROOT)
     snapshot_dir = work / "heap" if s.tracemalloc else None
     coordinator_args = [
         "coordinator",
@@ -436,7 +375,7 @@ def run_soak(s: Settings, work: Path) -> Outcome:
     t0 = time.monotonic()
     try:
         children.start("coordinator", [*entry, *coordinator_args])
-        address = wait_for_file(work / "coordinator.addr", children, STARTUP_TIMEOUT_S)
+        address = children.wait_for_file(work / "coordinator.addr", STARTUP_TIMEOUT_S, on="coordinator")
         start_stats = proc_stats(children.procs["coordinator"].pid)
         children.start(
             "participants",
@@ -674,7 +613,7 @@ def main() -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="cohort-soak-") as tmp:
                 out = run_soak(s, Path(tmp))
-    except RuntimeError as exc:
+    except (RuntimeError, CohortError) as exc:
         print(f"soak: the federation failed: {exc}", file=sys.stderr)
         return 2
     load_end = " ".join(Path("/proc/loadavg").read_text().split()[:3])

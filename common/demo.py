@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from common.admin_client import AdminEndpoint, get_status
 from common.certs import init_federation
 from common.datasets import load_source, split_sites, write_site_folders
 from common.errors import CohortError, ConfigError
+from common.processes import Processes
 from common.proto.cohort.v1 import cohort_pb2 as pb
 
 SITES = tuple(f"hospital-{i}" for i in range(1, 6))
@@ -35,53 +32,6 @@ def default_deploy_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "deploy" / "demo"
 
 
-class Processes:
-    """Child processes started by the demo; all of them are stopped on exit, whatever happens."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs: list[IO[bytes]] = []
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log_path = self.run_dir / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = log_path.open("wb")
-        self._logs.append(log)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", *args],
-            cwd=self.run_dir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise CohortError(
-                    f"{name} exited with code {proc.returncode}; see {self.run_dir / 'logs' / (name + '.log')}"
-                )
-
-    def stop_all(self, timeout: float = 15.0) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for log in self._logs:
-            log.close()
-
-
 def prepare(run_dir: Path) -> None:
     """Fresh certificates, data and state for one demo run."""
     for sub in ("certs", "data", "state", "logs"):
@@ -93,16 +43,6 @@ def prepare(run_dir: Path) -> None:
     x, y, schema = load_source(DATASET)
     splits = split_sites(x, y, SITES, alpha=ALPHA, seed=SEED)
     write_site_folders(run_dir / "data", splits, schema)
-
-
-def _wait_for_file(path: Path, procs: Processes, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        procs.check_alive()
-        time.sleep(0.1)
-    raise CohortError(f"the coordinator did not report its address within {timeout:.0f}s")
 
 
 def _round_line(job: pb.JobStatus, r: pb.RoundStatus) -> str:
@@ -173,9 +113,11 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
     print(f"Cohort demo: 5 hospitals, task {DATASET}, non-IID (Dirichlet alpha={ALPHA}); run directory {run_dir}")
     prepare(run_dir)
     print("  issued certificates (CA, coordinator, 5 hospitals, admin) and split the data over the hospitals")
-    procs = Processes(run_dir)
+    procs = Processes(run_dir / "logs", cwd=run_dir)
     try:
         coordinator_args = [
+            "-m",
+            "common.cli",
             "coordinator",
             "--config",
             str(deploy / "coordinator.yaml"),
@@ -187,12 +129,14 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         if rounds is not None:
             coordinator_args += ["--set", f"job.rounds={rounds}"]
         procs.start("coordinator", coordinator_args)
-        address = _wait_for_file(run_dir / "coordinator.addr", procs, timeout=60)
+        address = procs.wait_for_file(run_dir / "coordinator.addr", timeout=60, on="coordinator")
         print(f"  coordinator listening on {address} (mutual TLS)")
         for site in SITES:
             procs.start(
                 site,
                 [
+                    "-m",
+                    "common.cli",
                     "participant",
                     "--config",
                     str(deploy / f"{site}.yaml"),
