@@ -16,7 +16,7 @@ from common import config as config_loader
 from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TaskError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits
-from common.tasks.base import load_task
+from common.tasks.base import Task, load_task
 from common.version import VERSION
 from coordinator.config import CoordinatorConfig, JobConfig
 from coordinator.denylist import CertRef, Revocations
@@ -27,7 +27,7 @@ from coordinator.model_store import ModelStore
 from coordinator.privacy import JobPrivacy
 from coordinator.ratelimit import AuditThrottle, JoinLimiter
 from coordinator.registry import Declaration, Registry
-from coordinator.resume import CannotResume, plan_resume
+from coordinator.resume import CannotResume, ResumePoint, plan_resume
 from coordinator.secagg_round import load_ca_certs
 from coordinator.store import Store
 
@@ -87,19 +87,7 @@ class Coordinator:
         except (ValueError, TaskError) as exc:
             raise FailedPrecondition(f"task {spec.task!r} cannot be loaded on the coordinator: {exc}") from None
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        runner = JobRunner(
-            job_id,
-            spec,
-            task,
-            store=self.store,
-            models=self.models,
-            registry=self.registry,
-            spool_root=self.spool_root,
-            limits=self.limits,
-            progress=self.progress,
-            ca_certs=self.ca_certs,
-            population=len(self.allowed),
-        )
+        runner = self._runner(job_id, spec, task)
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
         self.runner = runner
         self.runners[job_id] = runner
@@ -150,6 +138,16 @@ class Coordinator:
             spool_root=self.spool_root,
             initial_version=initial,
         )
+        return self._runner(job_id, spec, task, resume=point, privacy_state=row["privacy_state"])
+
+    def _runner(
+        self,
+        job_id: str,
+        spec: JobConfig,
+        task: Task,
+        resume: ResumePoint | None = None,
+        privacy_state: dict[str, object] | None = None,
+    ) -> JobRunner:
         return JobRunner(
             job_id,
             spec,
@@ -162,8 +160,8 @@ class Coordinator:
             progress=self.progress,
             ca_certs=self.ca_certs,
             population=len(self.allowed),
-            resume=point,
-            privacy_state=row["privacy_state"],
+            resume=resume,
+            privacy_state=privacy_state,
         )
 
     def start_job_from_proto(self, spec: pb.JobSpec, actor: str) -> pb.JobStatus:
