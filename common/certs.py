@@ -275,7 +275,7 @@ def identity_from_pem(pem: bytes) -> PeerIdentity:
     """The identity in a PEM certificate; :class:`CertificateError` if it is not a Cohort leaf certificate."""
     try:
         cert = x509.load_pem_x509_certificate(pem)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion (not v1/v3) is no ValueError
         raise CertificateError(f"not a PEM certificate: {exc}") from None
     return identity_of(cert)
 

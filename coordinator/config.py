@@ -157,6 +157,9 @@ class PrivacyConfig:
             raise ConfigError(f"{where}.delta: must be in (0, 1)")
         if self.noise_multiplier <= 0 or self.clip_norm <= 0:
             raise ConfigError(f"{where}.noise_multiplier and clip_norm: must be > 0")
+        if not 0.01 <= self.noise_multiplier <= 1000:
+            # Outside this range the accountants' arithmetic under- or overflows, and no useful setting lies there.
+            raise ConfigError(f"{where}.noise_multiplier: must be between 0.01 and 1000")
 
 
 @dataclass(frozen=True)

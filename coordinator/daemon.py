@@ -14,13 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.lifecycle import Status, install_stop_handlers
-from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials, tls_files
 from coordinator.config import CoordinatorConfig
 from coordinator.job import ProgressHook
 from coordinator.service import Coordinator
 from coordinator.servicer import AdminServicer, FederationServicer
+from coordinator.wire import add_service
 
 log = logging.getLogger("cohort.coordinator")
 
@@ -53,8 +53,8 @@ class CoordinatorDaemon:
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2)
             + message_options(cfg.server.max_chunk_bytes + (64 << 10))
         )
-        pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(coordinator), server)
+        add_service(server, "Federation", FederationServicer(coordinator))
+        add_service(server, "Admin", AdminServicer(coordinator))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host, _ = parse_address(cfg.server.listen, "server.listen")

@@ -122,7 +122,13 @@ class JobPrivacy:
         """Refuse a job whose plan exceeds its budget (site level)."""
         if not self.site_level or self.cfg.target_epsilon <= 0 or not self.cfg.refuse_over_budget:
             return
-        eps = self.plan_epsilon(rounds, cohort_size)
+        try:
+            eps = self.plan_epsilon(rounds, cohort_size)
+        except (ArithmeticError, ValueError) as exc:
+            raise FailedPrecondition(
+                f"the accountant cannot evaluate this privacy plan ({type(exc).__name__}: {exc}); check "
+                "noise_multiplier, delta and the number of rounds"
+            ) from None
         if eps > self.cfg.target_epsilon:
             raise FailedPrecondition(
                 f"the job's privacy plan spends epsilon {eps:.3f} over {rounds} rounds (delta {self.cfg.delta:g}), "

@@ -80,7 +80,7 @@ class Registry:
 
     def attach(self, site: str, session_id: str) -> Session | None:
         session = self._sessions.get(site)
-        if session is None or not secrets.compare_digest(session.session_id, session_id):
+        if session is None or not secrets.compare_digest(session.session_id.encode(), session_id.encode()):
             return None
         session.streams += 1
         session.last_seen = session.heard = self._clock()
@@ -111,7 +111,7 @@ class Registry:
     def heartbeat(self, site: str, session_id: str) -> bool:
         """Record that ``site``'s current session is alive; False when that session is not (or no longer) current."""
         session = self._sessions.get(site)
-        if session is None or not secrets.compare_digest(session.session_id, session_id):
+        if session is None or not secrets.compare_digest(session.session_id.encode(), session_id.encode()):
             return False
         session.heard = session.last_seen = self._clock()
         session.beats = True

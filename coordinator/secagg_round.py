@@ -21,7 +21,7 @@ from common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from common.privacy.skellam import SkellamParams, decode_private
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg import protocol as sa
-from common.secagg.encoding import EncodingParams, F64Array, decode_mean, packed_len
+from common.secagg.encoding import EncodingParams, F64Array, check_padding, decode_mean, packed_len
 from common.secagg_wire import (
     MASKED_TENSOR,
     ad_from_proto,
@@ -209,6 +209,10 @@ class SecAggRound:
                 while block := f.read(CHUNK_BYTES):
                     yield block
 
+        # Checked before any of it is added: bad padding found after the fold would leave the sum unusable.
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            check_padding(f.read(1)[0], self.params.dim, self.params.bits)
         self.server.receive_masked_chunks(site, blocks())
 
 

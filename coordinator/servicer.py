@@ -28,6 +28,7 @@ from common.tls import peer_identity, require_role
 from coordinator.denylist import CertRef, cert_ref
 from coordinator.service import Coordinator
 from coordinator.upload_guard import GuardedStream, StreamLimits
+from coordinator.wire import refuse_undecodable
 
 log = logging.getLogger("cohort.coordinator.rpc")
 
@@ -83,6 +84,7 @@ def translated(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: Ctx) -> Resp:
         try:
+            refuse_undecodable(request)
             return await fn(self, request, context)
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
@@ -99,6 +101,7 @@ def translated_stream(
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: Ctx) -> AsyncIterator[Resp]:
         try:
+            refuse_undecodable(request)
             async for item in fn(self, request, context):
                 yield item
         except Exception as exc:

@@ -22,6 +22,7 @@ from typing import Any
 
 from common.errors import DeadlineExceeded, ResourceExhausted
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from coordinator.wire import refuse_undecodable
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class GuardedStream:
             self._check_revoked()  # the last look before the intake verifies and folds the upload
             raise
         self.messages += 1
+        refuse_undecodable(msg)
         if self.messages > self.limits.max_chunks + 1:
             raise ResourceExhausted(
                 f"upload has more than {self.limits.max_chunks} chunks (server.max_upload_chunks); send larger "

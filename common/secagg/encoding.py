@@ -223,15 +223,21 @@ def pack(values: U32Array, bits: int) -> bytes:
     return words.astype("<u8", copy=False).tobytes()[: packed_len(d, bits)]
 
 
+def check_padding(last_byte: int, d: int, bits: int) -> None:
+    """The bits after the last value in the last byte of a packed vector must be zero."""
+    tail = (d * bits) % 8
+    if tail and last_byte >> tail:
+        raise InvalidArgument("packed data has non-zero padding bits")
+
+
 def unpack(data: bytes | bytearray | memoryview, d: int, bits: int) -> U32Array:
     """Inverse of :func:`pack`. Wrong length or non-zero padding bits raise :class:`InvalidArgument`."""
     check_bits(bits)
     if len(data) != packed_len(d, bits):
         raise InvalidArgument(f"{d} packed {bits}-bit values take {packed_len(d, bits)} bytes, got {len(data)}")
     raw = np.frombuffer(data, dtype=np.uint8)
-    tail = (d * bits) % 8
-    if tail and int(raw[-1]) >> tail:
-        raise InvalidArgument("packed data has non-zero padding bits")
+    if len(raw):
+        check_padding(int(raw[-1]), d, bits)
     if bits == 32:
         return np.frombuffer(data, dtype="<u4").astype(np.uint32)
     if bits == 16:

@@ -189,6 +189,8 @@ def load_task(ref: str) -> Task:
             f"task {ref!r} is neither a built-in task ({', '.join(sorted(BUILTIN_TASKS))}) "
             "nor a dotted path of the form 'package.module:ATTR'"
         )
+    if module_name.startswith("."):
+        raise ValueError(f"task module {module_name!r}: give an absolute module path (package.module:ATTR)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
