@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -90,7 +91,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{path}: expected a finite number, got an integer too large for one") from None
+        # NaN passes every range check (all comparisons are false) and infinity means no limit: neither is a setting.
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -143,9 +151,25 @@ def _set_in(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
     node[parts[-1]] = value
 
 
-def _parse_scalar(text: str) -> Any:
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load``, with every way it can fail as :class:`yaml.YAMLError`.
+
+    PyYAML's constructors raise plain ValueError, KeyError, AttributeError ... on malformed tagged or implicit
+    scalars (``!!int abc``, ``2001-13-45``, an integer of more digits than Python converts), and RecursionError on
+    deeply nested collections; none of them is a YAMLError.
+    """
     try:
         return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise
+    except Exception as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        raise yaml.YAMLError(f"cannot read a value ({reason})") from None
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return _safe_load(text)
     except yaml.YAMLError:
         return text
 
@@ -155,8 +179,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:

@@ -164,7 +164,7 @@ def verify_site_certificate(
 
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion (a version field other than v1/v3) is no ValueError
         raise fail("is not a PEM certificate") from None
     issuer = None
     for ca in cas:

@@ -69,6 +69,7 @@ class SecAggServer:
         self.params = params
         self._cas, self._now = tuple(ca_certs), now or datetime.now(UTC)
         self.stage = ServerStage.ADVERTISE
+        self.abort_reason = ""
         self._ads: dict[str, Advertisement] = {}
         self._signers: dict[str, ec.EllipticCurvePublicKey] = {}
         self._share_keys: dict[str, ShareKeys] = {}
@@ -88,6 +89,10 @@ class SecAggServer:
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _expect(self, stage: ServerStage, sender: str | None = None, members: frozenset[str] | None = None) -> None:
+        if self.stage is ServerStage.ABORTED:
+            # Whatever comes after an abort belongs to a round that cannot finish: the caller must see the abort
+            # (and fail the round), not a stage mismatch it would take for a programming error.
+            raise SecAggAborted(f"secure aggregation round {self.params.round_no} was aborted: {self.abort_reason}")
         if self.stage is not stage:
             raise FailedPrecondition(f"the SecAgg round is at stage {self.stage.value}, not {stage.value}")
         if sender is not None and sender not in (members if members is not None else self.params.cohort):
@@ -133,7 +138,7 @@ class SecAggServer:
                 )
 
     def _abort(self, why: str) -> None:
-        self.stage = ServerStage.ABORTED
+        self.stage, self.abort_reason = ServerStage.ABORTED, why
         raise SecAggAborted(f"secure aggregation round {self.params.round_no} aborted: {why}")
 
     # -- stage 0: advertise ----------------------------------------------------------------------------------------
@@ -307,7 +312,11 @@ class SecAggServer:
         for r in msg.shares:
             commits = self._commitments[(r.owner, sender)]
             want = commits.b_commitment if r.kind == "b" else commits.s_commitment
-            if keys.share_commitment(p.job_id, p.round_no, r.owner, sender, r.kind, r.share) != want:
+            # A share that is no field element is evidence like a forged one, even when it matches its commitment
+            # (its owner committed to it, e.g. for the share it holds itself): the message is taken either way.
+            if keys.share_commitment(p.job_id, p.round_no, r.owner, sender, r.kind, r.share) != want or not (
+                len(r.share) == shamir.SHARE_LEN and int.from_bytes(r.share, "big") < shamir.PRIME
+            ):
                 self.rejected.append(RejectedShare(sender, r.owner, r.kind))
                 continue
             self._shares.setdefault((r.owner, r.kind), {})[x] = shamir.share_from_bytes(r.share)
@@ -328,7 +337,7 @@ class SecAggServer:
                 continue
             s_sk = keys.load_private(secret)
             if keys.public_bytes(s_sk) != self._ads[owner].s_pk:
-                self.stage = ServerStage.ABORTED
+                self.stage, self.abort_reason = ServerStage.ABORTED, f"the mask key of {owner!r} was tampered with"
                 raise SecAggTampered(f"the reconstructed mask key of {owner!r} does not match its advertised key")
             for u in sorted(p.neighbours_of(owner) & self.u3):
                 seed = keys.derive(keys.agree(s_sk, self._ads[u].s_pk, u), "mask", p.job_id, p.round_no, owner, u)
