@@ -122,6 +122,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
 
+# Trailing metadata of a rate-limited call (RESOURCE_EXHAUSTED): milliseconds until a retry may succeed.
+RETRY_AFTER_KEY = "cohort-retry-after-ms"
+
 # Status codes a client may retry: the peer is temporarily unreachable or busy.
 RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -21,7 +21,7 @@ import grpc
 
 from common import failpoints
 from common.certs import Role
-from common.errors import CertificateRevoked, InvalidArgument, RateLimited, RpcError, status_for
+from common.errors import RETRY_AFTER_KEY, CertificateRevoked, InvalidArgument, RateLimited, RpcError, status_for
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.tls import peer_identity, require_role
@@ -35,8 +35,6 @@ log = logging.getLogger("cohort.coordinator.rpc")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Ctx = grpc.aio.ServicerContext[Any, Any]
-
-RETRY_AFTER_KEY = "cohort-retry-after-ms"  # trailing metadata of a rate-limited call: when to try again
 
 
 async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from common import failpoints
 from common.certs import Role
-from common.errors import RETRYABLE_CODES, CohortError, InvalidArgument
+from common.errors import RETRY_AFTER_KEY, RETRYABLE_CODES, CohortError, InvalidArgument
 from common.lifecycle import Status
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
@@ -164,6 +164,7 @@ class ParticipantDaemon:
     async def _connect_loop(self) -> None:
         stub = self._open_channel()
         while not self._stop.is_set():
+            hint = 0.0
             try:
                 await self._session(stub)
             except FatalRefusal as exc:
@@ -174,10 +175,12 @@ class ParticipantDaemon:
                     self._fail(f"coordinator refused this site ({exc.code().name}): {exc.details()}")
                     return
                 log.warning("connection to coordinator lost (%s: %s); reconnecting", exc.code().name, exc.details())
+                hint = retry_after_s(exc)
             except TimeoutError:
                 log.warning("no message from the coordinator within the heartbeat window; reconnecting")
             self.joined.clear()
-            await self._sleep(self._backoff.next_delay())
+            # A rate-limited Join says when to come back; never sooner than that, never sooner than the backoff.
+            await self._sleep(max(self._backoff.next_delay(), hint))
 
     async def _session(self, stub: pb_grpc.FederationAsyncStub) -> None:
         assert self.task is not None
@@ -521,6 +524,19 @@ class ParticipantDaemon:
             return ack
 
         await self._retrying("evaluation report", task.deadline_unix, send)
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float:
+    """The coordinator's retry hint (trailing metadata of a RESOURCE_EXHAUSTED answer), in seconds; 0 if none."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 0.0
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return min(300.0, max(0.0, float(value) / 1000))
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0
 
 
 def _key(item: pb.WorkItem) -> WorkKey:

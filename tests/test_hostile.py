@@ -36,7 +36,7 @@ from support import (
 
 from common.certs import fingerprint
 from common.config import load
-from common.errors import ConfigError, RateLimited
+from common.errors import RETRY_AFTER_KEY, ConfigError, RateLimited
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
@@ -46,8 +46,8 @@ from coordinator.daemon import CoordinatorDaemon
 from coordinator.denylist import DenyList, parse_deny_list
 from coordinator.job import JobRunner
 from coordinator.ratelimit import AuditThrottle, JoinLimiter
-from coordinator.servicer import RETRY_AFTER_KEY
 from participant.config import ReconnectConfig
+from participant.daemon import retry_after_s
 
 A, B, C = SITES[:3]
 CODE = grpc.StatusCode
@@ -596,3 +596,15 @@ def test_audit_throttle_counts_what_it_holds_back() -> None:
     now = 61.0
     assert throttle.admit(("join_rate_limited", A)) == 5
     assert throttle.admit(("join_rate_limited", A)) is None
+
+
+def test_participant_reads_the_retry_hint_of_a_rate_limited_join() -> None:
+    def error(code: grpc.StatusCode, trailing: tuple[tuple[str, str], ...]) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), "refused")
+
+    limited = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_after_s(error(limited, ((RETRY_AFTER_KEY, "2500"),))) == 2.5
+    assert retry_after_s(error(limited, ((RETRY_AFTER_KEY, "not a number"),))) == 0.0
+    assert retry_after_s(error(limited, ((RETRY_AFTER_KEY, str(10**9)),))) == 300.0  # a hint is capped
+    assert retry_after_s(error(limited, ())) == 0.0
+    assert retry_after_s(error(grpc.StatusCode.UNAVAILABLE, ((RETRY_AFTER_KEY, "2500"),))) == 0.0
