@@ -479,7 +479,7 @@ class JobRunner(Intake):
 
     # -- evaluation -------------------------------------------------------------------------------------------
     async def _collect(self, number: int, split: str, sites: list[str]) -> Evaluation:
-        ev = Evaluation(number, split, self.global_model.version, set(sites))
+        ev = Evaluation(number, split, self.global_model.version, set(sites), enough=self._target(len(sites)))
         self._eval = ev
         failpoints.hit("coordinator.evaluating", round=number)
         item = pb.WorkItem(

@@ -75,9 +75,10 @@ class Evaluation:
     expected: set[str]
     reports: dict[str, tuple[int, float, float]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    enough: int | None = None  # over-selection: this many reports close the evaluation early
 
     def check_done(self) -> None:
-        if self.expected <= set(self.reports):
+        if self.expected <= set(self.reports) or (self.enough is not None and len(self.reports) >= self.enough):
             self.done.set()
 
     def aggregate(self) -> tuple[int, float, float]:
