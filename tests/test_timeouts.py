@@ -126,7 +126,15 @@ async def test_over_selected_round_does_not_wait_for_a_straggler(
     participant_factory: ParticipantFactory,
 ) -> None:
     # k = 2 sites per round (fraction 0.5 of 4), over-selected to 4: one of them never answers.
-    job = job_config(rounds=2, min_sites=2, fraction=0.5, over_selection=1.0, round_timeout_s=10, evaluate_every=0)
+    job = job_config(
+        rounds=2,
+        min_sites=2,
+        min_available_sites=4,
+        fraction=0.5,
+        over_selection=1.0,
+        round_timeout_s=10,
+        evaluate_every=0,
+    )
     coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", sites=SITES[:4], job=job))
     async with silent_site(coord.address, pki, SITES[3]):
         for site in SITES[:3]:
@@ -134,8 +142,8 @@ async def test_over_selected_round_does_not_wait_for_a_straggler(
         runner = runner_of(coord)
         await poll_until(lambda: runner.state != "running", timeout=90, what="the job to finish")
     assert runner.state == "finished", runner.detail
-    rounds = [r for r in coord.coordinator.store.rounds(runner.job_id) if r.state == "completed"]
-    assert [r.round for r in rounds] == [1, 2]
+    rounds = coord.coordinator.store.rounds(runner.job_id)
+    assert [(r.round, r.state) for r in rounds] == [(1, "completed"), (2, "completed")]
     for r in rounds:
         assert len(r.cohort) == 4
         assert len(r.reported) == 2
