@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test-only large-model task lives there
 
-from common.certs import TlsFiles, init_federation  # noqa: E402
+from common.ca import init_federation  # noqa: E402
+from common.certs import TlsFiles  # noqa: E402
 from common.datasets import load_source, split_sites, write_site_folders  # noqa: E402
 from common.settings import TlsConfig, TrainParamsConfig  # noqa: E402
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig  # noqa: E402

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 
-from common.certs import Role, create_ca, issue_certificate, new_private_key
+from common.ca import create_ca, issue_certificate, new_private_key
+from common.certs import Role
 from common.secagg.encoding import EncodingParams, encode, packed_len
 from common.secagg.graph import choose_k_and_t
 from common.secagg.prg import apply_masks

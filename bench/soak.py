@@ -5,7 +5,7 @@ samples the coordinator's resident memory, open file descriptors and threads onc
 coordinator is its own process (``python -m common.cli coordinator``, the same command a deployment runs), so the
 RSS is its own; the sites are in-process :class:`ParticipantDaemon` instances in one second process (every process
 that imports torch costs ~300 MB, and ten of them would crowd a 2-core machine). Certificates are real (one
-federation CA from :func:`common.certs.init_federation`, as the demo issues them); the data is the task's public
+federation CA from :func:`common.ca.init_federation`, as the demo issues them); the data is the task's public
 data set split over the sites with :mod:`common.datasets`, as the demo splits it.
 
 Round boundaries come from the coordinator's own SQLite store (the ``rounds`` table, opened read-only beside the
@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the coordinator/participant packages live at ROOT
     sys.path.insert(0, str(ROOT))
 
-from common.certs import TlsFiles, init_federation  # noqa: E402
+from common.ca import init_federation  # noqa: E402
+from common.certs import TlsFiles  # noqa: E402
 from common.datasets import load_source, split_sites, write_site_folders  # noqa: E402
 from common.errors import CohortError  # noqa: E402
 from common.processes import Processes  # noqa: E402

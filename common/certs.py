@@ -1,10 +1,10 @@
-"""The federation PKI: one CA, one certificate each for the coordinator, every site and every admin.
+"""Federation identities: who a certificate says its holder is, and the start-up check of one identity's files.
 
 A certificate says who holds it: Subject ``OU`` is the :class:`Role`, ``CN`` the name (site id, admin name
 or ``coordinator``), ``O`` the federation. The gRPC layer takes a peer's identity only from its verified
 certificate. Every key is ECDSA P-256: fast, fine for TLS 1.3, and the one key type participants also use to
-sign their secure-aggregation public keys, so verifiers need handle only one. A site can keep its private key
-at home with :func:`create_csr` (at the site) and :func:`sign_csr` (at the operator).
+sign their secure-aggregation public keys, so verifiers need handle only one. The CA that issues these
+certificates, and the tools that make them, are in :mod:`common.ca`.
 
 Files are PEM. Private keys are unencrypted PKCS#8 with mode 0600: daemons start unattended, so, as with SSH
 host keys, file permissions protect them.
@@ -13,14 +13,11 @@ host keys, file permissions protect them.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import logging
-import os
 import re
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
@@ -28,24 +25,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from common.errors import CertificateError, ConfigError
 
 log = logging.getLogger(__name__)
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-# Clocks at sites may run a little behind the issuer's; a fresh certificate must not be "not yet valid" there.
-CLOCK_SKEW = timedelta(minutes=5)
-MAX_DAYS = 36500
 # Names become directory names and log fields: lower case, no path separators, no leading dot.
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-_HOST_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_HOST_RE = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
-COORDINATOR_NAME = "coordinator"
-# The coordinator certificate always covers local connections (demo, tests, a proxy on the same host).
-DEFAULT_COORDINATOR_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class Role(enum.StrEnum):
@@ -86,161 +73,8 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
-def _check_days(days: int, what: str = "days") -> None:
-    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
-        raise ConfigError(f"{what}: must be a whole number of days from 1 to {MAX_DAYS}, got {days!r}")
-
-
-def _check_federation(federation: str) -> None:
-    # X.520 caps O at 64 characters; control characters would garble logs and `certs show`.
-    if not federation or len(federation) > 64 or not federation.isprintable():
-        raise ConfigError(f"federation {federation!r}: use 1-64 printable characters")
-
-
-def _split_host_names(names: Iterable[str]) -> tuple[list[str], list[IpAddress]]:
-    """Sort host names into DNS names and IP addresses, validated and without duplicates."""
-    dns: list[str] = []
-    ips: list[IpAddress] = []
-    for raw in names:
-        name = raw.strip().lower()
-        try:
-            ip = ipaddress.ip_address(name.strip("[]"))
-        except ValueError:
-            if len(name) > 253 or not _HOST_RE.fullmatch(name):
-                raise ConfigError(f"host name {raw!r}: not a valid DNS name or IP address") from None
-            if name not in dns:
-                dns.append(name)
-        else:
-            if ip not in ips:
-                ips.append(ip)
-    return dns, ips
-
-
-def new_private_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh ECDSA P-256 private key."""
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _subject(federation: str | None, role: Role | None, common_name: str) -> x509.Name:
-    attrs = [] if federation is None else [x509.NameAttribute(NameOID.ORGANIZATION_NAME, federation)]
-    if role is not None:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value))
-    return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _key_usage(*, ca: bool) -> x509.KeyUsage:
-    # A CA signs certificates (and CRLs); a leaf only signs TLS handshakes (ECDHE, so no key encipherment).
-    return x509.KeyUsage(
-        digital_signature=not ca,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def create_ca(federation: str = "cohort", days: int = 3650) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A new self-signed federation CA certificate and its private key."""
-    _check_federation(federation)
-    _check_days(days)
-    key = new_private_key()
-    subject = _subject(federation, None, f"{federation} federation CA")
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + timedelta(days=days))
-        # path_length=0: this CA signs leaf certificates only, never another CA.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def issue_certificate(
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    *,
-    name: str,
-    role: Role,
-    public_key: CertificatePublicKeyTypes,
-    not_before: datetime,
-    not_after: datetime,
-    dns_names: Sequence[str] = (),
-    ip_addresses: Sequence[str | IpAddress] = (),
-    federation: str = "cohort",
-) -> x509.Certificate:
-    """Sign a leaf certificate for ``name`` in ``role`` exactly as asked (no capping of the validity)."""
-    validate_name(name)
-    eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if role is Role.COORDINATOR:
-        eku.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_subject(federation, role, name))
-        .issuer_name(ca_cert.subject)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-    )
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(ca_key, hashes.SHA256())
-
-
-def write_pem(path: Path, data: bytes, private: bool) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600 for a private key and 0644 otherwise.
-
-    ``mkstemp`` creates the temporary file with ``os.open(..., 0o600)``, so a key is never readable by others,
-    not even briefly; ``os.replace`` then swaps it in, so a crash never leaves half a file and an old file
-    with looser permissions is replaced, not reused.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if not private:
-                os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    encoding, fmt = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
-    return key.private_bytes(encoding, fmt, serialization.NoEncryption())
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _spki(key: CertificatePublicKeyTypes) -> bytes:
+def spki(key: CertificatePublicKeyTypes) -> bytes:
+    """The DER SubjectPublicKeyInfo of ``key``: equal for a certificate and the private key that belongs to it."""
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -249,18 +83,20 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
-def _single_attr(name: x509.Name, oid: x509.ObjectIdentifier, label: str) -> str:
+def subject_attribute(name: x509.Name, oid: x509.ObjectIdentifier, label: str) -> str:
+    """The one value of ``oid`` in ``name``; :class:`CertificateError` naming ``label`` if there is not exactly one."""
     values = name.get_attributes_for_oid(oid)
     if len(values) != 1 or not isinstance(values[0].value, str):
         raise CertificateError(f"subject must have exactly one {label}, found {len(values)}")
     return values[0].value
 
 
-def _subject_identity(subject: x509.Name) -> PeerIdentity:
-    ou = _single_attr(subject, NameOID.ORGANIZATIONAL_UNIT_NAME, "role (OU)")
+def subject_identity(subject: x509.Name) -> PeerIdentity:
+    """The role (OU) and name (CN) in a certificate's or a signing request's subject, both checked."""
+    ou = subject_attribute(subject, NameOID.ORGANIZATIONAL_UNIT_NAME, "role (OU)")
     if ou not in {r.value for r in Role}:
         raise CertificateError(f"role (OU) {ou!r} is not one of {', '.join(Role)}")
-    name = _single_attr(subject, NameOID.COMMON_NAME, "name (CN)")
+    name = subject_attribute(subject, NameOID.COMMON_NAME, "name (CN)")
     if not _NAME_RE.fullmatch(name):
         raise CertificateError(f"name (CN) {name!r} is not a valid Cohort name")
     return PeerIdentity(role=Role(ou), name=name)
@@ -268,7 +104,7 @@ def _subject_identity(subject: x509.Name) -> PeerIdentity:
 
 def identity_of(cert: x509.Certificate) -> PeerIdentity:
     """The role (Subject OU) and name (Subject CN) of a Cohort certificate."""
-    return _subject_identity(cert.subject)
+    return subject_identity(cert.subject)
 
 
 def identity_from_pem(pem: bytes) -> PeerIdentity:
@@ -280,7 +116,8 @@ def identity_from_pem(pem: bytes) -> PeerIdentity:
     return identity_of(cert)
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of ``path``; :class:`CertificateError` saying what to do if it is missing or unreadable."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -290,22 +127,25 @@ def _read(path: Path, what: str) -> bytes:
         raise CertificateError(msg) from None
 
 
-def _load_certs(path: Path, what: str) -> list[x509.Certificate]:
+def load_certificates(path: Path, what: str) -> list[x509.Certificate]:
+    """The PEM certificates in ``path`` (``what`` names the file in errors), at least one."""
     try:
-        return x509.load_pem_x509_certificates(_read(path, what))
+        return x509.load_pem_x509_certificates(read_file(path, what))
     except ValueError:
         msg = f"{path}: {what} is not PEM (expected '-----BEGIN CERTIFICATE-----')"
         raise CertificateError(msg) from None
 
 
-def _check_key_type(key: object, path: Path) -> None:
+def check_key_type(key: object, path: Path) -> None:
+    """Raise :class:`CertificateError` unless ``key`` (from ``path``) is an ECDSA P-256 public key."""
     # One key type everywhere: participants sign SecAgg keys with it, and verifiers expect ECDSA P-256.
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise CertificateError(f"{path}: Cohort keys are ECDSA P-256; create one with `cohort certs`")
 
 
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    data = _read(path, "private key")
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The unencrypted ECDSA P-256 private key in the PEM file ``path``."""
+    data = read_file(path, "private key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
@@ -315,11 +155,12 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
         raise CertificateError(f"{path}: not a PEM private key (expected '-----BEGIN PRIVATE KEY-----')") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{path}: Cohort keys are ECDSA P-256; create one with `cohort certs`")
-    _check_key_type(key.public_key(), path)
+    check_key_type(key.public_key(), path)
     return key
 
 
-def _check_validity(cert: x509.Certificate, path: Path, now: datetime, renew: str) -> None:
+def check_validity(cert: x509.Certificate, path: Path, now: datetime, renew: str) -> None:
+    """Raise :class:`CertificateError` unless ``cert`` is valid ``now``; ``renew`` says what to do if expired."""
     if now < cert.not_valid_before_utc:
         when = f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
         raise CertificateError(f"{path}: certificate is not valid before {when}; check this machine's clock")
@@ -345,10 +186,10 @@ def check_tls_files(files: TlsFiles, *, expect_role: Role | None = None, now: da
     :class:`CertificateError` naming the file and what to do, instead of a TLS handshake error later.
     """
     now = now or datetime.now(UTC)
-    cas = _load_certs(files.ca, "CA certificate")
-    cert = _load_certs(files.cert, "certificate")[0]
-    key = _load_key(files.key)
-    _check_validity(cert, files.cert, now, "ask the federation operator for a new one")
+    cas = load_certificates(files.ca, "CA certificate")
+    cert = load_certificates(files.cert, "certificate")[0]
+    key = load_private_key(files.key)
+    check_validity(cert, files.cert, now, "ask the federation operator for a new one")
     issuer = _issuer(cert, cas)
     if issuer is None:
         raise CertificateError(
@@ -356,8 +197,8 @@ def check_tls_files(files: TlsFiles, *, expect_role: Role | None = None, now: da
             "use the ca.crt that came with this certificate, or get one from this federation's operator"
         )
     # Only the issuing CA must be valid: during a CA change, ca.crt may still list an expired old CA.
-    _check_validity(issuer, files.ca, now, "the federation needs a new CA and new certificates")
-    if _spki(key.public_key()) != _spki(cert.public_key()):
+    check_validity(issuer, files.ca, now, "the federation needs a new CA and new certificates")
+    if spki(key.public_key()) != spki(cert.public_key()):
         raise CertificateError(
             f"{files.key}: private key does not match the certificate {files.cert}; "
             "use the tls.key that was created together with it"
@@ -375,198 +216,3 @@ def check_tls_files(files: TlsFiles, *, expect_role: Role | None = None, now: da
     if files.key.stat().st_mode & 0o077:
         log.warning("%s: private key is readable by group or others; chmod 600 it", files.key)
     return identity
-
-
-def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The CA certificate and key in ``ca_dir`` (``ca.crt``, ``ca.key``), checked to match and be valid."""
-    cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
-    cert = _load_certs(cert_path, "CA certificate")[0]
-    key = _load_key(key_path)
-    if _spki(key.public_key()) != _spki(cert.public_key()):
-        raise CertificateError(f"{key_path}: CA key does not match the CA certificate {cert_path}")
-    _check_validity(cert, cert_path, datetime.now(UTC), "start a new federation with `cohort certs init --force`")
-    return cert, key
-
-
-def _issue_leaf(
-    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-    name: str,
-    role: Role,
-    public_key: CertificatePublicKeyTypes,
-    days: int,
-    host_names: Sequence[str],
-) -> x509.Certificate:
-    """Issue for ``days`` (capped at the CA's expiry, which bounds it anyway) with the SANs the role needs."""
-    ca_cert, ca_key = ca
-    if role is Role.COORDINATOR:
-        host_names = [*DEFAULT_COORDINATOR_NAMES, *host_names]
-    dns, ips = _split_host_names(host_names)
-    now = datetime.now(UTC)
-    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
-    federation = _single_attr(ca_cert.subject, NameOID.ORGANIZATION_NAME, "federation (O)")
-    return issue_certificate(
-        ca_cert,
-        ca_key,
-        name=name,
-        role=role,
-        public_key=public_key,
-        not_before=now - CLOCK_SKEW,
-        not_after=not_after,
-        dns_names=dns,
-        ip_addresses=ips,
-        federation=federation,
-    )
-
-
-def _write_identity(
-    directory: Path, ca_cert: x509.Certificate, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
-) -> TlsFiles:
-    files = TlsFiles.in_dir(directory)
-    write_pem(files.key, _key_pem(key), private=True)
-    write_pem(files.cert, _cert_pem(cert), private=False)
-    write_pem(files.ca, _cert_pem(ca_cert), private=False)
-    return files
-
-
-def _refuse_existing(paths: Iterable[Path], hint: str) -> None:
-    for path in paths:
-        if path.exists():
-            raise CertificateError(f"{path} already exists; {hint}")
-
-
-def issue_identity(
-    ca_dir: Path,
-    out_dir: Path,
-    name: str,
-    role: Role,
-    *,
-    dns_names: Sequence[str] = (),
-    days: int = 365,
-    force: bool = False,
-) -> TlsFiles:
-    """Make a key and certificate for ``name`` with the CA in ``ca_dir``, into ``out_dir``.
-
-    This adds a site or admin to an existing federation. ``dns_names`` may hold DNS names or IP addresses; a
-    coordinator certificate also gets the local names. An existing key is only replaced with ``force``.
-    """
-    validate_name(name)
-    _check_days(days)
-    _split_host_names(dns_names)  # validate before touching any file
-    files = TlsFiles.in_dir(out_dir)
-    if not force:
-        _refuse_existing([files.key], "pass --force to replace this identity's key and certificate")
-    ca = load_ca(ca_dir)
-    key = new_private_key()
-    cert = _issue_leaf(ca, name, role, key.public_key(), days, dns_names)
-    return _write_identity(out_dir, ca[0], cert, key)
-
-
-def init_federation(
-    out_dir: Path,
-    *,
-    sites: Sequence[str],
-    admins: Sequence[str] = ("admin",),
-    coordinator_names: Sequence[str] = (),
-    federation: str = "cohort",
-    days: int = 365,
-    ca_days: int = 3650,
-    force: bool = False,
-) -> dict[str, TlsFiles]:
-    """Create a federation CA and certificates for the coordinator, sites and admins under ``out_dir``.
-
-    Layout: ``ca/{ca.crt,ca.key}``, ``coordinator/``, ``sites/<id>/``, ``admins/<name>/``; each identity
-    directory holds ``ca.crt``, ``tls.crt`` and ``tls.key`` so it can be handed out alone. Returns the files
-    keyed by ``"coordinator"``, ``"site:<id>"`` and ``"admin:<name>"``. The CA lives ``ca_days`` (longer than
-    the leaves) so that sites can be added later with :func:`issue_identity` or :func:`sign_csr`. Existing CA
-    or key files are replaced only with ``force``, since a new CA invalidates every certificate the old one
-    issued; directories of identities not named again are left alone.
-    """
-    _check_federation(federation)
-    _check_days(days)
-    _check_days(ca_days, "ca_days")
-    for what, names in (("site id", sites), ("admin name", admins)):
-        for name in names:
-            validate_name(name, what)
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{what}s must be unique, got {list(names)}")
-    _split_host_names(coordinator_names)
-    plan = [("coordinator", out_dir / "coordinator", Role.COORDINATOR, COORDINATOR_NAME)]
-    plan += [(f"site:{s}", out_dir / "sites" / s, Role.PARTICIPANT, s) for s in sites]
-    plan += [(f"admin:{a}", out_dir / "admins" / a, Role.ADMIN, a) for a in admins]
-    ca_dir = out_dir / "ca"
-    if not force:
-        _refuse_existing(
-            [ca_dir / "ca.key", ca_dir / "ca.crt", *(directory / "tls.key" for _, directory, _, _ in plan)],
-            "refusing to replace the federation CA or a key (every certificate the CA issued would "
-            f"stop working); add a site with `cohort certs add --ca {ca_dir}`, or pass --force to start "
-            "a new federation",
-        )
-    ca = create_ca(federation, ca_days)
-    # The CA directory holds the one key that can mint identities: owner-only, like the key file itself.
-    ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_pem(ca_dir / "ca.key", _key_pem(ca[1]), private=True)
-    write_pem(ca_dir / "ca.crt", _cert_pem(ca[0]), private=False)
-    result: dict[str, TlsFiles] = {}
-    for label, directory, role, name in plan:
-        key = new_private_key()
-        hosts = coordinator_names if role is Role.COORDINATOR else ()
-        cert = _issue_leaf(ca, name, role, key.public_key(), days, hosts)
-        result[label] = _write_identity(directory, ca[0], cert, key)
-    return result
-
-
-def create_csr(out_dir: Path, name: str, role: Role = Role.PARTICIPANT, *, force: bool = False) -> tuple[Path, Path]:
-    """At a site: write a new key ``tls.key`` (0600) and a signing request ``tls.csr`` to ``out_dir``.
-
-    Only the CSR goes to the federation operator; the key never leaves the site. Returns (key path, CSR path).
-    """
-    validate_name(name)
-    key_path, csr_path = out_dir / "tls.key", out_dir / "tls.csr"
-    if not force:
-        _refuse_existing([key_path], "pass --force to replace it (a certificate issued for it stops working)")
-    key = new_private_key()
-    # The request proposes only role and name; the operator decides the federation (O) and any SANs.
-    builder = x509.CertificateSigningRequestBuilder().subject_name(_subject(None, role, name))
-    write_pem(key_path, _key_pem(key), private=True)
-    write_pem(csr_path, builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), private=False)
-    return key_path, csr_path
-
-
-def sign_csr(
-    ca_dir: Path,
-    csr_path: Path,
-    out_path: Path,
-    *,
-    role: Role = Role.PARTICIPANT,
-    days: int = 365,
-    dns_names: Sequence[str] = (),
-) -> Path:
-    """At the operator: issue a certificate for a site's CSR, write it to ``out_path`` and ``ca.crt`` beside.
-
-    The CSR needs a valid signature (proof that the requester holds the key), an ECDSA P-256 key, a valid
-    name (CN) and the role asked for (OU). Its extensions are ignored: the operator, not the requester,
-    decides what the certificate allows (``dns_names``). Returns ``out_path``.
-    """
-    _check_days(days)
-    _split_host_names(dns_names)
-    if out_path.name == "ca.crt":
-        raise ConfigError(f"{out_path}: name the certificate otherwise; the CA certificate is written beside it")
-    try:
-        csr = x509.load_pem_x509_csr(_read(csr_path, "certificate signing request"))
-    except ValueError:
-        raise CertificateError(f"{csr_path}: not a PEM certificate signing request") from None
-    if not csr.is_signature_valid:
-        raise CertificateError(f"{csr_path}: the request's signature is invalid; ask the site for a new CSR")
-    public_key = csr.public_key()
-    _check_key_type(public_key, csr_path)
-    try:
-        identity = _subject_identity(csr.subject)
-    except CertificateError as exc:
-        raise CertificateError(f"{csr_path}: {exc}") from None
-    if identity.role is not role:
-        raise CertificateError(f"{csr_path}: the request is for a {identity.role} but {role} was asked for")
-    ca = load_ca(ca_dir)
-    cert = _issue_leaf(ca, identity.name, role, public_key, days, dns_names)
-    write_pem(out_path, _cert_pem(cert), private=False)
-    write_pem(out_path.parent / "ca.crt", _cert_pem(ca[0]), private=False)
-    return out_path

@@ -1,7 +1,7 @@
 """``cohort certs``: create the federation CA and issue certificates from the command line.
 
-Each sub-command is a thin wrapper over :mod:`common.certs`; errors are :class:`~common.errors.CohortError`
-subclasses, which ``common.cli`` prints as one line with exit code 2.
+Each sub-command is a thin wrapper over :mod:`common.ca` (issuing) or :mod:`common.certs` (reading); errors are
+:class:`~common.errors.CohortError` subclasses, which ``common.cli`` prints as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from common import certs
+from common import ca, certs
 from common.certs import Role, TlsFiles
 from common.errors import CertificateError, ConfigError
 
@@ -113,7 +113,7 @@ def _print_identity(label: str, files: TlsFiles) -> None:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    result = certs.init_federation(
+    result = ca.init_federation(
         args.out,
         sites=_site_ids(args),
         admins=args.admin or ["admin"],
@@ -133,7 +133,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 def _cmd_add(args: argparse.Namespace) -> int:
     role = Role(args.role)
-    files = certs.issue_identity(
+    files = ca.issue_identity(
         args.ca, args.out, args.name, role, dns_names=args.dns_name, days=args.days, force=args.force
     )
     _print_identity(f"{role}:{args.name}", files)
@@ -141,14 +141,14 @@ def _cmd_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_csr(args: argparse.Namespace) -> int:
-    key_path, csr_path = certs.create_csr(args.out, args.name, Role(args.role), force=args.force)
+    key_path, csr_path = ca.create_csr(args.out, args.name, Role(args.role), force=args.force)
     print(f"private key  {key_path}  (stays here; never send it)")
     print(f"request      {csr_path}  (send this to the federation operator)")
     return 0
 
 
 def _cmd_sign(args: argparse.Namespace) -> int:
-    out = certs.sign_csr(args.ca, args.csr, args.out, role=Role(args.role), days=args.days, dns_names=args.dns_name)
+    out = ca.sign_csr(args.ca, args.csr, args.out, role=Role(args.role), days=args.days, dns_names=args.dns_name)
     identity = certs.identity_from_pem(out.read_bytes())
     print(f"certificate  {out}  ({identity.role} {identity.name!r})")
     print(f"CA           {out.parent / 'ca.crt'}")

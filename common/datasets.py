@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from common.errors import ConfigError, DataError
 from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, Task, TrainSettings, load_task, round_seed
-from common.tasks.tabular import FloatArray, LabelArray
+from common.tasks.csv_split import FloatArray, LabelArray
 
 IndexArray = npt.NDArray[np.int64]
 Split = tuple[FloatArray, LabelArray]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.admin_client import AdminEndpoint, get_status
-from common.certs import init_federation
+from common.ca import init_federation
 from common.datasets import load_source, split_sites, write_site_folders
 from common.errors import CohortError, ConfigError
 from common.processes import Processes

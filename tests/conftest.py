@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from support import SITES, UNLISTED, Pki, cert_pem, key_pem, write_identity
 
-from common.certs import Role, create_ca, init_federation, issue_certificate, load_ca, new_private_key
+from common.ca import create_ca, init_federation, issue_certificate, load_ca, new_private_key
+from common.certs import Role
 from common.datasets import load_source, split_sites, write_site_folders
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon

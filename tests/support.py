@@ -11,10 +11,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from common.certs import (
-    TlsFiles,
-    write_pem,
-)
+from common.ca import write_pem
+from common.certs import TlsFiles
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.settings import TlsConfig, TrainParamsConfig
 from common.tasks.base import load_task, task_digest

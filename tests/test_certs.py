@@ -1,4 +1,4 @@
-"""The federation PKI (common.certs) and the ``cohort certs`` command (common.certs_cmd)."""
+"""The federation PKI (common.ca, common.certs) and the ``cohort certs`` command (common.certs_cmd)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common import certs
+from common import ca, certs
 from common.certs import PeerIdentity, Role, TlsFiles
 from common.certs_cmd import register
 from common.errors import CertificateError, ConfigError
@@ -31,7 +31,7 @@ COORDINATOR_NAMES = ("coord.example.org", "10.1.2.3")
 def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A federation made once for the read-only tests of this module."""
     out = tmp_path_factory.mktemp("fed")
-    certs.init_federation(out, sites=SITES, admins=("admin", "ops"), coordinator_names=COORDINATOR_NAMES)
+    ca.init_federation(out, sites=SITES, admins=("admin", "ops"), coordinator_names=COORDINATOR_NAMES)
     return out
 
 
@@ -39,7 +39,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def foreign(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second, unrelated federation: its certificates must not pass for ours."""
     out = tmp_path_factory.mktemp("foreign")
-    certs.init_federation(out, sites=SITES, federation="other")
+    ca.init_federation(out, sites=SITES, federation="other")
     return out
 
 
@@ -60,7 +60,7 @@ def _copy_identity(src: Path, dst: Path) -> TlsFiles:
 
 
 def test_init_layout_and_permissions(tmp_path: Path) -> None:
-    result = certs.init_federation(tmp_path / "fed", sites=SITES, admins=("admin",))
+    result = ca.init_federation(tmp_path / "fed", sites=SITES, admins=("admin",))
     fed = tmp_path / "fed"
     assert set(result) == {"coordinator", "site:hospital-a", "site:hospital-b", "admin:admin"}
     assert result["site:hospital-a"] == TlsFiles.in_dir(fed / "sites" / "hospital-a")
@@ -197,10 +197,10 @@ def test_handshake_rejects_wrong_host_and_foreign_client(fed: Path, foreign: Pat
 
 def _one_day_identity(fed: Path, dst: Path, *, days_ago: int) -> TlsFiles:
     """An identity whose certificate was valid for one day, starting ``days_ago`` days ago."""
-    ca_cert, ca_key = certs.load_ca(fed / "ca")
-    key = certs.new_private_key()
+    ca_cert, ca_key = ca.load_ca(fed / "ca")
+    key = ca.new_private_key()
     start = datetime.now(UTC) - timedelta(days=days_ago)
-    cert = certs.issue_certificate(
+    cert = ca.issue_certificate(
         ca_cert,
         ca_key,
         name="late",
@@ -210,8 +210,8 @@ def _one_day_identity(fed: Path, dst: Path, *, days_ago: int) -> TlsFiles:
         not_after=start + timedelta(days=1),
     )
     files = TlsFiles.in_dir(dst)
-    certs.write_pem(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
-    certs.write_pem(
+    ca.write_pem(files.cert, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    ca.write_pem(
         files.key,
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         private=True,
@@ -303,7 +303,7 @@ def test_identity_from_pem_rejects_non_cohort_certs(fed: Path) -> None:
         certs.identity_from_pem((fed / "ca" / "ca.crt").read_bytes())  # a CA has no role
     with pytest.raises(CertificateError, match="PEM"):
         certs.identity_from_pem(b"garbage")
-    key = certs.new_private_key()
+    key = ca.new_private_key()
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "root"),
@@ -331,7 +331,7 @@ def test_invalid_names(name: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         certs.validate_name(name)
     with pytest.raises(ConfigError):
-        certs.init_federation(tmp_path, sites=[name])
+        ca.init_federation(tmp_path, sites=[name])
     assert not any(tmp_path.iterdir())  # arguments are checked before anything is written
 
 
@@ -347,36 +347,36 @@ def test_invalid_names(name: str, tmp_path: Path) -> None:
 )
 def test_init_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
-        certs.init_federation(tmp_path, **kwargs)  # type: ignore[arg-type]
+        ca.init_federation(tmp_path, **kwargs)  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())
 
 
 def test_init_refuses_to_replace_ca(tmp_path: Path) -> None:
-    certs.init_federation(tmp_path, sites=["a"])
+    ca.init_federation(tmp_path, sites=["a"])
     old_ca = (tmp_path / "ca" / "ca.crt").read_bytes()
     with pytest.raises(CertificateError, match="already exists") as err:
-        certs.init_federation(tmp_path, sites=["b"])
+        ca.init_federation(tmp_path, sites=["b"])
     assert "ca.key" in str(err.value)
     assert "certs add" in str(err.value)
     assert (tmp_path / "ca" / "ca.crt").read_bytes() == old_ca
     assert not (tmp_path / "sites" / "b").exists()
-    certs.init_federation(tmp_path, sites=["a"], force=True)
+    ca.init_federation(tmp_path, sites=["a"], force=True)
     assert (tmp_path / "ca" / "ca.crt").read_bytes() != old_ca
     certs.check_tls_files(TlsFiles.in_dir(tmp_path / "sites" / "a"))
 
 
 def test_issue_identity_adds_a_site(fed: Path, tmp_path: Path) -> None:
-    files = certs.issue_identity(fed / "ca", tmp_path / "c", "hospital-c", Role.PARTICIPANT, days=30)
+    files = ca.issue_identity(fed / "ca", tmp_path / "c", "hospital-c", Role.PARTICIPANT, days=30)
     assert files == TlsFiles.in_dir(tmp_path / "c")
     assert certs.check_tls_files(files) == PeerIdentity(Role.PARTICIPANT, "hospital-c")
     assert _mode(files.key) == 0o600
     with pytest.raises(CertificateError, match="already exists"):
-        certs.issue_identity(fed / "ca", tmp_path / "c", "hospital-c", Role.PARTICIPANT)
+        ca.issue_identity(fed / "ca", tmp_path / "c", "hospital-c", Role.PARTICIPANT)
     old_key = files.key.read_bytes()
-    certs.issue_identity(fed / "ca", tmp_path / "c", "hospital-c", Role.PARTICIPANT, force=True)
+    ca.issue_identity(fed / "ca", tmp_path / "c", "hospital-c", Role.PARTICIPANT, force=True)
     assert files.key.read_bytes() != old_key
     # A leaf never outlives its CA.
-    long = certs.issue_identity(fed / "ca", tmp_path / "d", "hospital-d", Role.ADMIN, days=36500)
+    long = ca.issue_identity(fed / "ca", tmp_path / "d", "hospital-d", Role.ADMIN, days=36500)
     assert _cert(long.cert).not_valid_after_utc <= _cert(fed / "ca" / "ca.crt").not_valid_after_utc
 
 
@@ -384,10 +384,10 @@ def test_write_pem_tightens_existing_file(tmp_path: Path) -> None:
     path = tmp_path / "tls.key"
     path.write_bytes(b"old")
     path.chmod(0o644)
-    certs.write_pem(path, b"new", private=True)
+    ca.write_pem(path, b"new", private=True)
     assert path.read_bytes() == b"new"
     assert _mode(path) == 0o600
-    certs.write_pem(tmp_path / "sub" / "tls.crt", b"cert", private=False)
+    ca.write_pem(tmp_path / "sub" / "tls.crt", b"cert", private=False)
     assert _mode(tmp_path / "sub" / "tls.crt") == 0o644
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub", "tls.crt", "tls.key"]
 
@@ -397,11 +397,11 @@ def test_write_pem_tightens_existing_file(tmp_path: Path) -> None:
 
 def test_csr_flow(fed: Path, tmp_path: Path) -> None:
     site_dir, operator_dir = tmp_path / "site", tmp_path / "operator"
-    key_path, csr_path = certs.create_csr(site_dir, "hospital-e", Role.PARTICIPANT)
+    key_path, csr_path = ca.create_csr(site_dir, "hospital-e", Role.PARTICIPANT)
     assert (key_path, csr_path) == (site_dir / "tls.key", site_dir / "tls.csr")
     assert _mode(key_path) == 0o600
     key_before = key_path.read_bytes()
-    out = certs.sign_csr(fed / "ca", csr_path, operator_dir / "tls.crt", days=90)
+    out = ca.sign_csr(fed / "ca", csr_path, operator_dir / "tls.crt", days=90)
     assert out == operator_dir / "tls.crt"
     assert sorted(p.name for p in operator_dir.iterdir()) == ["ca.crt", "tls.crt"]  # no key written
     assert key_path.read_bytes() == key_before
@@ -409,22 +409,22 @@ def test_csr_flow(fed: Path, tmp_path: Path) -> None:
     assert certs.check_tls_files(files) == PeerIdentity(Role.PARTICIPANT, "hospital-e")
     _cert(out).verify_directly_issued_by(_cert(fed / "ca" / "ca.crt"))
     with pytest.raises(CertificateError, match="already exists"):
-        certs.create_csr(site_dir, "hospital-e")
+        ca.create_csr(site_dir, "hospital-e")
 
 
 def test_sign_csr_refusals(fed: Path, tmp_path: Path) -> None:
-    _, csr_path = certs.create_csr(tmp_path / "site", "hospital-e", Role.PARTICIPANT)
+    _, csr_path = ca.create_csr(tmp_path / "site", "hospital-e", Role.PARTICIPANT)
     with pytest.raises(CertificateError, match="admin was asked for"):
-        certs.sign_csr(fed / "ca", csr_path, tmp_path / "out" / "tls.crt", role=Role.ADMIN)
+        ca.sign_csr(fed / "ca", csr_path, tmp_path / "out" / "tls.crt", role=Role.ADMIN)
     # Flip the last byte of the signature: still valid DER, no longer a valid signature.
     der = bytearray(x509.load_pem_x509_csr(csr_path.read_bytes()).public_bytes(serialization.Encoding.DER))
     der[-1] ^= 1
     tampered = tmp_path / "tampered.csr"
     tampered.write_bytes(x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM))
     with pytest.raises(CertificateError, match="signature is invalid"):
-        certs.sign_csr(fed / "ca", tampered, tmp_path / "out" / "tls.crt")
+        ca.sign_csr(fed / "ca", tampered, tmp_path / "out" / "tls.crt")
     for ou, cn, key, reason in [
-        ("participant", "Bad Name", certs.new_private_key(), "not a valid Cohort name"),
+        ("participant", "Bad Name", ca.new_private_key(), "not a valid Cohort name"),
         ("participant", "ok", ec.generate_private_key(ec.SECP384R1()), "P-256"),
     ]:
         subject = x509.Name(
@@ -437,7 +437,7 @@ def test_sign_csr_refusals(fed: Path, tmp_path: Path) -> None:
         bad = tmp_path / "bad.csr"
         bad.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
         with pytest.raises(CertificateError, match=reason) as err:
-            certs.sign_csr(fed / "ca", bad, tmp_path / "out" / "tls.crt")
+            ca.sign_csr(fed / "ca", bad, tmp_path / "out" / "tls.crt")
         assert str(bad) in str(err.value)
     assert not (tmp_path / "out").exists()
 

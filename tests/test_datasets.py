@@ -24,7 +24,7 @@ from common.datasets import (
 from common.errors import ConfigError, DataError
 from common.tasks import breast_cancer as bc_task
 from common.tasks.base import SPLITS, load_task
-from common.tasks.tabular import read_split
+from common.tasks.csv_split import read_split
 
 SITES = [f"hospital-{i}" for i in range(1, 6)]
 

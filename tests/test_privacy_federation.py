@@ -112,7 +112,7 @@ async def test_distributed_site_level_dp_over_many_sites_with_secure_aggregation
     """Site-level DP with Skellam noise added by the sites under SecAgg: 50 digits sites over mutual TLS."""
     from support import tls
 
-    from common.certs import init_federation
+    from common.ca import init_federation
     from common.datasets import load_source, split_sites, write_site_folders
     from coordinator.config import CoordinatorConfig, FederationConfig, SecureAggregationConfig, ServerConfig
 

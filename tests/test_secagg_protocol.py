@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.certs import Role, create_ca, issue_certificate, new_private_key
+from common.ca import create_ca, issue_certificate, new_private_key
+from common.certs import Role
 from common.errors import AlreadyExists, InvalidArgument
 from common.secagg.encoding import EncodingParams, decode_mean, encode, weight_of, with_weight_lane
 from common.secagg.local import DropPoint, run_local_round

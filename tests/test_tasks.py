@@ -17,7 +17,8 @@ from common.datasets import centralized_baseline, load_source, simulate_fedavg, 
 from common.errors import ConfigError, DataError
 from common.tasks import breast_cancer, digits, tabular
 from common.tasks.base import SPLITS, EvalResult, SiteData, Task, TrainSettings, load_task, task_digest
-from common.tasks.tabular import TabularTask, dataset_tensors, read_split
+from common.tasks.csv_split import read_split
+from common.tasks.tabular import TabularTask, dataset_tensors
 
 NAMES = ["breast_cancer", "digits"]
 SECRET = "987654.321"  # a cell value that must never appear in an error message

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from common.tasks.base import DataSchema, TrainSettings
-from common.tasks.tabular import FloatArray, TabularTask
+from common.tasks.csv_split import FloatArray
+from common.tasks.tabular import TabularTask
 
 # (feature, centre, scale): the model sees (value - centre) / scale.
 FEATURES: tuple[tuple[str, float, float], ...] = (

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from common.tasks.base import DataSchema, TrainSettings
-from common.tasks.tabular import FloatArray, TabularTask
+from common.tasks.csv_split import FloatArray
+from common.tasks.tabular import TabularTask
 
 SIDE = 8
 MAX_PIXEL = 16.0
