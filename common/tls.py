@@ -68,15 +68,21 @@ def _identity_cached(pem: bytes) -> PeerIdentity:
     return identity_from_pem(pem)
 
 
-def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
-    """The verified identity of the caller. The TLS stack already checked the chain to the federation CA."""
+def peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    """The caller's certificate (PEM) from the TLS session; the handshake already verified its chain."""
     auth = context.auth_context()
     pems = auth.get("x509_pem_cert") if auth else None
     first = next(iter(pems), None) if pems else None
     if first is None:
         raise Unauthenticated("no client certificate was presented; connect with the site's certificate")
+    return bytes(first)
+
+
+def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
+    """The verified identity of the caller. The TLS stack already checked the chain to the federation CA."""
+    pem = peer_pem(context)
     try:
-        return _identity_cached(bytes(first))
+        return _identity_cached(pem)
     except CertificateError as exc:
         raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
 

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes
 
 from common.certs import Role, identity_of
 from common.errors import CertificateError, CertificateRevoked, ConfigError, Unauthenticated
+from common.tls import peer_pem
 
 if TYPE_CHECKING:
     from coordinator.registry import Registry
@@ -75,13 +76,9 @@ def _ref_from_pem(pem: bytes) -> CertRef:
 
 def cert_ref(context: grpc.aio.ServicerContext[Any, Any]) -> CertRef:
     """The caller's certificate, from the TLS session (the handshake already verified its chain)."""
-    auth = context.auth_context()
-    pems = auth.get("x509_pem_cert") if auth else None
-    first = next(iter(pems), None) if pems else None
-    if first is None:
-        raise Unauthenticated("no client certificate was presented; connect with the site's certificate")
+    pem = peer_pem(context)
     try:
-        return _ref_from_pem(bytes(first))
+        return _ref_from_pem(pem)
     except CertificateError as exc:
         raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
 

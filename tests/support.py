@@ -14,6 +14,7 @@ import torch
 from common.ca import write_pem
 from common.certs import TlsFiles
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.serde import EncodedTensors, encode
 from common.settings import TlsConfig, TrainParamsConfig
 from common.tasks.base import load_task, task_digest
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig
@@ -176,3 +177,27 @@ def channel(address: str, files: TlsFiles | None, ca: Path) -> grpc.aio.Channel:
             certificate_chain=files.cert.read_bytes(),
         )
     return grpc.aio.secure_channel(address, creds)
+
+
+def update_header(task: pb.TrainTask, enc: EncodedTensors, **header: object) -> pb.UpdateHeader:
+    """A well-formed upload header for ``task`` carrying ``enc``; keyword arguments override its fields."""
+    fields: dict[str, object] = {
+        "job_id": task.job_id,
+        "round": task.round,
+        "attempt": task.attempt,
+        "base_model_version": task.model_version,
+        "num_samples": 10,
+        "metrics": {"loss": 0.5},
+        "manifest": enc.manifest(),
+    }
+    fields.update(header)
+    return pb.UpdateHeader(**fields)  # type: ignore[arg-type]
+
+
+def update_messages(
+    task: pb.TrainTask, tensors: dict[str, torch.Tensor], chunk_bytes: int = 4096, **header: object
+) -> list[pb.UpdateChunk]:
+    """An upload stream: the header, then the tensors' bytes in ``chunk_bytes`` chunks."""
+    enc = encode(tensors)
+    first = pb.UpdateChunk(header=update_header(task, enc, **header))
+    return [first, *(pb.UpdateChunk(data=bytes(c)) for c in enc.chunks(chunk_bytes))]

@@ -37,6 +37,7 @@ from support import (
     join_request,
     poll_until,
     runner_of,
+    update_header,
 )
 from test_fuzz_decoders import (
     CRYPTOGRAPHY_SERIAL_WARNING,
@@ -307,18 +308,7 @@ async def download(stub: pb_grpc.FederationAsyncStub, job_id: str, version: str)
 
 
 def upload(task: pb.TrainTask, enc: EncodedTensors, **header: object) -> tuple[pb.UpdateHeader, bytes]:
-    fields: dict[str, object] = {
-        "job_id": task.job_id,
-        "round": task.round,
-        "attempt": task.attempt,
-        "base_model_version": task.model_version,
-        "num_samples": 10,
-        "metrics": {"loss": 0.5},
-        "manifest": enc.manifest(),
-        "train_seconds": 1.0,
-    }
-    fields.update(header)
-    return pb.UpdateHeader(**fields), enc.data  # type: ignore[arg-type]
+    return update_header(task, enc, **({"train_seconds": 1.0} | header)), enc.data
 
 
 def encoded(specs: Sequence[Spec], data: bytes) -> EncodedTensors:

@@ -32,6 +32,7 @@ from support import (
     participant_config,
     poll_until,
     runner_of,
+    update_messages,
 )
 
 from common.certs import fingerprint
@@ -40,7 +41,7 @@ from common.errors import RETRY_AFTER_KEY, ConfigError, RateLimited
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
-from common.serde import Assembler, encode
+from common.serde import Assembler
 from coordinator.config import CoordinatorConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.denylist import DenyList, parse_deny_list
@@ -91,24 +92,6 @@ async def download(site: HandSite, task: pb.TrainTask) -> dict[str, torch.Tensor
             asm.add(chunk.data)
     assert asm is not None
     return asm.finish()
-
-
-def update_messages(
-    task: pb.TrainTask, tensors: dict[str, torch.Tensor], chunk_bytes: int = 4096, **header: object
-) -> list[pb.UpdateChunk]:
-    enc = encode(tensors)
-    fields: dict[str, object] = {
-        "job_id": task.job_id,
-        "round": task.round,
-        "attempt": task.attempt,
-        "base_model_version": task.model_version,
-        "num_samples": 10,
-        "metrics": {"loss": 0.5},
-        "manifest": enc.manifest(),
-    }
-    fields.update(header)
-    msgs = [pb.UpdateChunk(header=pb.UpdateHeader(**fields))]  # type: ignore[arg-type]
-    return msgs + [pb.UpdateChunk(data=bytes(c)) for c in enc.chunks(chunk_bytes)]
 
 
 async def sent(

@@ -11,34 +11,27 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from support import SITES, CoordinatorFactory, Pki, channel, coordinator_config, job_config, join_request, runner_of
+from support import (
+    SITES,
+    CoordinatorFactory,
+    Pki,
+    channel,
+    coordinator_config,
+    job_config,
+    join_request,
+    runner_of,
+    update_messages,
+)
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from common.serde import Assembler, encode
+from common.serde import Assembler
 from coordinator.daemon import CoordinatorDaemon
 
 
 async def _messages(items: Sequence[pb.UpdateChunk]) -> AsyncIterator[pb.UpdateChunk]:
     for item in items:
         yield item
-
-
-def upload_messages(task: pb.TrainTask, tensors: dict[str, torch.Tensor], **header: object) -> list[pb.UpdateChunk]:
-    enc = encode(tensors)
-    fields: dict[str, object] = {
-        "job_id": task.job_id,
-        "round": task.round,
-        "attempt": task.attempt,
-        "base_model_version": task.model_version,
-        "num_samples": 10,
-        "metrics": {"loss": 0.5},
-        "manifest": enc.manifest(),
-    }
-    fields.update(header)
-    msgs = [pb.UpdateChunk(header=pb.UpdateHeader(**fields))]  # type: ignore[arg-type]
-    msgs += [pb.UpdateChunk(data=bytes(c)) for c in enc.chunks(4096)]
-    return msgs
 
 
 async def test_upload_validation_and_idempotence(
@@ -84,24 +77,24 @@ async def test_upload_validation_and_idempotence(
         bad_shape[first] = torch.zeros(3, 3)
         renamed = {("x" + k): v for k, v in zeros.items()}
         nan = {k: torch.full_like(v, float("nan")) for k, v in zeros.items()}
-        good = upload_messages(task, zeros)
+        good = update_messages(task, zeros)
         tampered = list(good)
         tampered[1] = pb.UpdateChunk(data=b"\x01" + tampered[1].data[1:])
         cases: list[tuple[list[pb.UpdateChunk], grpc.StatusCode, str]] = [
             ([], grpc.StatusCode.INVALID_ARGUMENT, "empty upload"),
             (good[1:], grpc.StatusCode.INVALID_ARGUMENT, "first message"),
-            (upload_messages(task, bad_shape), grpc.StatusCode.INVALID_ARGUMENT, "dtype/shape"),
-            (upload_messages(task, renamed), grpc.StatusCode.INVALID_ARGUMENT, "which the model does not have"),
-            (upload_messages(task, nan), grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+            (update_messages(task, bad_shape), grpc.StatusCode.INVALID_ARGUMENT, "dtype/shape"),
+            (update_messages(task, renamed), grpc.StatusCode.INVALID_ARGUMENT, "which the model does not have"),
+            (update_messages(task, nan), grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
             (tampered, grpc.StatusCode.INVALID_ARGUMENT, "digest mismatch"),
             (good[:-1], grpc.StatusCode.INVALID_ARGUMENT, "ended after"),
             ([*good, good[1]], grpc.StatusCode.INVALID_ARGUMENT, "more than"),
             (good[:1] + good[:1], grpc.StatusCode.INVALID_ARGUMENT, "only data chunks"),
-            (upload_messages(task, zeros, num_samples=0), grpc.StatusCode.INVALID_ARGUMENT, "num_samples"),
-            (upload_messages(task, zeros, round=task.round + 1), grpc.StatusCode.FAILED_PRECONDITION, "round 2"),
-            (upload_messages(task, zeros, job_id="other-job"), grpc.StatusCode.FAILED_PRECONDITION, "not running"),
+            (update_messages(task, zeros, num_samples=0), grpc.StatusCode.INVALID_ARGUMENT, "num_samples"),
+            (update_messages(task, zeros, round=task.round + 1), grpc.StatusCode.FAILED_PRECONDITION, "round 2"),
+            (update_messages(task, zeros, job_id="other-job"), grpc.StatusCode.FAILED_PRECONDITION, "not running"),
             (
-                upload_messages(task, zeros, base_model_version="sha256:" + "0" * 64),
+                update_messages(task, zeros, base_model_version="sha256:" + "0" * 64),
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "another model version",
             ),
@@ -134,13 +127,13 @@ async def test_upload_validation_and_idempotence(
         # ... but a different update for the same (job, round, site) is refused.
         ones = {k: torch.ones_like(v) for k, v in base.items()}
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await send(upload_messages(task, ones))
+            await send(update_messages(task, ones))
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
         [row] = store.uploads(runner.job_id, 1, 0)
         assert row["site"] == SITES[0]
 
         # Site b uploads "ones" with weight 30: the new model is base + 30 / (10 + 30) * 1.
-        reply_b = await stub_b.UploadUpdate(_messages(upload_messages(task, ones, num_samples=30)), timeout=10)
+        reply_b = await stub_b.UploadUpdate(_messages(update_messages(task, ones, num_samples=30)), timeout=10)
         assert reply_b.accepted
         stream.cancel()
         stream_b.cancel()
