@@ -39,10 +39,6 @@ def _parse(text: str) -> dict[str, int | None]:
 _ARMED = _parse(os.environ.get(ENV, ""))
 
 
-def armed(name: str) -> bool:
-    return name in _ARMED
-
-
 def hit(name: str, round: int | None = None) -> None:
     """Kill this process with SIGKILL when ``name`` (for ``round``, if one was given in the spec) is armed."""
     if name not in _ARMED:

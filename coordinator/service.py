@@ -307,7 +307,7 @@ class Coordinator:
 
     # -- status -------------------------------------------------------------------------------------------------
     def job_status(self, job_id: str) -> pb.JobStatus:
-        row = next((j for j in self.store.jobs() if j["job_id"] == job_id), None)
+        row = self.store.job(job_id)
         if row is None:
             raise NotFound(f"unknown job {job_id!r}")
         return job_status(row, self.store)
