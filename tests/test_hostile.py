@@ -97,15 +97,17 @@ async def download(site: HandSite, task: pb.TrainTask) -> dict[str, torch.Tensor
 async def sent(
     msgs: Sequence[pb.UpdateChunk], *, gap_s: float = 0.0, stall_after: int | None = None, release: asyncio.Event
 ) -> AsyncIterator[pb.UpdateChunk]:
-    """Send ``msgs`` with ``gap_s`` between them; after ``stall_after`` of them, go silent until ``release``."""
+    """Send ``msgs`` with ``gap_s`` between them; after ``stall_after`` of them (all of them, at most), go silent
+    until ``release``."""
     for i, msg in enumerate(msgs):
         if stall_after is not None and i == stall_after:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(release.wait(), timeout=30)
-            return
+            break
         if gap_s and i:
             await asyncio.sleep(gap_s)
         yield msg
+    if stall_after is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(release.wait(), timeout=30)
 
 
 async def refused(call: Any, code: grpc.StatusCode, text: str) -> grpc.aio.AioRpcError:
@@ -401,7 +403,7 @@ async def test_too_many_and_too_large_chunks_are_refused(
         zeros = {k: torch.zeros_like(v) for k, v in (await download(a, task)).items()}
         header = update_messages(task, zeros)[0]
         cases: list[tuple[list[pb.UpdateChunk], grpc.StatusCode, str]] = [
-            (update_messages(task, zeros, chunk_bytes=16), CODE.RESOURCE_EXHAUSTED, "more than 8 chunks"),
+            (update_messages(task, zeros, chunk_bytes=16)[:10], CODE.RESOURCE_EXHAUSTED, "more than 8 chunks"),
             (
                 [header, pb.UpdateChunk(data=b"\0" * (limit + 1))],
                 CODE.RESOURCE_EXHAUSTED,
@@ -410,7 +412,10 @@ async def test_too_many_and_too_large_chunks_are_refused(
             ([header, pb.UpdateChunk(data=b"")], CODE.INVALID_ARGUMENT, "empty data chunk"),
         ]
         for msgs, code, text in cases:
-            await refused(a.stub.UploadUpdate(sent(msgs, release=release), timeout=10), code, text)
+            # Each stream ends with the message the server refuses and then stays open: a client write racing the
+            # refusal would turn the client's status into INTERNAL "Internal error from Core" (grpc/grpc#36066).
+            stream = sent(msgs, stall_after=len(msgs), release=release)
+            await refused(a.stub.UploadUpdate(stream, timeout=10), code, text)
             assert store.uploads(runner.job_id, 1, 0) == []
             assert spooled_parts(coord) == []
             assert_round_untouched(runner, text)
