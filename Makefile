@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 proto: install
-	$(PY) -m common.protogen
+	$(PY) tools/protogen.py
 
 proto-check: install
-	$(PY) -m common.protogen --check
+	$(PY) tools/protogen.py --check
 
 lint: install
 	$(BIN)/ruff check .

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common.serde import CHUNK_BYTES, encode, new_hasher
-from coordinator.aggregation import RunningSum, UpdateSpool, check_finite_file
+from coordinator.round.aggregation import RunningSum, UpdateSpool, check_finite_file
 
 
 def run(params: int, sites: int, workdir: Path) -> tuple[float, float, float]:

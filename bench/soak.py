@@ -2,7 +2,7 @@
 
 Runs a real federation on 127.0.0.1 for ``--rounds`` rounds (default 200) with ``--sites`` sites (default 10) and
 samples the coordinator's resident memory, open file descriptors and threads once per completed round. The
-coordinator is its own process (``python -m common.cli coordinator``, the same command a deployment runs), so the
+coordinator is its own process (``python -m cohort_cli coordinator``, the same command a deployment runs), so the
 RSS is its own; the sites are in-process :class:`ParticipantDaemon` instances in one second process (every process
 that imports torch costs ~300 MB, and ten of them would crowd a 2-core machine). Certificates are real (one
 federation CA from :func:`common.ca.init_federation`, as the demo issues them); the data is the task's public
@@ -54,11 +54,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the coordinator/participant packages live at ROOT
     sys.path.insert(0, str(ROOT))
 
+from cohort_cli.processes import Processes  # noqa: E402
 from common.ca import init_federation  # noqa: E402
 from common.certs import TlsFiles  # noqa: E402
 from common.datasets import load_source, split_sites, write_site_folders  # noqa: E402
 from common.errors import CohortError  # noqa: E402
-from common.processes import Processes  # noqa: E402
 from common.tasks import breast_cancer, digits  # noqa: E402
 from common.tasks.base import TrainSettings  # noqa: E402
 
@@ -192,8 +192,8 @@ def count_types(path: Path) -> None:
 
 
 def traced_coordinator(argv: Sequence[str], snapshot_dir: Path) -> int:
-    """``common.cli`` under tracemalloc; SIGUSR1 writes a heap snapshot (snapshot-N.bin) into ``snapshot_dir``."""
-    from common.cli import main as cli_main
+    """``cohort_cli.main`` under tracemalloc; SIGUSR1 writes a heap snapshot (snapshot-N.bin) into ``snapshot_dir``."""
+    from cohort_cli.main import main as cli_main
 
     tracemalloc.start(12)
     count = 0
@@ -372,7 +372,7 @@ def run_soak(s: Settings, work: Path) -> Outcome:
         snapshot_dir.mkdir()
         entry = [str(Path(__file__).resolve()), "--role", "traced-coordinator", "--work", str(work), "--"]
     else:
-        entry = ["-m", "common.cli"]
+        entry = ["-m", "cohort_cli"]
     t0 = time.monotonic()
     try:
         children.start("coordinator", [*entry, *coordinator_args])
@@ -504,7 +504,7 @@ def summary(s: Settings, out: Outcome, v: Verdict, command: str, load: tuple[str
         "",
         f"- Machine: {machine()}; Python {platform.python_version()}. Load average {load[0]} at the start, "
         f"{load[1]} at the end (the cores are shared).",
-        f"- Federation: coordinator process (`python -m common.cli coordinator`) + {s.sites} in-process participant "
+        f"- Federation: coordinator process (`python -m cohort_cli coordinator`) + {s.sites} in-process participant "
         f"daemons in a second process, mutual TLS on 127.0.0.1; task `{s.task}`, split over the sites with "
         f"Dirichlet alpha {SPLIT_ALPHA} (seed {SPLIT_SEED}); fraction 1.0 (every site every round); federated "
         f"evaluation {evaluations}; secure aggregation {'on' if s.secure_aggregation else 'off'}"

@@ -7,11 +7,14 @@ from a request field. There is no insecure mode: servers require client certific
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
-from common.certs import PeerIdentity, Role, TlsFiles, check_tls_files, identity_from_pem
+from common.certs import PeerIdentity, Role, TlsFiles, check_tls_files, identity_from_pem, identity_of
 from common.errors import CertificateError, PermissionDenied, Unauthenticated
 from common.settings import TlsConfig
 
@@ -95,3 +98,35 @@ def require_role(context: grpc.aio.ServicerContext[Any, Any], role: Role) -> Pee
             f"certificate for {identity.name!r}"
         )
     return identity
+
+
+@dataclass(frozen=True)
+class CertRef:
+    """A caller's verified certificate: role and name (OU, CN), serial number and SHA-256 fingerprint (hex)."""
+
+    role: Role
+    name: str
+    serial: int
+    fingerprint: str
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> CertRef:
+        identity = identity_of(cert)
+        return cls(identity.role, identity.name, cert.serial_number, cert.fingerprint(hashes.SHA256()).hex())
+
+
+@functools.lru_cache(maxsize=1024)
+def _ref_from_pem(pem: bytes) -> CertRef:
+    try:
+        return CertRef.of(x509.load_pem_x509_certificate(pem))
+    except ValueError as exc:
+        raise CertificateError(f"not a PEM certificate: {exc}") from None
+
+
+def cert_ref(context: grpc.aio.ServicerContext[Any, Any]) -> CertRef:
+    """The caller's certificate, from the TLS session (the handshake already verified its chain)."""
+    pem = peer_pem(context)
+    try:
+        return _ref_from_pem(pem)
+    except CertificateError as exc:
+        raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None

@@ -17,10 +17,10 @@ from common.lifecycle import Status, install_stop_handlers
 from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials, tls_files
 from coordinator.config import CoordinatorConfig
-from coordinator.job import ProgressHook
+from coordinator.round.runner import ProgressHook
+from coordinator.rpc.servicer import AdminServicer, FederationServicer
+from coordinator.rpc.wire import add_service
 from coordinator.service import Coordinator
-from coordinator.servicer import AdminServicer, FederationServicer
-from coordinator.wire import add_service
 
 log = logging.getLogger("cohort.coordinator")
 

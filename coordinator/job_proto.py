@@ -10,7 +10,7 @@ from common import config as config_loader
 from common.errors import ConfigError, InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from coordinator.config import JobConfig
-from coordinator.store import Store
+from coordinator.state.store import Store
 
 
 def _known(message: Any, values: dict[str, Any]) -> dict[str, Any]:

@@ -17,19 +17,20 @@ from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotF
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits
 from common.tasks.base import Task, load_task
+from common.tls import CertRef
 from common.version import VERSION
 from coordinator.config import CoordinatorConfig, JobConfig
-from coordinator.denylist import CertRef, Revocations
-from coordinator.job import JobRunner, ProgressHook
 from coordinator.job_proto import job_config_from_proto, job_status
-from coordinator.job_state import JobIdentity
-from coordinator.model_store import ModelStore
-from coordinator.privacy import JobPrivacy
-from coordinator.ratelimit import AuditThrottle, JoinLimiter
-from coordinator.registry import Declaration, Registry
-from coordinator.resume import CannotResume, ResumePoint, plan_resume
-from coordinator.secagg_round import load_ca_certs
-from coordinator.store import Store
+from coordinator.round.job_state import JobIdentity
+from coordinator.round.privacy import JobPrivacy
+from coordinator.round.runner import JobRunner, ProgressHook
+from coordinator.round.secagg import load_ca_certs
+from coordinator.rpc.denylist import Revocations
+from coordinator.rpc.ratelimit import AuditThrottle, JoinLimiter
+from coordinator.state.model_store import ModelStore
+from coordinator.state.registry import Declaration, Registry
+from coordinator.state.resume import CannotResume, ResumePoint, plan_resume
+from coordinator.state.store import Store
 
 log = logging.getLogger("cohort.coordinator")
 

@@ -19,7 +19,7 @@ from common.settings import TlsConfig, TrainParamsConfig
 from common.tasks.base import load_task, task_digest
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
-from coordinator.job import JobRunner
+from coordinator.round.runner import JobRunner
 from participant.config import CoordinatorEndpoint, ParticipantConfig, ReconnectConfig
 from participant.daemon import ParticipantDaemon
 

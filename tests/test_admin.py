@@ -16,7 +16,7 @@ from support import (
     poll_until,
 )
 
-from common.admin_client import AdminEndpoint, get_status, start_job, stop_job
+from cohort_cli.admin_client import AdminEndpoint, get_status, start_job, stop_job
 from common.proto.cohort.v1 import cohort_pb2 as pb
 
 

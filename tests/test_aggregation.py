@@ -11,7 +11,7 @@ import torch
 
 from common.errors import InvalidArgument
 from common.serde import CHUNK_BYTES, encode, new_hasher
-from coordinator.aggregation import RunningSum, UpdateSpool, check_finite_file
+from coordinator.round.aggregation import RunningSum, UpdateSpool, check_finite_file
 
 
 def _spool(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:

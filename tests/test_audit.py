@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.audit import verify_database
-from coordinator.store import Store
+from coordinator.state.audit import verify_database
+from coordinator.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def test_clean_log_verifies_through_the_cli(state: Path) -> None:
     assert report.ok
     assert report.count == 5
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "audit", "verify", "--state-dir", str(state), "--head", report.head],
+        [sys.executable, "-m", "cohort_cli", "audit", "verify", "--state-dir", str(state), "--head", report.head],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -70,7 +70,7 @@ def test_each_kind_of_tampering_is_detected(state: Path, sql: str, args: tuple[o
     assert not report.ok
     assert any(finding in p for p in report.problems), report.problems
     result = subprocess.run(
-        [sys.executable, "-m", "common.cli", "audit", "verify", "--state-dir", str(state)],
+        [sys.executable, "-m", "cohort_cli", "audit", "verify", "--state-dir", str(state)],
         cwd=ROOT,
         capture_output=True,
         text=True,

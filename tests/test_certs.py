@@ -1,4 +1,4 @@
-"""The federation PKI (common.ca, common.certs) and the ``cohort certs`` command (common.certs_cmd)."""
+"""The federation PKI (common.ca, common.certs) and the ``cohort certs`` command (cohort_cli.certs_cmd)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cohort_cli.certs_cmd import register
 from common import ca, certs
 from common.certs import PeerIdentity, Role, TlsFiles
-from common.certs_cmd import register
 from common.errors import CertificateError, ConfigError
 
 SITES = ("hospital-a", "hospital-b")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cohort(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", *args],
+        [sys.executable, "-m", "cohort_cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -47,7 +47,7 @@ def test_coordinator_process_serves_status_and_stops_on_sigterm(pki: Pki, tmp_pa
     )
     ready = tmp_path / "addr"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "coordinator", "--config", str(config), "--ready-file", str(ready)],
+        [sys.executable, "-m", "cohort_cli", "coordinator", "--config", str(config), "--ready-file", str(ready)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

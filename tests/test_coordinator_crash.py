@@ -28,8 +28,8 @@ from common import config as config_loader
 from common.privacy.accounting import Accountant, PrivacyEvent
 from coordinator.config import CoordinatorConfig
 from coordinator.daemon import CoordinatorDaemon
-from coordinator.model_store import ModelStore
-from coordinator.resume import RESTART_DETAIL
+from coordinator.state.model_store import ModelStore
+from coordinator.state.resume import RESTART_DETAIL
 from participant.daemon import ParticipantDaemon
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ async def coordinator_process(run: Run, failpoint: str | None) -> asyncio.subpro
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "common.cli",
+            "cohort_cli",
             "coordinator",
             "--config",
             str(run.config),

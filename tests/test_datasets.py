@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import data_cmd
+from cohort_cli import data_cmd
 from common.datasets import (
     assign_sites,
     centralized_baseline,

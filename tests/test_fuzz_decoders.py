@@ -60,10 +60,10 @@ from common.secagg_wire import (
     unmask_to_proto,
 )
 from common.serde import Assembler, Limits, encode, specs_from_manifest
-from coordinator.audit import verify_database, verify_rows
 from coordinator.config import CoordinatorConfig, JobConfig
 from coordinator.job_proto import job_config_from_proto, job_spec_to_proto
-from coordinator.store import Store
+from coordinator.state.audit import verify_database, verify_rows
+from coordinator.state.store import Store
 from participant.config import ParticipantConfig
 
 M = TypeVar("M", bound=Message)

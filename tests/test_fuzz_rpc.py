@@ -53,9 +53,9 @@ from test_fuzz_decoders import (
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.serde import Assembler, EncodedTensors, Spec, encode, new_hasher
-from coordinator.audit import verify_database
 from coordinator.config import CoordinatorConfig, JobConfig, SecureAggregationConfig
 from coordinator.daemon import CoordinatorDaemon
+from coordinator.state.audit import verify_database
 from participant.secagg_session import SecAggSession, SiteKeys
 
 T = TypeVar("T")

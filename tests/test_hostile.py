@@ -44,9 +44,9 @@ from common.retry import Backoff
 from common.serde import Assembler
 from coordinator.config import CoordinatorConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
-from coordinator.denylist import DenyList, parse_deny_list
-from coordinator.job import JobRunner
-from coordinator.ratelimit import AuditThrottle, JoinLimiter
+from coordinator.round.runner import JobRunner
+from coordinator.rpc.denylist import DenyList, parse_deny_list
+from coordinator.rpc.ratelimit import AuditThrottle, JoinLimiter
 from participant.config import ReconnectConfig
 from participant.daemon import retry_after_s
 

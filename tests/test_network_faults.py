@@ -144,7 +144,7 @@ class Federation:
 
     def _spawn(self, host: str, argv: list[str]) -> None:
         self.logs[host] = self.root / f"{host}.log"
-        cmd = [sys.executable, "-m", "common.cli", "--log-level", "info", *argv]
+        cmd = [sys.executable, "-m", "cohort_cli", "--log-level", "info", *argv]
         self.procs[host] = self.lab.spawn(host, cmd, log=self.logs[host], cwd=self.root, env=self.env)
 
     def _write(self, name: str, config: dict[str, Any]) -> Path:

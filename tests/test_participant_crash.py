@@ -38,17 +38,17 @@ from support import (
     runner_of,
 )
 
-import coordinator.intake
+import coordinator.round.intake
 from common.failpoints import ENV as FAILPOINTS_ENV
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.encoding import EncodingParams, weight_of
 from common.serde import encode
 from common.tasks.base import TrainSettings, load_task, round_seed
 from common.tasks.breast_cancer import BreastCancerTask
-from coordinator.aggregation import UpdateSpool
 from coordinator.config import JobConfig, SecureAggregationConfig
 from coordinator.daemon import CoordinatorDaemon
-from coordinator.store import RoundRow
+from coordinator.round.aggregation import UpdateSpool
+from coordinator.state.store import RoundRow
 from participant.site import LocalUpdate, Site
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +145,7 @@ def spools(monkeypatch: pytest.MonkeyPatch) -> list[SpoolRecord]:
             super().discard()
             self.record.discarded = True
 
-    monkeypatch.setattr(coordinator.intake, "UpdateSpool", RecordingSpool)
+    monkeypatch.setattr(coordinator.round.intake, "UpdateSpool", RecordingSpool)
     return records
 
 
@@ -178,7 +178,7 @@ class Victim:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "common.cli",
+                "cohort_cli",
                 "participant",
                 "--config",
                 str(self.config),

@@ -21,7 +21,7 @@ from support import (
     runner_of,
 )
 
-from common.admin_client import AdminEndpoint, start_job
+from cohort_cli.admin_client import AdminEndpoint, start_job
 from common.privacy.accounting import Accountant, PrivacyEvent
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.tasks.base import load_task

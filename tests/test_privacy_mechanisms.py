@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cohort_cli.privacy_cmd import register
 from common.errors import ConfigError
 from common.privacy import central, clipping, rotation
 from common.privacy.clipping import AdaptiveClip, clip_l2
-from common.privacy_cmd import register
 
 
 @settings(max_examples=50, deadline=None)

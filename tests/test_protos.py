@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_generated_code_has_not_drifted() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "common.protogen", "--check"],
+        [sys.executable, str(ROOT / "tools" / "protogen.py"), "--check"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.rounds import (
+from coordinator.round.machine import (
     CloseRound,
     DeadlinePassed,
     Phase,

@@ -144,7 +144,7 @@ async def test_substituted_key_makes_sites_abort_and_the_round_is_retried(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A coordinator that swaps one site's advertised mask key (to unmask it later) is caught by the sites."""
-    from coordinator.secagg_round import SecAggRound
+    from coordinator.round.secagg import SecAggRound
 
     real_close = SecAggRound.close_advertise
     tampered: list[int] = []

@@ -12,7 +12,7 @@ from common.errors import InvalidArgument
 from common.secagg.encoding import EncodingParams, packed_len
 from common.secagg.protocol import RoundParams, ServerStage
 from coordinator.config import SecureAggregationConfig
-from coordinator.secagg_round import SecAggRound
+from coordinator.round.secagg import SecAggRound
 
 
 def test_masked_input_with_padding_bits_is_refused_and_the_round_still_sums(tmp_path: Path) -> None:

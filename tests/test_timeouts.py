@@ -38,7 +38,7 @@ from common.errors import ConfigError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from coordinator.config import JobConfig, SecureAggregationConfig
-from coordinator.rounds import DeadlinePassed, RoundState, UploadAccepted
+from coordinator.round.machine import DeadlinePassed, RoundState, UploadAccepted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,7 +202,7 @@ async def test_frozen_site_is_dropped_within_one_heartbeat_interval(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "common.cli",
+        "cohort_cli",
         "participant",
         "--config",
         str(path),

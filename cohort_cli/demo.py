@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.admin_client import AdminEndpoint, get_status
+from cohort_cli.admin_client import AdminEndpoint, get_status
+from cohort_cli.processes import Processes
 from common.ca import init_federation
 from common.datasets import load_source, split_sites, write_site_folders
 from common.errors import CohortError, ConfigError
-from common.processes import Processes
 from common.proto.cohort.v1 import cohort_pb2 as pb
 
 SITES = tuple(f"hospital-{i}" for i in range(1, 6))
@@ -117,7 +117,7 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
     try:
         coordinator_args = [
             "-m",
-            "common.cli",
+            "cohort_cli",
             "coordinator",
             "--config",
             str(deploy / "coordinator.yaml"),
@@ -136,7 +136,7 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
                 site,
                 [
                     "-m",
-                    "common.cli",
+                    "cohort_cli",
                     "participant",
                     "--config",
                     str(deploy / f"{site}.yaml"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.audit import GENESIS, chain_hash
+from coordinator.state.audit import GENESIS, chain_hash
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (

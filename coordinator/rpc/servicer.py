@@ -24,11 +24,10 @@ from common.certs import Role
 from common.errors import RETRY_AFTER_KEY, CertificateRevoked, InvalidArgument, RateLimited, RpcError, status_for
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from common.tls import peer_identity, require_role
-from coordinator.denylist import CertRef, cert_ref
+from common.tls import CertRef, cert_ref, peer_identity, require_role
+from coordinator.rpc.upload_guard import GuardedStream, StreamLimits
+from coordinator.rpc.wire import refuse_undecodable
 from coordinator.service import Coordinator
-from coordinator.upload_guard import GuardedStream, StreamLimits
-from coordinator.wire import refuse_undecodable
 
 log = logging.getLogger("cohort.coordinator.rpc")
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors
 from common.tasks.base import Task, task_digest
-from coordinator.aggregation import RunningSum
-from coordinator.registry import Declaration
-from coordinator.rounds import CloseRound, RoundState
-from coordinator.secagg_round import SecAggRound
+from coordinator.round.aggregation import RunningSum
+from coordinator.round.machine import CloseRound, RoundState
+from coordinator.round.secagg import SecAggRound
+from coordinator.state.registry import Declaration
 
 
 @dataclass(frozen=True)

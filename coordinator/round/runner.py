@@ -24,15 +24,11 @@ from common import failpoints
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, state_dict_float32
 from common.tasks.base import Task, round_seed
-from coordinator.aggregation import RunningSum, apply_flat
 from coordinator.config import JobConfig
-from coordinator.intake import Intake
-from coordinator.job_state import ActiveRound, Evaluation, JobIdentity
-from coordinator.model_store import ModelStore
-from coordinator.privacy import JobPrivacy
-from coordinator.registry import Registry
-from coordinator.resume import ResumePoint, spool_dir
-from coordinator.rounds import (
+from coordinator.round.aggregation import RunningSum, apply_flat
+from coordinator.round.intake import Intake
+from coordinator.round.job_state import ActiveRound, Evaluation, JobIdentity
+from coordinator.round.machine import (
     CloseRound,
     DeadlinePassed,
     Event,
@@ -42,10 +38,14 @@ from coordinator.rounds import (
     Stop,
     UploadAccepted,
 )
-from coordinator.secagg_round import SecAggRound, key_stages, unmask_stages
-from coordinator.store import Store
+from coordinator.round.privacy import JobPrivacy
+from coordinator.round.secagg import SecAggRound, key_stages, unmask_stages
+from coordinator.state.model_store import ModelStore
+from coordinator.state.registry import Registry
+from coordinator.state.resume import ResumePoint, spool_dir
+from coordinator.state.store import Store
 
-log = logging.getLogger("cohort.coordinator.job")
+log = logging.getLogger("cohort.coordinator.round.runner")
 
 ProgressHook = Callable[[str], None]
 

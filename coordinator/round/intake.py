@@ -12,19 +12,19 @@ from common import failpoints
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, specs_from_manifest
-from coordinator.aggregation import UpdateSpool, check_finite_file, l2_norm_file
 from coordinator.config import JobConfig
-from coordinator.job_state import ActiveRound, Evaluation
-from coordinator.privacy import JobPrivacy
-from coordinator.rounds import Event, SiteLost, UploadAccepted
-from coordinator.store import Store
+from coordinator.round.aggregation import UpdateSpool, check_finite_file, l2_norm_file
+from coordinator.round.job_state import ActiveRound, Evaluation
+from coordinator.round.machine import Event, SiteLost, UploadAccepted
+from coordinator.round.privacy import JobPrivacy
+from coordinator.state.store import Store
 
 MAX_SAMPLES = 1_000_000_000
 MAX_METRICS = 32
 
 
 class Intake:
-    """Mixed into :class:`coordinator.job.JobRunner`; these are the runner attributes it uses."""
+    """Mixed into :class:`coordinator.round.runner.JobRunner`; these are the runner attributes it uses."""
 
     job_id: str
     spec: JobConfig

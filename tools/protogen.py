@@ -1,6 +1,6 @@
 """Regenerate (or check) the committed gRPC/protobuf code from ``protos/``.
 
-``python -m common.protogen`` writes ``common/proto/cohort/v1/cohort_pb2{,_grpc}.py{,i}``;
+``python tools/protogen.py`` writes ``common/proto/cohort/v1/cohort_pb2{,_grpc}.py{,i}``;
 ``--check`` generates into a temporary directory and exits non-zero when the committed files differ.
 The proto root is mapped to the import path ``common/proto`` so generated imports read
 ``from common.proto.cohort.v1 import cohort_pb2``.

@@ -1,7 +1,7 @@
 """``cohort certs``: create the federation CA and issue certificates from the command line.
 
 Each sub-command is a thin wrapper over :mod:`common.ca` (issuing) or :mod:`common.certs` (reading); errors are
-:class:`~common.errors.CohortError` subclasses, which ``common.cli`` prints as one line with exit code 2.
+:class:`~common.errors.CohortError` subclasses, which ``cohort_cli.main`` prints as one line with exit code 2.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
-from coordinator.denylist import CertRef
+from common.tls import CertRef
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ import torch
 from common.serde import EncodedTensors, Spec, new_hasher, state_dict_float32
 from common.tasks.base import Task
 from coordinator.config import JobConfig
-from coordinator.model_store import ModelStore
-from coordinator.store import RoundRow, Store
+from coordinator.state.model_store import ModelStore
+from coordinator.state.store import RoundRow, Store
 
 log = logging.getLogger("cohort.coordinator.resume")
 
@@ -40,7 +40,7 @@ RESTART_DETAIL = "interrupted by a coordinator restart"
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where :class:`coordinator.job.JobRunner` continues: run round ``number`` (attempt ``attempt``) on ``model``."""
+    """Where a job continues: round ``number``, attempt ``attempt``, on ``model``."""
 
     number: int
     attempt: int

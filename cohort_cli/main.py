@@ -60,7 +60,7 @@ def _cmd_participant(args: argparse.Namespace) -> int:
 
 
 def _endpoint(args: argparse.Namespace) -> object:
-    from common.admin_client import AdminEndpoint
+    from cohort_cli.admin_client import AdminEndpoint
 
     return AdminEndpoint.from_dir(args.coordinator, args.tls_dir, args.server_name)
 
@@ -82,7 +82,7 @@ def _add_admin_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from common.admin_client import AdminEndpoint, format_status, get_status, to_json
+    from cohort_cli.admin_client import AdminEndpoint, format_status, get_status, to_json
 
     ep = _endpoint(args)
     assert isinstance(ep, AdminEndpoint)
@@ -92,7 +92,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_job_start(args: argparse.Namespace) -> int:
-    from common.admin_client import AdminEndpoint, start_job, to_json
+    from cohort_cli.admin_client import AdminEndpoint, start_job, to_json
     from coordinator.config import JobConfig
     from coordinator.job_proto import job_spec_to_proto
 
@@ -107,7 +107,7 @@ def _cmd_job_start(args: argparse.Namespace) -> int:
 
 
 def _cmd_job_stop(args: argparse.Namespace) -> int:
-    from common.admin_client import AdminEndpoint, stop_job, to_json
+    from cohort_cli.admin_client import AdminEndpoint, stop_job, to_json
 
     ep = _endpoint(args)
     assert isinstance(ep, AdminEndpoint)
@@ -117,7 +117,7 @@ def _cmd_job_stop(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from coordinator.audit import verify_database
+    from coordinator.state.audit import verify_database
 
     report = verify_database(args.state_dir / "coordinator.db", args.head)
     for problem in report.problems:
@@ -128,13 +128,13 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from common.demo import run_demo
+    from cohort_cli.demo import run_demo
 
     return run_demo(args.run_dir, rounds=args.rounds, deploy_dir=args.deploy_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common import certs_cmd, data_cmd, privacy_cmd
+    from cohort_cli import certs_cmd, data_cmd, privacy_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")

@@ -22,7 +22,7 @@ from typing import Any
 
 from common.errors import DeadlineExceeded, ResourceExhausted
 from common.proto.cohort.v1 import cohort_pb2 as pb
-from coordinator.wire import refuse_undecodable
+from coordinator.rpc.wire import refuse_undecodable
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -30,57 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
-from common.certs import Role, identity_of
-from common.errors import CertificateError, CertificateRevoked, ConfigError, Unauthenticated
-from common.tls import peer_pem
+from common.certs import Role
+from common.errors import CertificateRevoked, ConfigError
+from common.tls import CertRef
 
 if TYPE_CHECKING:
-    from coordinator.registry import Registry
-    from coordinator.store import Store
+    from coordinator.state.registry import Registry
+    from coordinator.state.store import Store
 
-log = logging.getLogger("cohort.coordinator.denylist")
+log = logging.getLogger("cohort.coordinator.rpc.denylist")
 
 _SITE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _HEX = re.compile(r"[0-9a-f]+")
 _KEYS = ("sites", "serials", "fingerprints")
 MAX_ENTRIES = 100_000
-
-
-@dataclass(frozen=True)
-class CertRef:
-    """A caller's verified certificate: role and name (OU, CN), serial number and SHA-256 fingerprint (hex)."""
-
-    role: Role
-    name: str
-    serial: int
-    fingerprint: str
-
-    @classmethod
-    def of(cls, cert: x509.Certificate) -> CertRef:
-        identity = identity_of(cert)
-        return cls(identity.role, identity.name, cert.serial_number, cert.fingerprint(hashes.SHA256()).hex())
-
-
-@functools.lru_cache(maxsize=1024)
-def _ref_from_pem(pem: bytes) -> CertRef:
-    try:
-        return CertRef.of(x509.load_pem_x509_certificate(pem))
-    except ValueError as exc:
-        raise CertificateError(f"not a PEM certificate: {exc}") from None
-
-
-def cert_ref(context: grpc.aio.ServicerContext[Any, Any]) -> CertRef:
-    """The caller's certificate, from the TLS session (the handshake already verified its chain)."""
-    pem = peer_pem(context)
-    try:
-        return _ref_from_pem(pem)
-    except CertificateError as exc:
-        raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
 
 
 @dataclass(frozen=True)
