@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install proto proto-check lint test demo bench clean
+.PHONY: install proto proto-check lint test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest
+
+# The unit lane for daily work: everything not marked slow (no federations, subprocesses, crash or fuzz runs).
+test-fast: install
+	$(BIN)/pytest -m "not slow" -q
 
 demo: install
 	$(BIN)/cohort demo --run-dir $(RUN_DIR)

@@ -94,7 +94,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_job_start(args: argparse.Namespace) -> int:
     from cohort_cli.admin_client import AdminEndpoint, start_job, to_json
     from coordinator.config import JobConfig
-    from coordinator.job_proto import job_spec_to_proto
+    from coordinator.jobspec import to_proto as job_spec_to_proto
 
     spec = config_loader.load(JobConfig, args.job, overrides=args.overrides)
     ep = _endpoint(args)
@@ -113,6 +113,16 @@ def _cmd_job_stop(args: argparse.Namespace) -> int:
     assert isinstance(ep, AdminEndpoint)
     reply = asyncio.run(stop_job(ep, args.job_id, args.reason))
     print(to_json(reply) if args.json else f"job {reply.job_id}: {reply.state}")
+    return 0
+
+
+def _cmd_job_clear_site(args: argparse.Namespace) -> int:
+    from cohort_cli.admin_client import AdminEndpoint, clear_suspension, to_json
+
+    ep = _endpoint(args)
+    assert isinstance(ep, AdminEndpoint)
+    reply = asyncio.run(clear_suspension(ep, args.job_id, args.site))
+    print(to_json(reply) if args.json else f"job {reply.job_id}: site {args.site} may take part again")
     return 0
 
 
@@ -188,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="")
     _add_admin_args(p)
     p.set_defaults(func=_cmd_job_stop)
+    p = job_sub.add_parser("clear-site", help="let a site suspended for secure-aggregation aborts back in")
+    p.add_argument("job_id")
+    p.add_argument("site")
+    _add_admin_args(p)
+    p.set_defaults(func=_cmd_job_clear_site)
     return parser
 
 

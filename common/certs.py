@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,11 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import NameOID
 
 from common.errors import CertificateError, ConfigError
+from common.names import RULE, is_name
 
 log = logging.getLogger(__name__)
-
-# Names become directory names and log fields: lower case, no path separators, no leading dot.
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
 class Role(enum.StrEnum):
@@ -67,9 +64,8 @@ class TlsFiles:
 
 def validate_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is a valid site id or admin name, else raise :class:`ConfigError`."""
-    # fullmatch, not a ``$`` anchor: ``$`` also matches before a trailing newline.
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ConfigError(f"{what} {name!r}: use 1-63 of a-z 0-9 . _ - and start with a letter or digit")
+    if not is_name(name):
+        raise ConfigError(f"{what} {name!r}: use {RULE}")
     return name
 
 
@@ -97,7 +93,7 @@ def subject_identity(subject: x509.Name) -> PeerIdentity:
     if ou not in {r.value for r in Role}:
         raise CertificateError(f"role (OU) {ou!r} is not one of {', '.join(Role)}")
     name = subject_attribute(subject, NameOID.COMMON_NAME, "name (CN)")
-    if not _NAME_RE.fullmatch(name):
+    if not is_name(name):
         raise CertificateError(f"name (CN) {name!r} is not a valid Cohort name")
     return PeerIdentity(role=Role(ou), name=name)
 

@@ -14,15 +14,10 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from common.certs import PeerIdentity, Role, TlsFiles, check_tls_files, identity_from_pem, identity_of
-from common.errors import CertificateError, PermissionDenied, Unauthenticated
-from common.settings import TlsConfig
+from common.certs import Role, TlsFiles, check_tls_files, identity_of
+from common.errors import CertificateError, Unauthenticated
 
 MiB = 1 << 20
-
-
-def tls_files(cfg: TlsConfig) -> TlsFiles:
-    return TlsFiles(ca=cfg.ca, cert=cfg.cert, key=cfg.key)
 
 
 def _read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
@@ -66,11 +61,6 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-@functools.lru_cache(maxsize=1024)
-def _identity_cached(pem: bytes) -> PeerIdentity:
-    return identity_from_pem(pem)
-
-
 def peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     """The caller's certificate (PEM) from the TLS session; the handshake already verified its chain."""
     auth = context.auth_context()
@@ -79,25 +69,6 @@ def peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     if first is None:
         raise Unauthenticated("no client certificate was presented; connect with the site's certificate")
     return bytes(first)
-
-
-def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
-    """The verified identity of the caller. The TLS stack already checked the chain to the federation CA."""
-    pem = peer_pem(context)
-    try:
-        return _identity_cached(pem)
-    except CertificateError as exc:
-        raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
-
-
-def require_role(context: grpc.aio.ServicerContext[Any, Any], role: Role) -> PeerIdentity:
-    identity = peer_identity(context)
-    if identity.role is not role:
-        raise PermissionDenied(
-            f"this call needs a {role.value} certificate; the caller presented a {identity.role.value} "
-            f"certificate for {identity.name!r}"
-        )
-    return identity
 
 
 @dataclass(frozen=True)

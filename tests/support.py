@@ -15,7 +15,7 @@ from common.ca import write_pem
 from common.certs import TlsFiles
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, encode
-from common.settings import TlsConfig, TrainParamsConfig
+from common.settings import TrainParamsConfig
 from common.tasks.base import load_task, task_digest
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
@@ -48,8 +48,8 @@ class Pki:
         return self.ids["admin:admin"]
 
 
-def tls(files: TlsFiles) -> TlsConfig:
-    return TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
+def tls(files: TlsFiles) -> TlsFiles:
+    return TlsFiles(ca=files.ca, cert=files.cert, key=files.key)
 
 
 def write_identity(directory: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> TlsFiles:
@@ -161,7 +161,6 @@ def join_request(**overrides: object) -> pb.JoinRequest:
         "task_digest": task_digest(task),
         "schema_fingerprint": task.schema.fingerprint(),
         "software_version": "test",
-        "num_train_samples": 10,
     }
     fields.update(overrides)
     return pb.JoinRequest(**fields)  # type: ignore[arg-type]

@@ -48,7 +48,7 @@ from coordinator.round.runner import JobRunner
 from coordinator.rpc.denylist import DenyList, parse_deny_list
 from coordinator.rpc.ratelimit import AuditThrottle, JoinLimiter
 from participant.config import ReconnectConfig
-from participant.daemon import retry_after_s
+from participant.connection import retry_after_s
 
 A, B, C = SITES[:3]
 CODE = grpc.StatusCode
@@ -259,7 +259,7 @@ async def test_revoked_site_is_dropped_mid_round_and_refused_everywhere(
         [row] = store.rounds(runner.job_id)
         assert (row.state, row.reported, row.cohort) == ("completed", [A, B], [A, B, C]), row.detail
         assert sorted(u["site"] for u in store.uploads(runner.job_id, 1, 0)) == [A, B]
-        runner.stop("test over")  # (the final evaluation would wait for these hand-driven sites)
+        await runner.stop("test over")  # (the final evaluation would wait for these hand-driven sites)
 
         # Lifting the revocation lets c join again.
         write_deny_list(deny, "sites: []\n")
@@ -462,7 +462,7 @@ async def test_replayed_upload_for_a_closed_round_is_refused(
             assert store.uploads(runner.job_id, 2, 0) == []
             assert_round_untouched(runner, text, number=2)
         # ... and once the job is over.
-        runner.stop("test over")
+        await runner.stop("test over")
         await poll_until(lambda: runner.state != "running", what="job stop")
         await refused(
             a.stub.UploadUpdate(sent(round1, release=release), timeout=10), CODE.FAILED_PRECONDITION, "is not running"
