@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common import files
 from common.lifecycle import Status, install_stop_handlers
 from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials, tls_files
@@ -126,9 +127,7 @@ async def run(config: CoordinatorConfig, ready_file: Path | None = None, exit_wh
     with contextlib.suppress(NotImplementedError, RuntimeError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.coordinator.revocations.reload)
     if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(address + "\n")
-        tmp.replace(ready_file)
+        files.write_atomic(ready_file, (address + "\n").encode())
     waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
     if exit_when_done and daemon.coordinator.runner is not None:
         waiters.append(asyncio.ensure_future(daemon.coordinator.wait_job()))

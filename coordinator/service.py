@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from common import config as config_loader
+from common import files
 from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TaskError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits
@@ -39,7 +40,7 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig, progress: ProgressHook | None = None) -> None:
         self.config = config
         self.allowed = frozenset(config.federation.sites)
-        state = config.state_dir
+        state = files.private_tree(config.state_dir, "state_dir")  # owner-only; refused if others may write it
         self.registry = Registry()
         fed, server = config.federation, config.server
         deny = Revocations.initial(fed.deny_list)  # before the store opens: a broken file stops the start-up
