@@ -385,7 +385,9 @@ def sign_csr(
     except CertificateError as exc:
         raise CertificateError(f"{csr_path}: {exc}") from None
     if identity.role is not role:
-        raise CertificateError(f"{csr_path}: the request is for a {identity.role} but {role} was asked for")
+        raise CertificateError(
+            f"{csr_path}: the request is for {identity.role.with_article()} but {role.with_article()} was asked for"
+        )
     ca = load_ca(ca_dir)
     cert = _issue_leaf(ca, identity.name, role, public_key, days, dns_names)
     write_pem(out_path, _cert_pem(cert), private=False)

@@ -14,8 +14,18 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from common.certs import PeerIdentity, Role, TlsFiles, check_tls_files, identity_from_pem, identity_of
-from common.errors import CertificateError, PermissionDenied, Unauthenticated
+from common.certs import (
+    PeerIdentity,
+    Role,
+    TlsFiles,
+    check_federation,
+    check_tls_files,
+    federation_of,
+    identity_from_pem,
+    identity_of,
+    load_certificates,
+)
+from common.errors import CertificateError, ForeignFederation, PermissionDenied, Unauthenticated
 from common.settings import TlsConfig
 
 MiB = 1 << 20
@@ -32,9 +42,15 @@ def _read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
         raise CertificateError(f"cannot read {exc.filename}: {exc.strerror}") from exc
 
 
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """Server credentials that require and verify a client certificate from the federation CA."""
+def server_credentials(files: TlsFiles, federation: str | None = None) -> grpc.ServerCredentials:
+    """Server credentials that require and verify a client certificate from the federation CA.
+
+    With ``federation``, the server's own certificate must name it (O): peers are held to the same rule, so a
+    mismatch here would refuse every one of them; better to stop at start-up and say why.
+    """
     check_tls_files(files, expect_role=Role.COORDINATOR)
+    if federation is not None:
+        check_federation(load_certificates(files.cert, "certificate")[0], files.cert, federation)
     ca, cert, key = _read(files)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
@@ -90,12 +106,45 @@ def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
         raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
 
 
-def require_role(context: grpc.aio.ServicerContext[Any, Any], role: Role) -> PeerIdentity:
+@functools.lru_cache(maxsize=1024)
+def _federation_cached(pem: bytes) -> str | None:
+    try:
+        return federation_of(x509.load_pem_x509_certificate(pem))
+    except ValueError as exc:
+        raise CertificateError(f"not a PEM certificate: {exc}") from None
+
+
+def require_federation(context: grpc.aio.ServicerContext[Any, Any], federation: str) -> None:
+    """Refuse (UNAUTHENTICATED) a caller whose certificate names another federation in its O.
+
+    The TLS handshake only proves the certificate chains to a CA in ``ca.crt``; a CA bundle may trust several
+    federations' CAs (or one CA may serve several), so the federation the certificate was issued for is checked too.
+    """
+    pem = peer_pem(context)
+    try:
+        named = _federation_cached(pem)
+        name = _identity_cached(pem).name
+    except CertificateError as exc:
+        raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
+    if named != federation:
+        raise ForeignFederation(
+            f"the certificate of {name!r} was issued for federation {named!r} (its O), but this coordinator serves "
+            f"federation {federation!r}; connect with a certificate issued for {federation!r} "
+            "(`cohort certs show tls.crt` prints a certificate's federation)"
+        )
+
+
+def require_role(
+    context: grpc.aio.ServicerContext[Any, Any], role: Role, federation: str | None = None
+) -> PeerIdentity:
+    """The caller's identity if its certificate is ``role``'s (and, given ``federation``, names that federation)."""
+    if federation is not None:
+        require_federation(context, federation)
     identity = peer_identity(context)
     if identity.role is not role:
         raise PermissionDenied(
-            f"this call needs a {role.value} certificate; the caller presented a {identity.role.value} "
-            f"certificate for {identity.name!r}"
+            f"this call needs {role.with_article()} certificate; the caller presented "
+            f"{identity.role.with_article()} certificate for {identity.name!r}"
         )
     return identity
 

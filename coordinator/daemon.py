@@ -48,7 +48,7 @@ class CoordinatorDaemon:
         self.status = Status.STARTING
         cfg = self.config
         assert cfg.server.tls is not None  # checked when the config was loaded
-        credentials = server_credentials(tls_files(cfg.server.tls))
+        credentials = server_credentials(tls_files(cfg.server.tls), federation=cfg.federation.name)
         coordinator = Coordinator(cfg, progress=self._progress)
         server = grpc.aio.server(
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2)

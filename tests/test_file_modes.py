@@ -258,7 +258,9 @@ async def test_nothing_a_federation_writes_is_readable_by_others(
     assert all(path.exists() for path in ledgers.values())
 
 
-async def heartbeats(stub: pb_grpc.FederationAsyncStub, session_id: str, stop: asyncio.Event, interval_s: float) -> None:
+async def heartbeats(
+    stub: pb_grpc.FederationAsyncStub, session_id: str, stop: asyncio.Event, interval_s: float
+) -> None:
     while not stop.is_set():
         await stub.Heartbeat(pb.HeartbeatRequest(session_id=session_id), timeout=10)
         with contextlib.suppress(TimeoutError):

@@ -21,7 +21,15 @@ import grpc
 
 from common import failpoints
 from common.certs import Role
-from common.errors import RETRY_AFTER_KEY, CertificateRevoked, InvalidArgument, RateLimited, RpcError, status_for
+from common.errors import (
+    RETRY_AFTER_KEY,
+    CertificateRevoked,
+    ForeignFederation,
+    InvalidArgument,
+    RateLimited,
+    RpcError,
+    status_for,
+)
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.tls import CertRef, cert_ref, peer_identity, require_role
@@ -52,7 +60,7 @@ async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -
 def _audit_refusal(servicer: Any, context: Ctx, method: str, exc: RpcError, code: str, message: str) -> None:
     """Every refused request is an audit event (who, which call, which status, why); never its payload."""
     kind = exc.audit_kind if isinstance(exc, RateLimited) else "rpc_refused"
-    throttled = isinstance(exc, RateLimited | CertificateRevoked)  # repeatable at will: once per window, counted
+    throttled = isinstance(exc, RateLimited | CertificateRevoked | ForeignFederation)  # repeatable at will: counted
     _audit(servicer, context, kind, throttled, method=method, code=code, message=message[:300])
 
 
@@ -122,7 +130,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _site(self, context: Ctx) -> CertRef:
         """The calling site's certificate: a participant certificate that is not revoked."""
-        require_role(context, Role.PARTICIPANT)
+        require_role(context, Role.PARTICIPANT, self.c.config.federation.name)
         ref = cert_ref(context)
         self.c.revocations.check(ref)
         return ref
@@ -206,7 +214,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def _admin(self, context: Ctx) -> str:
         """The calling admin's name: an admin certificate that is not revoked (by serial or fingerprint)."""
-        require_role(context, Role.ADMIN)
+        require_role(context, Role.ADMIN, self.c.config.federation.name)
         ref = cert_ref(context)
         self.c.revocations.check(ref)
         return ref.name
