@@ -19,6 +19,7 @@ from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials, tls_files
 from coordinator.config import CoordinatorConfig
 from coordinator.round.runner import ProgressHook
+from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
 from coordinator.rpc.servicer import AdminServicer, FederationServicer
 from coordinator.rpc.wire import add_service
 from coordinator.service import Coordinator
@@ -41,6 +42,7 @@ class CoordinatorDaemon:
         self._health: health.aio.HealthServicer | None = None
         self._closed = asyncio.Event()
         self._liveness: asyncio.Task[None] | None = None
+        self._handshakes: HandshakeWatch | None = None
 
     async def start(self) -> str:
         if self.status is not Status.INIT:
@@ -62,6 +64,7 @@ class CoordinatorDaemon:
         port = server.add_secure_port(cfg.server.listen, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {cfg.server.listen}")
+        self._handshakes = await watch_handshakes(coordinator.store.audit, port)
         await server.start()
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -92,6 +95,8 @@ class CoordinatorDaemon:
             await asyncio.gather(self._liveness, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace_s)
+        if self._handshakes is not None:
+            await self._handshakes.close()
         if self._coordinator is not None:
             self._coordinator.close()
         self.status = Status.CLOSED
