@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -182,6 +184,34 @@ def test_cohort_coordinator_exits_with_one_line_on_a_shared_state_dir(pki: Pki, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"cohort coordinator: error: state_dir: directory {state} is writable by group")
+
+
+@pytest.mark.slow
+def test_cohort_coordinator_under_umask_000_writes_owner_only(pki: Pki, tmp_path: Path) -> None:
+    """The real command (its filter process and ready file included), started with a umask that removes nothing."""
+    c = pki.coordinator
+    config, ready, state = tmp_path / "coordinator.yaml", tmp_path / "run" / "ready", tmp_path / "state"
+    (tmp_path / "run").mkdir(mode=0o700)
+    config.write_text(
+        "federation: {name: test, sites: [site-a]}\n"
+        f"server: {{listen: '127.0.0.1:0', tls: {{ca: '{c.ca}', cert: '{c.cert}', key: '{c.key}'}}}}\n"
+        f"state_dir: '{state}'\n"
+    )
+    argv = [sys.executable, "-m", "cohort_cli", "coordinator", "--config", str(config), "--ready-file", str(ready)]
+    proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, umask=0)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the coordinator did not start"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert loose(state) == []
+    assert loose(tmp_path / "run") == []
+    assert {"coordinator.db", "models"} <= {p.name for p in state.iterdir()}
 
 
 # --- a participant's privacy ledger -------------------------------------------------------------------------------
