@@ -43,6 +43,7 @@ bench: install
 	$(PY) bench/secagg.py
 	$(PY) bench/privacy_utility.py
 	$(PY) bench/soak.py
+	$(PY) bench/handshake_log.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -39,6 +39,10 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
     COORDINATOR = "coordinator"
 
+    def with_article(self) -> str:
+        """``"a participant"``, ``"an admin"``, ``"a coordinator"``: for messages."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value}"
+
 
 @dataclass(frozen=True)
 class PeerIdentity:
@@ -96,6 +100,22 @@ def subject_identity(subject: x509.Name) -> PeerIdentity:
     if not is_name(name):
         raise CertificateError(f"name (CN) {name!r} is not a valid Cohort name")
     return PeerIdentity(role=Role(ou), name=name)
+
+
+def federation_of(cert: x509.Certificate) -> str | None:
+    """The federation a certificate was issued for (Subject ``O``), or None when it names none or several."""
+    values = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return values[0].value if len(values) == 1 and isinstance(values[0].value, str) else None
+
+
+def check_federation(cert: x509.Certificate, path: Path, federation: str) -> None:
+    """Raise :class:`CertificateError` unless ``cert`` (read from ``path``) names ``federation`` in its O."""
+    named = federation_of(cert)
+    if named != federation:
+        raise CertificateError(
+            f"{path}: this certificate is for federation {named!r} (its O), but federation.name is {federation!r}; "
+            f"set federation.name to the federation of its CA, or use a certificate issued for {federation!r}"
+        )
 
 
 def identity_of(cert: x509.Certificate) -> PeerIdentity:
@@ -205,8 +225,8 @@ def check_tls_files(files: TlsFiles, *, expect_role: Role | None = None, now: da
         raise CertificateError(f"{files.cert}: {exc}") from None
     if expect_role is not None and identity.role is not expect_role:
         raise CertificateError(
-            f"{files.cert}: this is a {identity.role} certificate for {identity.name!r}, "
-            f"but this process needs a {expect_role} certificate"
+            f"{files.cert}: this is {identity.role.with_article()} certificate for {identity.name!r}, "
+            f"but this process needs {expect_role.with_article()} certificate"
         )
     # Only a warning: Kubernetes mounts secrets 0644 unless told otherwise; refusing to start would not help.
     if files.key.stat().st_mode & 0o077:

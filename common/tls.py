@@ -14,8 +14,16 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from common.certs import Role, TlsFiles, check_tls_files, identity_of
-from common.errors import CertificateError, Unauthenticated
+from common.certs import (
+    Role,
+    TlsFiles,
+    check_federation,
+    check_tls_files,
+    federation_of,
+    identity_of,
+    load_certificates,
+)
+from common.errors import CertificateError, ForeignFederation, Unauthenticated
 
 MiB = 1 << 20
 
@@ -27,9 +35,15 @@ def _read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
         raise CertificateError(f"cannot read {exc.filename}: {exc.strerror}") from exc
 
 
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """Server credentials that require and verify a client certificate from the federation CA."""
+def server_credentials(files: TlsFiles, federation: str | None = None) -> grpc.ServerCredentials:
+    """Server credentials that require and verify a client certificate from the federation CA.
+
+    With ``federation``, the server's own certificate must name it (O): peers are held to the same rule, so a
+    mismatch here would refuse every one of them; better to stop at start-up and say why.
+    """
     check_tls_files(files, expect_role=Role.COORDINATOR)
+    if federation is not None:
+        check_federation(load_certificates(files.cert, "certificate")[0], files.cert, federation)
     ca, cert, key = _read(files)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
@@ -73,17 +87,33 @@ def peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class CertRef:
-    """A caller's verified certificate: role and name (OU, CN), serial number and SHA-256 fingerprint (hex)."""
+    """A caller's verified certificate, read once per call: role and name (OU, CN), the federation it was issued for
+    (O), serial number and SHA-256 fingerprint (hex)."""
 
     role: Role
     name: str
     serial: int
     fingerprint: str
+    federation: str | None = None
 
     @classmethod
     def of(cls, cert: x509.Certificate) -> CertRef:
         identity = identity_of(cert)
-        return cls(identity.role, identity.name, cert.serial_number, cert.fingerprint(hashes.SHA256()).hex())
+        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+        return cls(identity.role, identity.name, cert.serial_number, fingerprint, federation_of(cert))
+
+    def require_federation(self, federation: str) -> None:
+        """Refuse (UNAUTHENTICATED) a certificate whose O names another federation.
+
+        The TLS handshake only proves the certificate chains to a CA in ``ca.crt``; a CA bundle may trust several
+        federations' CAs (or one CA may serve several), so the federation the certificate was issued for is checked
+        too."""
+        if self.federation != federation:
+            raise ForeignFederation(
+                f"the certificate of {self.name!r} was issued for federation {self.federation!r} (its O), but this "
+                f"coordinator serves federation {federation!r}; connect with a certificate issued for {federation!r} "
+                "(`cohort certs show tls.crt` prints a certificate's federation)"
+            )
 
 
 @functools.lru_cache(maxsize=1024)

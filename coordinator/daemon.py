@@ -12,12 +12,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common import files
 from common.lifecycle import Lifecycle, Status, install_stop_handlers
 from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.round.runner import ProgressHook
+from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
 from coordinator.rpc.servicer import AdminServicer, FederationServicer
 from coordinator.rpc.wire import add_service
 
@@ -37,11 +39,12 @@ class CoordinatorDaemon(Lifecycle):
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._liveness: asyncio.Task[None] | None = None
+        self._handshakes: HandshakeWatch | None = None
 
     async def _start(self) -> str:
         cfg = self.config
         assert cfg.server.tls is not None  # checked when the config was loaded
-        credentials = server_credentials(cfg.server.tls)
+        credentials = server_credentials(cfg.server.tls, federation=cfg.federation.name)
         coordinator = Federation(cfg, progress=self._progress)
         server = grpc.aio.server(
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2)
@@ -55,6 +58,7 @@ class CoordinatorDaemon(Lifecycle):
         port = server.add_secure_port(cfg.server.listen, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {cfg.server.listen}")
+        self._handshakes = await watch_handshakes(coordinator.store.audit, port)
         await server.start()
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -81,6 +85,8 @@ class CoordinatorDaemon(Lifecycle):
             await asyncio.gather(self._liveness, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace_s)
+        if self._handshakes is not None:
+            await self._handshakes.close()
         if self._coordinator is not None:
             self._coordinator.close()
 
@@ -102,9 +108,7 @@ async def run(config: CoordinatorConfig, ready_file: Path | None = None, exit_wh
     with contextlib.suppress(NotImplementedError, RuntimeError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, daemon.coordinator.revocations.reload)
     if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(address + "\n")
-        tmp.replace(ready_file)
+        files.write_atomic(ready_file, (address + "\n").encode())
     waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
     if exit_when_done and daemon.coordinator.runner is not None:
         waiters.append(asyncio.ensure_future(daemon.coordinator.jobs.wait()))

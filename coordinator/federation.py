@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 
+from common import files
 from common.errors import PermissionDenied
 from common.serde import Limits
 from coordinator.config import CoordinatorConfig
@@ -28,7 +29,7 @@ class Federation:
     def __init__(self, config: CoordinatorConfig, progress: ProgressHook | None = None) -> None:
         self.config = config
         self.allowed = frozenset(config.federation.sites)
-        state = config.state_dir
+        state = files.private_tree(config.state_dir, "state_dir")  # owner-only; refused if others may write it
         self.registry = Registry()
         fed, server = config.federation, config.server
         deny = Revocations.initial(fed.deny_list)  # before the store opens: a broken file stops the start-up

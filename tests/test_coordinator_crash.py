@@ -101,7 +101,7 @@ def make_run(directory: Path, pki: Pki, job: dict[str, Any]) -> Run:
         "params": {"local_epochs": 1, "batch_size": 16, "learning_rate": 0.05, "seed": 3},
     } | job
     config = {
-        "federation": {"name": "crash", "sites": list(SITES)},
+        "federation": {"name": "test", "sites": list(SITES)},
         "server": {
             "listen": f"127.0.0.1:{port}",
             "tls": {"ca": str(coord.ca), "cert": str(coord.cert), "key": str(coord.key)},

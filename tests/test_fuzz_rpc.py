@@ -33,6 +33,7 @@ from support import (
     Pki,
     channel,
     coordinator_config,
+    download_model,
     job_config,
     join_request,
     poll_until,
@@ -53,7 +54,7 @@ from test_fuzz_decoders import (
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.secagg.lanes import train_lane_values
-from common.serde import Assembler, EncodedTensors, Spec, encode, new_hasher
+from common.serde import EncodedTensors, Spec, encode, new_hasher
 from coordinator.config import CoordinatorConfig, JobConfig, SecureAggregationConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.state.audit import verify_database
@@ -299,15 +300,7 @@ async def in_thread(h: Harness, fuzz: Callable[[], None]) -> None:
 
 
 async def download(stub: pb_grpc.FederationAsyncStub, job_id: str, version: str) -> dict[str, torch.Tensor]:
-    asm = None
-    async for chunk in stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version), timeout=CALL_TIMEOUT):
-        if chunk.WhichOneof("kind") == "manifest":
-            asm = Assembler(chunk.manifest)
-        else:
-            assert asm is not None
-            asm.add(chunk.data)
-    assert asm is not None
-    return asm.finish()
+    return await download_model(stub, job_id, version, timeout=CALL_TIMEOUT)
 
 
 def upload(task: pb.TrainTask, enc: EncodedTensors, **header: object) -> tuple[pb.UpdateHeader, bytes]:

@@ -27,6 +27,7 @@ from support import (
     Pki,
     channel,
     coordinator_config,
+    download_model,
     job_config,
     join_request,
     participant_config,
@@ -41,7 +42,6 @@ from common.errors import RETRY_AFTER_KEY, ConfigError, RateLimited
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
-from common.serde import Assembler
 from coordinator.config import CoordinatorConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.round.runner import JobRunner
@@ -83,15 +83,7 @@ async def hand_site(stack: contextlib.AsyncExitStack, address: str, pki: Pki, na
 
 
 async def download(site: HandSite, task: pb.TrainTask) -> dict[str, torch.Tensor]:
-    asm = None
-    async for chunk in site.stub.DownloadModel(pb.ModelRequest(job_id=task.job_id, model_version=task.model_version)):
-        if chunk.WhichOneof("kind") == "manifest":
-            asm = Assembler(chunk.manifest)
-        else:
-            assert asm is not None
-            asm.add(chunk.data)
-    assert asm is not None
-    return asm.finish()
+    return await download_model(site.stub, task.job_id, task.model_version)
 
 
 async def sent(

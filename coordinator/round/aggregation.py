@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import files
 from common.errors import InvalidArgument
 from common.secagg.encoding import check_padding
 from common.serde import CHUNK_BYTES, Spec, new_hasher
@@ -173,8 +174,8 @@ class UpdateSpool:
         self.max_chunk = max_chunk
         self.received = 0
         self._hasher: hashlib._Hash = new_hasher(specs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.part_path.open("wb")
+        files.private_dir(path.parent, "state_dir/spool")
+        self._file = files.open_private(self.part_path)
 
     def write(self, data: bytes) -> None:
         if not data:

@@ -24,6 +24,7 @@ from common.certs import Role
 from common.errors import (
     RETRY_AFTER_KEY,
     CertificateRevoked,
+    ForeignFederation,
     InvalidArgument,
     PermissionDenied,
     RateLimited,
@@ -62,7 +63,7 @@ async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -
 def _audit_refusal(servicer: Any, context: Ctx, method: str, exc: RpcError, code: str, message: str) -> None:
     """Every refused request is an audit event (who, which call, which status, why); never its payload."""
     kind = exc.audit_kind if isinstance(exc, RateLimited) else "rpc_refused"
-    throttled = isinstance(exc, RateLimited | CertificateRevoked)  # repeatable at will: once per window, counted
+    throttled = isinstance(exc, RateLimited | CertificateRevoked | ForeignFederation)  # repeatable at will: counted
     _audit(servicer, context, kind, throttled, method=method, code=code, message=message[:300])
 
 
@@ -119,20 +120,17 @@ def translated_stream(
     return wrapper
 
 
-def caller(context: Ctx, role: Role, revocations: Any) -> CertRef:
-    """The caller's certificate, parsed once per call: it must have ``role`` and not be revoked."""
+def caller(context: Ctx, role: Role, state: Federation) -> CertRef:
+    """The caller's certificate, read once per call: issued for this federation, with ``role``, not revoked."""
     ref = cert_ref(context)
+    ref.require_federation(state.config.federation.name)
     if ref.role is not role:
         raise PermissionDenied(
-            f"this call needs {_article(role.value)} {role.value} certificate; the caller presented "
-            f"{_article(ref.role.value)} {ref.role.value} certificate for {ref.name!r}"
+            f"this call needs {role.with_article()} certificate; the caller presented "
+            f"{ref.role.with_article()} certificate for {ref.name!r}"
         )
-    revocations.check(ref)
+    state.revocations.check(ref)
     return ref
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -148,7 +146,7 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _site(self, context: Ctx) -> CertRef:
         """The calling site's certificate: a participant certificate that is not revoked."""
-        return caller(context, Role.PARTICIPANT, self.c.revocations)
+        return caller(context, Role.PARTICIPANT, self.c)
 
     @translated
     async def Join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinReply:
@@ -220,7 +218,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
     def _admin(self, context: Ctx) -> str:
         """The calling admin's name: an admin certificate that is not revoked (by serial or fingerprint)."""
-        return caller(context, Role.ADMIN, self.c.revocations).name
+        return caller(context, Role.ADMIN, self.c).name
 
     @translated
     async def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.JobStatus:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from common import files
 from coordinator.state.audit import GENESIS, chain_hash
 
 SCHEMA = """
@@ -190,7 +191,9 @@ class SqliteStore:
     """The SQLite implementation of :class:`Store`; all writes are committed before the call returns."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.private_dir(path.parent, "state_dir")
+        # SQLite creates -wal and -shm with the database file's mode, so a 0600 database keeps all three private.
+        files.create_private(path)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
