@@ -26,6 +26,7 @@ from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Registry
 from coordinator.state.resume import CannotResume, ResumePoint, plan_resume
 from coordinator.state.store import Store
+from coordinator.strategy.server_opt import OptimizerState
 
 log = logging.getLogger("cohort.coordinator.jobs")
 
@@ -47,6 +48,8 @@ class Jobs:
         self.store, self.models, self.registry = store, models, registry
         self.spool_root, self.limits, self.ca_certs = spool_root, limits, ca_certs
         self.progress = progress
+        # Server optimizer moments, content-addressed like the models and named by the round that committed them.
+        self.strategy_files = ModelStore(models.root.parent / "strategy", "state_dir/strategy")
         self.current: JobRunner | None = None
         self.runners: dict[str, JobRunner] = {}
         self._task: asyncio.Task[None] | None = None
@@ -135,12 +138,14 @@ class Jobs:
             models=self.models,
             spool_root=self.spool_root,
             initial_version=initial,
+            strategy_files=self.strategy_files,
         )
         privacy = self._privacy(spec)
         privacy.restore(row["privacy_state"] or {})
         setup = self._setup(job_id, spec, task, identity, point.model.specs)
         machine = JobMachine(setup, point.model.version, privacy, resume=point.plan)
-        return JobRunner(machine, tensors=point.tensors, model=point.model, **self._io())
+        optimizer = OptimizerState(int(dict(point.plan.strategy.get("optimizer", {})).get("step", 0)), point.moments)
+        return JobRunner(machine, tensors=point.tensors, model=point.model, optimizer=optimizer, **self._io())
 
     def _setup(self, job_id: str, spec: JobConfig, task: Task, identity: JobIdentity, specs: Any) -> JobSetup:
         return JobSetup(job_id, spec, identity, tuple(specs), len(self.allowed), tuple(self.ca_certs), task.name)
@@ -162,6 +167,7 @@ class Jobs:
             "spool_root": self.spool_root,
             "limits": self.limits,
             "progress": self.progress,
+            "strategy_files": self.strategy_files,
         }
 
     def _launch(self, runner: JobRunner) -> JobRunner:

@@ -166,7 +166,9 @@ class Work:
         t0 = time.perf_counter()
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         t1 = time.perf_counter()
-        clip = task.privacy.clip_norm if task.privacy.unit == "site" else 0.0
+        # Site-level DP clips to its clip norm; a job with a norm bound (strategy.norm_bound) has every site clip to it,
+        # which is what secure aggregation relies on (the coordinator checks it only on plaintext updates).
+        clip = task.privacy.clip_norm if task.privacy.unit == "site" else task.norm_bound
         record_dp = self.record_dp_for(task)
         if record_dp is False:
             return

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import random
 
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from common.proto.cohort.v1 import cohort_pb2 as pb
@@ -71,6 +70,7 @@ from coordinator.round.secagg import SecAggRound
 from coordinator.round.secure_sum import Done, SecureSum
 from coordinator.state.registry import Declaration
 from coordinator.state.resume import ResumePlan
+from coordinator.strategy import selection
 
 MAX_SAMPLES = 1_000_000_000
 MAX_METRICS = 32
@@ -106,6 +106,10 @@ class JobMachine:
         # Secure-aggregation aborts per site in this job; a site at max_site_aborts is suspended from its cohorts.
         self.aborts: collections.Counter[str] = collections.Counter(resume.aborts if resume is not None else {})
         self.suspended: dict[str, str] = dict(resume.suspended) if resume is not None else {}
+        # What the selection policy remembers of each site (coordinator/strategy/selection.py), as of the last commit.
+        self.participation = selection.Participation.from_json(
+            dict(resume.strategy.get("participation", {})) if resume is not None else {}
+        )
         self._resume = resume
         self._generation = resume.generation if resume is not None else 0  # coordinator lives of this job
         self._reassembling = resume is not None  # after a restart, wait for the federation before going on
@@ -279,9 +283,8 @@ class JobMachine:
         k = max(self.spec.min_sites, math.ceil(self.spec.fraction * len(eligible)))
         # Over-selection: ask a few more sites than the round needs; it closes when k of them have reported.
         size = min(len(eligible), math.ceil(k * (1 + self.spec.over_selection)))
-        # Reproducible selection, not a secret: which sites train is visible to them anyway.
-        rng = random.Random(f"{self.job_id}/{self.number}/{self.attempt}")  # noqa: S311
-        return sorted(rng.sample(eligible, size))
+        seed = f"{self.job_id}/{self.number}/{self.attempt}"
+        return selection.select(self.spec.strategy, eligible, size, seed, self.participation)
 
     def _target(self, cohort_size: int) -> int | None:
         """How many reports close an over-selected round or evaluation early (None without over-selection)."""
@@ -332,9 +335,10 @@ class JobMachine:
             params=pb.TrainParams(
                 local_epochs=spec.params.local_epochs,
                 batch_size=spec.params.batch_size,
-                learning_rate=spec.params.learning_rate,
+                learning_rate=spec.params.rate(self.number, spec.rounds),
                 seed=round_seed(spec.params.seed, self.number),
             ),
+            norm_bound=spec.strategy.norm_bound,
         )
         secagg = None
         if spec.secure_aggregation.enabled:
@@ -478,6 +482,9 @@ class JobMachine:
         for site in event.evidence:
             self._count_abort(site, "revealed a secure-aggregation share that contradicts its commitment")
         reported = tuple(sorted(rnd.state.reported))
+        self.participation.record(sorted(rnd.cohort), reported, self.spec.strategy.availability_window)
+        if event.report:
+            self._emit(Audit("robust_aggregation", {"job_id": self.job_id, "round": rnd.number, **event.report}))
         epsilon = self.privacy.record_round(len(rnd.cohort))
         if self.privacy.adaptive is not None and rnd.clip_bits:
             old_c = self.privacy.clip_norm
@@ -504,6 +511,7 @@ class JobMachine:
                 epsilon,
                 self.privacy.state(),
                 dict(self.privacy.site_epsilon),
+                {"optimizer": dict(event.optimizer), "participation": self.participation.to_json(), **event.report},
             )
         )
         self._emit(Failpoint("coordinator.round_committed", rnd.number))

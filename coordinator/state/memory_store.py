@@ -94,6 +94,7 @@ class MemoryStore:
             "timings": {},
             "detail": "",
             "epsilon": None,
+            "strategy_state": {},
         }
 
     def finish_round(
@@ -111,6 +112,7 @@ class MemoryStore:
         detail: str = "",
         epsilon: float | None = None,
         privacy_state: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, Any] | None = None,
     ) -> None:
         row = self._rounds.get((job_id, rnd, attempt))
         if row is not None:
@@ -124,6 +126,7 @@ class MemoryStore:
                 timings=dict(timings or {}),
                 detail=detail,
                 epsilon=epsilon,
+                strategy_state=json.loads(json.dumps(dict(strategy_state or {}), sort_keys=True)),
             )
         job = self._jobs.get(job_id)
         if state == "completed" and job is not None:

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     timings TEXT NOT NULL DEFAULT '{}',
     detail TEXT NOT NULL DEFAULT '',
     epsilon REAL,
+    strategy_state TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, round, attempt)
 );
 CREATE TABLE IF NOT EXISTS uploads (
@@ -133,6 +134,8 @@ class RoundRow:
     timings: dict[str, float]
     detail: str
     epsilon: float | None
+    # A completed round's strategy state: the server optimizer's step and moments file, the selection's memory.
+    strategy_state: dict[str, Any] = field(default_factory=dict)
 
 
 class Store(Protocol):
@@ -159,6 +162,7 @@ class Store(Protocol):
         detail: str = "",
         epsilon: float | None = None,
         privacy_state: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, Any] | None = None,
     ) -> None: ...
     def abandon_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
     def discard_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
@@ -210,6 +214,9 @@ class SqliteStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN privacy_state TEXT NOT NULL DEFAULT '{}'")
         if "site_aborts" not in have:
             self._db.execute("ALTER TABLE jobs ADD COLUMN site_aborts TEXT NOT NULL DEFAULT '{}'")
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)").fetchall()}
+        if "strategy_state" not in have:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN strategy_state TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -283,13 +290,14 @@ class SqliteStore:
         detail: str = "",
         epsilon: float | None = None,
         privacy_state: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, Any] | None = None,
     ) -> None:
-        """Close a round attempt. A completed round, the job's new model and its privacy state (the accountant) are
-        committed in one transaction: after a crash either all of them are there or none is."""
+        """Close a round attempt. A completed round, the job's new model, its privacy state (the accountant) and its
+        strategy state are committed in one transaction: after a crash either all of them are there or none is."""
         with self._tx() as db:
             db.execute(
                 "UPDATE rounds SET state = ?, finished = ?, reported = ?, model_version = ?, train_loss = ?,"
-                " train_samples = ?, timings = ?, detail = ?, epsilon = ?"
+                " train_samples = ?, timings = ?, detail = ?, epsilon = ?, strategy_state = ?"
                 " WHERE job_id = ? AND round = ? AND attempt = ?",
                 (
                     state,
@@ -301,6 +309,7 @@ class SqliteStore:
                     json.dumps(dict(timings or {}), sort_keys=True),
                     detail,
                     epsilon,
+                    json.dumps(dict(strategy_state or {}), sort_keys=True),
                     job_id,
                     rnd,
                     attempt,
@@ -353,6 +362,7 @@ class SqliteStore:
             d["cohort"] = json.loads(d["cohort"])
             d["reported"] = json.loads(d["reported"])
             d["timings"] = json.loads(d["timings"])
+            d["strategy_state"] = json.loads(d["strategy_state"])
             out.append(RoundRow(**d))
         return out
 

@@ -249,6 +249,7 @@ class TrainTask(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    NORM_BOUND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -257,6 +258,8 @@ class TrainTask(_message.Message):
     """upload must finish before this (coordinator clock)"""
     attempt: _builtins.int
     """a failed round is retried with a new cohort under the same round number"""
+    norm_bound: _builtins.float
+    """job.strategy.norm_bound: scale the update to at most this L2 norm (0: off)"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -278,10 +281,11 @@ class TrainTask(_message.Message):
         attempt: _builtins.int = ...,
         secagg: Global___SecAggSetup | None = ...,
         privacy: Global___PrivacySetup | None = ...,
+        norm_bound: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "norm_bound", b"norm_bound", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -765,10 +769,21 @@ class TrainParams(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    LR_STEP_ROUNDS_FIELD_NUMBER: _builtins.int
+    LR_GAMMA_FIELD_NUMBER: _builtins.int
+    LR_MIN_FIELD_NUMBER: _builtins.int
     local_epochs: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
     seed: _builtins.int
+    lr_schedule: _builtins.str
+    """Job spec only (a TrainTask carries the round's rate in learning_rate): common/settings.py TrainParamsConfig.
+    constant, step, cosine
+    """
+    lr_step_rounds: _builtins.int
+    lr_gamma: _builtins.float
+    lr_min: _builtins.float
     def __init__(
         self,
         *,
@@ -776,10 +791,14 @@ class TrainParams(_message.Message):
         batch_size: _builtins.int | None = ...,
         learning_rate: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
+        lr_schedule: _builtins.str | None = ...,
+        lr_step_rounds: _builtins.int | None = ...,
+        lr_gamma: _builtins.float | None = ...,
+        lr_min: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -787,6 +806,14 @@ class TrainParams(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
     _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__lr_gamma: _TypeAlias = _typing.Literal["lr_gamma"]  # noqa: Y015
+    _WhichOneofArgType__lr_gamma: _TypeAlias = _typing.Literal["_lr_gamma", b"_lr_gamma"]  # noqa: Y015
+    _WhichOneofReturnType__lr_min: _TypeAlias = _typing.Literal["lr_min"]  # noqa: Y015
+    _WhichOneofArgType__lr_min: _TypeAlias = _typing.Literal["_lr_min", b"_lr_min"]  # noqa: Y015
+    _WhichOneofReturnType__lr_schedule: _TypeAlias = _typing.Literal["lr_schedule"]  # noqa: Y015
+    _WhichOneofArgType__lr_schedule: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule"]  # noqa: Y015
+    _WhichOneofReturnType__lr_step_rounds: _TypeAlias = _typing.Literal["lr_step_rounds"]  # noqa: Y015
+    _WhichOneofArgType__lr_step_rounds: _TypeAlias = _typing.Literal["_lr_step_rounds", b"_lr_step_rounds"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     @_typing.overload
@@ -795,6 +822,14 @@ class TrainParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_gamma) -> _WhichOneofReturnType__lr_gamma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_min) -> _WhichOneofReturnType__lr_min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_schedule) -> _WhichOneofReturnType__lr_schedule | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_step_rounds) -> _WhichOneofReturnType__lr_step_rounds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
@@ -1195,6 +1230,7 @@ class JobSpec(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     OVER_SELECTION_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -1219,6 +1255,10 @@ class JobSpec(_message.Message):
     def secure_aggregation(self) -> Global___SecureAggregationSpec: ...
     @_builtins.property
     def privacy(self) -> Global___PrivacySpec: ...
+    @_builtins.property
+    def strategy(self) -> Global___StrategySpec:
+        """server optimizer, aggregation rule, cohort selection"""
+
     def __init__(
         self,
         *,
@@ -1236,10 +1276,11 @@ class JobSpec(_message.Message):
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
         privacy: Global___PrivacySpec | None = ...,
         over_selection: _builtins.float | None = ...,
+        strategy: Global___StrategySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__evaluate_every: _TypeAlias = _typing.Literal["evaluate_every"]  # noqa: Y015
     _WhichOneofArgType__evaluate_every: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every"]  # noqa: Y015
@@ -1287,6 +1328,118 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_for_sites_s) -> _WhichOneofReturnType__wait_for_sites_s | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class StrategySpec(_message.Message):
+    """coordinator/strategy/config.py StrategyConfig, key for key (docs/CONFIG.md job.strategy)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SERVER_LR_FIELD_NUMBER: _builtins.int
+    SERVER_MOMENTUM_FIELD_NUMBER: _builtins.int
+    BETA1_FIELD_NUMBER: _builtins.int
+    BETA2_FIELD_NUMBER: _builtins.int
+    TAU_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    TRIM_FRACTION_FIELD_NUMBER: _builtins.int
+    BYZANTINE_SITES_FIELD_NUMBER: _builtins.int
+    MULTI_KRUM_KEEP_FIELD_NUMBER: _builtins.int
+    NORM_BOUND_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    AVAILABILITY_WINDOW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """fedavg, fedavgm, fedadam, fedyogi, fedadagrad"""
+    server_lr: _builtins.float
+    """unset: 1.0 (fedavg, fedavgm) or 0.1 (adaptive)"""
+    server_momentum: _builtins.float
+    beta1: _builtins.float
+    beta2: _builtins.float
+    tau: _builtins.float
+    aggregation: _builtins.str
+    """mean, median, trimmed_mean, krum, multi_krum"""
+    trim_fraction: _builtins.float
+    byzantine_sites: _builtins.int
+    multi_krum_keep: _builtins.int
+    norm_bound: _builtins.float
+    selection: _builtins.str
+    """random, round_robin, availability"""
+    availability_window: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str | None = ...,
+        server_lr: _builtins.float | None = ...,
+        server_momentum: _builtins.float | None = ...,
+        beta1: _builtins.float | None = ...,
+        beta2: _builtins.float | None = ...,
+        tau: _builtins.float | None = ...,
+        aggregation: _builtins.str | None = ...,
+        trim_fraction: _builtins.float | None = ...,
+        byzantine_sites: _builtins.int | None = ...,
+        multi_krum_keep: _builtins.int | None = ...,
+        norm_bound: _builtins.float | None = ...,
+        selection: _builtins.str | None = ...,
+        availability_window: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_byzantine_sites", b"_byzantine_sites", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "byzantine_sites", b"byzantine_sites", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_byzantine_sites", b"_byzantine_sites", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "byzantine_sites", b"byzantine_sites", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__aggregation: _TypeAlias = _typing.Literal["aggregation"]  # noqa: Y015
+    _WhichOneofArgType__aggregation: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation"]  # noqa: Y015
+    _WhichOneofReturnType__availability_window: _TypeAlias = _typing.Literal["availability_window"]  # noqa: Y015
+    _WhichOneofArgType__availability_window: _TypeAlias = _typing.Literal["_availability_window", b"_availability_window"]  # noqa: Y015
+    _WhichOneofReturnType__beta1: _TypeAlias = _typing.Literal["beta1"]  # noqa: Y015
+    _WhichOneofArgType__beta1: _TypeAlias = _typing.Literal["_beta1", b"_beta1"]  # noqa: Y015
+    _WhichOneofReturnType__beta2: _TypeAlias = _typing.Literal["beta2"]  # noqa: Y015
+    _WhichOneofArgType__beta2: _TypeAlias = _typing.Literal["_beta2", b"_beta2"]  # noqa: Y015
+    _WhichOneofReturnType__byzantine_sites: _TypeAlias = _typing.Literal["byzantine_sites"]  # noqa: Y015
+    _WhichOneofArgType__byzantine_sites: _TypeAlias = _typing.Literal["_byzantine_sites", b"_byzantine_sites"]  # noqa: Y015
+    _WhichOneofReturnType__multi_krum_keep: _TypeAlias = _typing.Literal["multi_krum_keep"]  # noqa: Y015
+    _WhichOneofArgType__multi_krum_keep: _TypeAlias = _typing.Literal["_multi_krum_keep", b"_multi_krum_keep"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__norm_bound: _TypeAlias = _typing.Literal["norm_bound"]  # noqa: Y015
+    _WhichOneofArgType__norm_bound: _TypeAlias = _typing.Literal["_norm_bound", b"_norm_bound"]  # noqa: Y015
+    _WhichOneofReturnType__selection: _TypeAlias = _typing.Literal["selection"]  # noqa: Y015
+    _WhichOneofArgType__selection: _TypeAlias = _typing.Literal["_selection", b"_selection"]  # noqa: Y015
+    _WhichOneofReturnType__server_lr: _TypeAlias = _typing.Literal["server_lr"]  # noqa: Y015
+    _WhichOneofArgType__server_lr: _TypeAlias = _typing.Literal["_server_lr", b"_server_lr"]  # noqa: Y015
+    _WhichOneofReturnType__server_momentum: _TypeAlias = _typing.Literal["server_momentum"]  # noqa: Y015
+    _WhichOneofArgType__server_momentum: _TypeAlias = _typing.Literal["_server_momentum", b"_server_momentum"]  # noqa: Y015
+    _WhichOneofReturnType__tau: _TypeAlias = _typing.Literal["tau"]  # noqa: Y015
+    _WhichOneofArgType__tau: _TypeAlias = _typing.Literal["_tau", b"_tau"]  # noqa: Y015
+    _WhichOneofReturnType__trim_fraction: _TypeAlias = _typing.Literal["trim_fraction"]  # noqa: Y015
+    _WhichOneofArgType__trim_fraction: _TypeAlias = _typing.Literal["_trim_fraction", b"_trim_fraction"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__aggregation) -> _WhichOneofReturnType__aggregation | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__availability_window) -> _WhichOneofReturnType__availability_window | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta1) -> _WhichOneofReturnType__beta1 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta2) -> _WhichOneofReturnType__beta2 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__byzantine_sites) -> _WhichOneofReturnType__byzantine_sites | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__multi_krum_keep) -> _WhichOneofReturnType__multi_krum_keep | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__norm_bound) -> _WhichOneofReturnType__norm_bound | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__selection) -> _WhichOneofReturnType__selection | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__server_lr) -> _WhichOneofReturnType__server_lr | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__server_momentum) -> _WhichOneofReturnType__server_momentum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tau) -> _WhichOneofReturnType__tau | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__trim_fraction) -> _WhichOneofReturnType__trim_fraction | None: ...
+
+Global___StrategySpec: _TypeAlias = StrategySpec  # noqa: Y015
 
 @_typing.final
 class PrivacySpec(_message.Message):
