@@ -74,6 +74,11 @@ CHANGES: list[tuple[str, dict[str, Any]]] = [
     ("strategy", {"norm_bound": 2.5}),
     ("strategy", {"selection": "availability"}),
     ("strategy", {"availability_window": 3}),
+    ("strategy", {"mode": "async"}),
+    ("strategy", {"buffer_size": 0}),
+    ("strategy", {"buffer_size": 4}),
+    ("strategy", {"max_staleness": 0}),
+    ("strategy", {"staleness_exponent": 0.0}),
 ]
 
 

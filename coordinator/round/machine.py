@@ -120,12 +120,44 @@ class JobMachine:
         self._stop_reason: str | None = None
         self._waiting_eval: tuple[int, int, str] | None = None  # an evaluation waiting for the federation
         self._round_line: tuple[int, int, int, float | None, float] | None = None
+        # Asynchronous rounds (strategy.mode: async): the task each site holds, and the model version of each recent
+        # round (an update is computed on the version of the round its task named).
+        self._outstanding: dict[str, tuple[int, int]] = {}
+        self._versions: dict[int, str] = {}
         self._out: list[Action] = []
 
     # -- queries ------------------------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return self.state is JobState.RUNNING
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.spec.strategy.mode == "async"
+
+    def upload_target(self, number: int, attempt: int) -> tuple[int, int]:
+        """The round attempt an upload for task (``number``, ``attempt``) is counted in: itself, or under
+        asynchronous rounds the open buffer."""
+        rnd = self.round
+        if self.asynchronous and rnd is not None:
+            return rnd.number, rnd.attempt
+        return number, attempt
+
+    def recent_version(self, version: str) -> bool:
+        """Whether ``version`` is a model some site may still be asked to train on (asynchronous rounds)."""
+        return self.asynchronous and version in self._versions.values()
+
+    def _async_refusal(self, rnd: RoundAttempt, site: str, number: int, attempt: int) -> str | None:
+        stale = rnd.number - number
+        if stale > self.spec.strategy.max_staleness:
+            return (
+                f"update is {stale} model versions old (computed for round {number}, the model is now at round "
+                f"{rnd.number}); strategy.max_staleness is {self.spec.strategy.max_staleness}: the site trains again "
+                "on the newest model"
+            )
+        if self._outstanding.get(site) != (number, attempt):
+            return f"site {site!r} holds no task for round {number} attempt {attempt} (it gets the newest model)"
+        return None
 
     def eligible(self) -> list[str]:
         """Connected sites whose declaration fits the job and that are not suspended."""
@@ -171,6 +203,8 @@ class JobMachine:
                 return f"the {split} evaluation of round {number} closed while this upload was in flight"
             return ev.secure.inputs.refusal(site) if ev.secure.uploads_open else "the masked inputs are closed"
         rnd = self.round
+        if self.asynchronous and rnd is not None and rnd.state.open:
+            return self._async_refusal(rnd, site, number, attempt) or rnd.state.refusal(site)
         if rnd is None or (rnd.number, rnd.attempt) != (number, attempt) or not rnd.state.open:
             return f"round {number} closed while this upload was in flight"
         return rnd.state.refusal(site)
@@ -280,6 +314,8 @@ class JobMachine:
 
     # -- a round attempt ------------------------------------------------------------------------------------------
     def _select(self, eligible: list[str]) -> list[str]:
+        if self.asynchronous:
+            return eligible  # every eligible site trains whenever it is free (FedBuff)
         k = max(self.spec.min_sites, math.ceil(self.spec.fraction * len(eligible)))
         # Over-selection: ask a few more sites than the round needs; it closes when k of them have reported.
         size = min(len(eligible), math.ceil(k * (1 + self.spec.over_selection)))
@@ -292,6 +328,11 @@ class JobMachine:
             return None
         k = math.ceil(cohort_size / (1 + self.spec.over_selection))
         return min(cohort_size, max(self.spec.min_sites, k))
+
+    def _buffer_target(self, cohort_size: int) -> int:
+        """Asynchronous rounds: the updates that make a new model (the buffer), at most the sites there are."""
+        size = self.spec.strategy.buffer_size or self.spec.min_sites
+        return min(cohort_size, max(size, self.spec.min_sites))
 
     def _round_state(self, sites: frozenset[str], target: int | None) -> RoundState:
         min_sites = min(self.spec.min_sites, len(sites))
@@ -391,6 +432,16 @@ class JobMachine:
         rnd = RoundAttempt(self.number, self.attempt, members, task, now, deadline, upload_deadline, reopened=reopened)
         if secagg is not None:
             rnd.secure = self._secure_sum(secagg, upload_deadline, deadline, now)
+        elif self.asynchronous:
+            rnd.plain = self._round_state(members, self._buffer_target(len(cohort)))
+            self._versions = {
+                n: v for n, v in self._versions.items() if n >= self.number - self.spec.strategy.max_staleness
+            }
+            self._versions[self.number] = self.model_version
+            # A site whose task is now too old to be taken is free for a new one (its old update will be refused).
+            for site, (n, _) in list(self._outstanding.items()):
+                if self.number - n > self.spec.strategy.max_staleness:
+                    del self._outstanding[site]
         else:
             rnd.plain = self._round_state(members, self._target(len(cohort)))
         self.round, self.phase = rnd, Phase.TRAINING
@@ -406,7 +457,9 @@ class JobMachine:
         for site in cohort:
             if self.round is not rnd or site in rnd.reported or not rnd.state.open:
                 continue
-            if not self._send(site, pb.WorkItem(train=task)) and not reopened:
+            if self.asynchronous and site in self._outstanding:
+                continue  # still training on an older model; its update counts here, weighted by its staleness
+            if not self._send_train(site, task) and not reopened:
                 # After a restart the sites are still reconnecting: they get the task when they are back, and the
                 # round waits for them until its deadline instead of counting them lost.
                 self._round_event(rnd, SiteLost(site), now)
@@ -414,8 +467,10 @@ class JobMachine:
     def _book(self, rnd: RoundAttempt, site: str, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
         """Count an accepted upload into the open attempt (also when a restart takes one back from the spool)."""
         rnd.reported[site] = Report(sha256, num_samples, metrics)
-        # DP-FedAvg weighs every site the same; plain FedAvg by sample count.
+        # DP-FedAvg weighs every site the same; plain FedAvg by sample count; FedBuff also by staleness.
         rnd.weights[site] = 1.0 if self.privacy.site_level else float(num_samples)
+        if "staleness" in metrics:
+            rnd.weights[site] *= self.spec.strategy.staleness_weight(int(metrics["staleness"]))
         if "clip_bit" in metrics:
             rnd.clip_bits.append(1 if metrics["clip_bit"] > 0 else -1)
         if "dp_epsilon" in metrics:
@@ -636,12 +691,18 @@ class JobMachine:
             self._eval_upload_started(site, h, event.specs)
             return
         rnd = self.round
-        if rnd is None or rnd.number != h.round or rnd.attempt != h.attempt or not self.running:
+        if self.asynchronous and rnd is not None and self.running:
+            refusal = self._async_refusal(rnd, site, h.round, h.attempt)
+            if refusal is not None:
+                raise FailedPrecondition(refusal)
+            if h.base_model_version != self._versions.get(h.round):
+                raise FailedPrecondition("update was computed against another model version than its task named")
+        elif rnd is None or rnd.number != h.round or rnd.attempt != h.attempt or not self.running:
             current = f"round {rnd.number} attempt {rnd.attempt}" if rnd else "no round"
             raise FailedPrecondition(f"update is for round {h.round} attempt {h.attempt}, but {current} is open")
         if site not in rnd.state.cohort:
             raise PermissionDenied(f"site {site!r} is not in the cohort of round {rnd.number}")
-        if h.base_model_version != rnd.base_version:
+        if not self.asynchronous and h.base_model_version != rnd.base_version:
             raise FailedPrecondition("update was computed against another model version than this round's")
         self._check_header(rnd, h, event.specs)
         previous = rnd.reported.get(site)
@@ -687,13 +748,16 @@ class JobMachine:
             self._eval_upload_verified(site, h, event.now)
             return
         rnd = self.round
-        if rnd is not None and (rnd.number, rnd.attempt) == (h.round, h.attempt):
+        if rnd is not None and (self.asynchronous or (rnd.number, rnd.attempt) == (h.round, h.attempt)):
             rnd.in_flight.discard(site)
         refusal = self.upload_refusal(site, h.round, h.attempt)
         if refusal is not None:
             raise FailedPrecondition(refusal)
         assert rnd is not None
         metrics = dict(h.metrics)
+        if self.asynchronous:
+            metrics["staleness"] = float(rnd.number - h.round)  # the coordinator's own count, kept with the upload
+            self._outstanding.pop(site, None)
         sha = h.manifest.sha256
         self._emit(RecordUpload(rnd.number, rnd.attempt, site, sha, h.num_samples, metrics, h.train_seconds))
         self._emit(Failpoint("coordinator.upload_accepted", rnd.number))
@@ -702,12 +766,18 @@ class JobMachine:
 
     def _upload_abandoned(self, event: UploadAbandoned) -> None:
         rnd, ev = self.round, self.evaluation
-        if rnd is not None and (rnd.number, rnd.attempt) == (event.number, event.attempt):
+        if rnd is not None and (self.asynchronous or (rnd.number, rnd.attempt) == (event.number, event.attempt)):
             rnd.in_flight.discard(event.site)
         if ev is not None:
             ev.in_flight.discard(event.site)
 
     # -- sites ----------------------------------------------------------------------------------------------------
+    def _send_train(self, site: str, task: pb.TrainTask) -> bool:
+        sent = self._send(site, pb.WorkItem(train=task))
+        if sent and self.asynchronous:
+            self._outstanding[site] = (task.round, task.attempt)
+        return sent
+
     def _send(self, site: str, item: pb.WorkItem) -> bool:
         if site not in self.connected:
             return False
@@ -722,14 +792,23 @@ class JobMachine:
         # A restarted site picks its task up again. Not under secure aggregation: a restarted site lost this round's
         # keys, so it stays a dropout until the next round.
         plain = rnd is not None and self.phase is Phase.TRAINING and rnd.plain is not None
-        if plain and rnd is not None and site in rnd.state.cohort and rnd.state.open:
+        if plain and rnd is not None and self.asynchronous and rnd.state.open and site in self.eligible():
+            # Asynchronous rounds: a site that arrives trains at once on the newest model.
+            if site not in rnd.state.cohort and rnd.plain is not None:
+                rnd.cohort = rnd.cohort | {site}
+                rnd.plain.cohort = rnd.plain.cohort | {site}
+            if site not in rnd.state.reported and site not in self._outstanding:
+                self._send_train(site, rnd.task)
+            self._round_event(rnd, SiteBack(site), event.now)
+        elif plain and rnd is not None and site in rnd.state.cohort and rnd.state.open:
             self._round_event(rnd, SiteBack(site), event.now)
             if site not in rnd.state.reported and self.round is rnd:
-                self._send(site, pb.WorkItem(train=rnd.task))
+                self._send_train(site, rnd.task)
         self._check_waiting(event.now)
 
     def _site_disconnected(self, event: SiteDisconnected) -> None:
         self.connected.pop(event.site, None)
+        self._outstanding.pop(event.site, None)  # its task died with the session
         if not self.running:
             return
         site, rnd = event.site, self.round

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import failpoints
+from common import failpoints, files
 from common.errors import CohortError, FailedPrecondition, InvalidArgument, NotFound
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.errors import SecAggAborted
@@ -131,6 +132,8 @@ class JobRunner:
 
     def model_for(self, version: str) -> EncodedTensors:
         """The current global model, if that is what ``version`` names."""
+        if version != self.global_model.version and self.machine.recent_version(version):
+            return self.models.load_encoded(version)[1]  # asynchronous rounds: a site still on a recent model
         if version != self.global_model.version:
             raise NotFound(
                 f"model {version[:19]}... is not the current global model "
@@ -393,11 +396,18 @@ class JobRunner:
                 return pb.UploadReply(accepted=True, duplicate=True, update_sha256=action.sha256)
         number, attempt, split = header.round, header.attempt, header.split
         secagg = self.machine.secure_instance(split, number, attempt)
+        # Asynchronous rounds: the buffer that counts the update may close while it streams in, so it is spooled
+        # aside and moved into the open buffer's spool when it is counted.
+        staged = self.machine.asynchronous and not split
         if split:
             assert secagg is not None
         values: Float32Values | MaskedPadding
         values = Float32Values() if secagg is None else MaskedPadding(secagg.params.dim, secagg.params.bits)
-        where = spool_dir(self.spool_root, self.job_id, number, attempt, split)
+        where = (
+            self.spool_root / self.job_id / "incoming"
+            if staged
+            else spool_dir(self.spool_root, self.job_id, number, attempt, split)
+        )
         spool = UpdateSpool(
             where / f"{site}.update",
             specs,
@@ -434,6 +444,11 @@ class JobRunner:
                 if secagg is not None:
                     # Folded before it is counted, under the lock: the sum and the count never disagree.
                     await asyncio.to_thread(secagg.fold_masked_file, site, path)
+                if staged:
+                    buffer = self.spool_of(*self.machine.upload_target(number, attempt))
+                    files.private_dir(buffer, "state_dir/spool")
+                    os.replace(path, buffer / path.name)
+                    files.fsync_dir(buffer)
                 # A plaintext update stays in the spool, verified, and is folded when the round closes.
                 self._apply(UploadVerified(site, header, time.time()))
                 counted = True

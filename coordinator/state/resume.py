@@ -109,6 +109,8 @@ def plan_resume(
 ) -> ResumePoint:
     rounds = store.rounds(job_id)
     notes: list[str] = []
+    # Asynchronous rounds stage uploads here until they are counted; one cut short by the crash was never counted.
+    shutil.rmtree(spool_root / job_id / "incoming", ignore_errors=True)
     completed = sorted((r for r in rounds if r.state == "completed"), key=lambda r: r.round)
 
     # 1. The newest checkpoint that verifies. Rounds after a damaged one are run again.

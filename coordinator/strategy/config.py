@@ -22,6 +22,7 @@ from common.errors import ConfigError
 ServerOptimizer = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 AggregationRule = Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"]
 Selection = Literal["random", "round_robin", "availability"]
+Mode = Literal["sync", "async"]
 
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 ORDER_STATISTICS = ("median", "trimmed_mean", "krum", "multi_krum")
@@ -43,6 +44,13 @@ class StrategyConfig:
     norm_bound: float = 0.0  # scale each update to at most this L2 norm before aggregating (0: off)
     selection: Selection = "random"
     availability_window: int = 10  # availability: how many of a site's recent selections count
+    # Asynchronous rounds (FedBuff, Nguyen et al. 2022): every idle site trains on the newest model; a new model is
+    # made as soon as ``buffer_size`` updates are in (0: job.min_sites), each weighted by (1 + s)^-staleness_exponent
+    # for an update s versions old; older than ``max_staleness`` versions is refused.
+    mode: Mode = "sync"
+    buffer_size: int = 0
+    max_staleness: int = 4
+    staleness_exponent: float = 0.5
 
     @property
     def learning_rate(self) -> float:
@@ -73,6 +81,15 @@ class StrategyConfig:
             raise ConfigError(f"{where}.norm_bound: must be >= 0 (0: off)")
         if not 1 <= self.availability_window <= 10_000:
             raise ConfigError(f"{where}.availability_window: must be between 1 and 10000")
+        if self.buffer_size < 0 or not 0 <= self.max_staleness <= 1000 or not 0 <= self.staleness_exponent <= 10:
+            raise ConfigError(
+                f"{where}: buffer_size must be >= 0 (0: min_sites), max_staleness between 0 and 1000, "
+                "staleness_exponent between 0 and 10"
+            )
+
+    def staleness_weight(self, staleness: int) -> float:
+        """FedBuff's down-weighting of an update ``staleness`` model versions old."""
+        return float((1 + staleness) ** -self.staleness_exponent)
 
     def min_sites_needed(self) -> int:
         """The fewest updates the aggregation rule is defined for."""
@@ -95,6 +112,23 @@ class StrategyConfig:
                 "calibrated to the mean of clipped updates (privacy.clip_norm already bounds every site); use "
                 "aggregation: mean"
             )
+        if self.mode == "async":
+            if secure:
+                raise ConfigError(
+                    f"{where}.mode: asynchronous rounds do not run with secure aggregation yet (each buffer would be "
+                    "its own secure instance over the sites that filled it); use mode: sync, or turn "
+                    "secure_aggregation off"
+                )
+            if site_dp:
+                raise ConfigError(
+                    f"{where}.mode: asynchronous rounds with site-level differential privacy are not accounted "
+                    "(the accountant assumes one sampled cohort per round); use mode: sync, or record-level DP"
+                )
+            if self.buffer_size and self.buffer_size < min_sites:
+                raise ConfigError(
+                    f"{where}.buffer_size: {self.buffer_size} is below job.min_sites ({min_sites}); a buffer closes "
+                    "with at least min_sites updates"
+                )
         if self.norm_bound > 0 and site_dp:
             raise ConfigError(
                 f"{where}.norm_bound: with site-level differential privacy every update is already clipped to "

@@ -1348,6 +1348,10 @@ class StrategySpec(_message.Message):
     NORM_BOUND_FIELD_NUMBER: _builtins.int
     SELECTION_FIELD_NUMBER: _builtins.int
     AVAILABILITY_WINDOW_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    BUFFER_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_FIELD_NUMBER: _builtins.int
+    STALENESS_EXPONENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """fedavg, fedavgm, fedadam, fedyogi, fedadagrad"""
     server_lr: _builtins.float
@@ -1365,6 +1369,11 @@ class StrategySpec(_message.Message):
     selection: _builtins.str
     """random, round_robin, availability"""
     availability_window: _builtins.int
+    mode: _builtins.str
+    """sync, async (FedBuff)"""
+    buffer_size: _builtins.int
+    max_staleness: _builtins.int
+    staleness_exponent: _builtins.float
     def __init__(
         self,
         *,
@@ -1381,10 +1390,14 @@ class StrategySpec(_message.Message):
         norm_bound: _builtins.float | None = ...,
         selection: _builtins.str | None = ...,
         availability_window: _builtins.int | None = ...,
+        mode: _builtins.str | None = ...,
+        buffer_size: _builtins.int | None = ...,
+        max_staleness: _builtins.int | None = ...,
+        staleness_exponent: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_byzantine_sites", b"_byzantine_sites", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "byzantine_sites", b"byzantine_sites", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_buffer_size", b"_buffer_size", "_byzantine_sites", b"_byzantine_sites", "_max_staleness", b"_max_staleness", "_mode", b"_mode", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_staleness_exponent", b"_staleness_exponent", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "buffer_size", b"buffer_size", "byzantine_sites", b"byzantine_sites", "max_staleness", b"max_staleness", "mode", b"mode", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "staleness_exponent", b"staleness_exponent", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_byzantine_sites", b"_byzantine_sites", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "byzantine_sites", b"byzantine_sites", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_buffer_size", b"_buffer_size", "_byzantine_sites", b"_byzantine_sites", "_max_staleness", b"_max_staleness", "_mode", b"_mode", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_staleness_exponent", b"_staleness_exponent", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "buffer_size", b"buffer_size", "byzantine_sites", b"byzantine_sites", "max_staleness", b"max_staleness", "mode", b"mode", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "staleness_exponent", b"staleness_exponent", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__aggregation: _TypeAlias = _typing.Literal["aggregation"]  # noqa: Y015
     _WhichOneofArgType__aggregation: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation"]  # noqa: Y015
@@ -1394,8 +1407,14 @@ class StrategySpec(_message.Message):
     _WhichOneofArgType__beta1: _TypeAlias = _typing.Literal["_beta1", b"_beta1"]  # noqa: Y015
     _WhichOneofReturnType__beta2: _TypeAlias = _typing.Literal["beta2"]  # noqa: Y015
     _WhichOneofArgType__beta2: _TypeAlias = _typing.Literal["_beta2", b"_beta2"]  # noqa: Y015
+    _WhichOneofReturnType__buffer_size: _TypeAlias = _typing.Literal["buffer_size"]  # noqa: Y015
+    _WhichOneofArgType__buffer_size: _TypeAlias = _typing.Literal["_buffer_size", b"_buffer_size"]  # noqa: Y015
     _WhichOneofReturnType__byzantine_sites: _TypeAlias = _typing.Literal["byzantine_sites"]  # noqa: Y015
     _WhichOneofArgType__byzantine_sites: _TypeAlias = _typing.Literal["_byzantine_sites", b"_byzantine_sites"]  # noqa: Y015
+    _WhichOneofReturnType__max_staleness: _TypeAlias = _typing.Literal["max_staleness"]  # noqa: Y015
+    _WhichOneofArgType__max_staleness: _TypeAlias = _typing.Literal["_max_staleness", b"_max_staleness"]  # noqa: Y015
+    _WhichOneofReturnType__mode: _TypeAlias = _typing.Literal["mode"]  # noqa: Y015
+    _WhichOneofArgType__mode: _TypeAlias = _typing.Literal["_mode", b"_mode"]  # noqa: Y015
     _WhichOneofReturnType__multi_krum_keep: _TypeAlias = _typing.Literal["multi_krum_keep"]  # noqa: Y015
     _WhichOneofArgType__multi_krum_keep: _TypeAlias = _typing.Literal["_multi_krum_keep", b"_multi_krum_keep"]  # noqa: Y015
     _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
@@ -1408,6 +1427,8 @@ class StrategySpec(_message.Message):
     _WhichOneofArgType__server_lr: _TypeAlias = _typing.Literal["_server_lr", b"_server_lr"]  # noqa: Y015
     _WhichOneofReturnType__server_momentum: _TypeAlias = _typing.Literal["server_momentum"]  # noqa: Y015
     _WhichOneofArgType__server_momentum: _TypeAlias = _typing.Literal["_server_momentum", b"_server_momentum"]  # noqa: Y015
+    _WhichOneofReturnType__staleness_exponent: _TypeAlias = _typing.Literal["staleness_exponent"]  # noqa: Y015
+    _WhichOneofArgType__staleness_exponent: _TypeAlias = _typing.Literal["_staleness_exponent", b"_staleness_exponent"]  # noqa: Y015
     _WhichOneofReturnType__tau: _TypeAlias = _typing.Literal["tau"]  # noqa: Y015
     _WhichOneofArgType__tau: _TypeAlias = _typing.Literal["_tau", b"_tau"]  # noqa: Y015
     _WhichOneofReturnType__trim_fraction: _TypeAlias = _typing.Literal["trim_fraction"]  # noqa: Y015
@@ -1421,7 +1442,13 @@ class StrategySpec(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__beta2) -> _WhichOneofReturnType__beta2 | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__buffer_size) -> _WhichOneofReturnType__buffer_size | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__byzantine_sites) -> _WhichOneofReturnType__byzantine_sites | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_staleness) -> _WhichOneofReturnType__max_staleness | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mode) -> _WhichOneofReturnType__mode | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__multi_krum_keep) -> _WhichOneofReturnType__multi_krum_keep | None: ...
     @_typing.overload
@@ -1434,6 +1461,8 @@ class StrategySpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__server_lr) -> _WhichOneofReturnType__server_lr | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__server_momentum) -> _WhichOneofReturnType__server_momentum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__staleness_exponent) -> _WhichOneofReturnType__staleness_exponent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tau) -> _WhichOneofReturnType__tau | None: ...
     @_typing.overload
