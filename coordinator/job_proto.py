@@ -9,6 +9,7 @@ from typing import Any
 from common import config as config_loader
 from common.errors import ConfigError, InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.tasks.params import canonical_json, parse_json
 from coordinator.config import JobConfig
 from coordinator.state.store import Store
 
@@ -25,7 +26,9 @@ def job_spec_to_proto(spec: JobConfig) -> pb.JobSpec:
     secagg = d.pop("secure_aggregation")
     secagg.pop("full_graph_max")
     privacy = d.pop("privacy")
+    task_params = d.pop("task_params")
     return pb.JobSpec(
+        task_params_json=canonical_json(task_params) if task_params else "",
         params=pb.TrainParams(**params),
         secure_aggregation=pb.SecureAggregationSpec(**_known(pb.SecureAggregationSpec, secagg)),
         privacy=pb.PrivacySpec(**_known(pb.PrivacySpec, privacy)),
@@ -48,6 +51,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             seconds=(r.finished - r.started) if r.finished else 0.0,
             epsilon=r.epsilon or 0.0,
             val_samples=r.val_samples or 0,
+            val_metrics=r.val_metrics,
         )
         for r in store.rounds(row["job_id"])
     ]
@@ -65,6 +69,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
         epsilon=row["epsilon"] or 0.0,
         delta=spec.get("privacy", {}).get("delta", 0.0),
         site_epsilon=json.loads(row["site_epsilon"] or "{}"),
+        test_metrics=json.loads(row.get("test_metrics") or "{}"),
         spec=pb.JobSpec(
             name=spec["name"],
             task=spec["task"],
@@ -76,6 +81,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             wait_for_sites_s=spec["wait_for_sites_s"],
             max_round_retries=spec["max_round_retries"],
             min_available_sites=spec["min_available_sites"],
+            task_params_json=canonical_json(spec.get("task_params") or {}) if spec.get("task_params") else "",
             privacy=pb.PrivacySpec(**_known(pb.PrivacySpec, spec.get("privacy", {}))),
             secure_aggregation=pb.SecureAggregationSpec(
                 **_known(pb.SecureAggregationSpec, spec.get("secure_aggregation", {}))
@@ -108,6 +114,11 @@ def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
         value = getattr(spec, key)
         if value:
             data[key] = value
+    if spec.task_params_json:
+        try:
+            data["task_params"] = parse_json(spec.task_params_json, "job.task_params")
+        except ConfigError as exc:
+            raise InvalidArgument(f"job spec: {exc}") from None
     if spec.HasField("max_round_retries"):
         data["max_round_retries"] = spec.max_round_retries
     if spec.HasField("params"):

@@ -16,7 +16,7 @@ from common import config as config_loader
 from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, TaskError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits
-from common.tasks.base import Task, load_task
+from common.tasks.base import Task, configure, load_task
 from common.tls import CertRef
 from common.version import VERSION
 from coordinator.config import CoordinatorConfig, JobConfig
@@ -87,6 +87,10 @@ class Coordinator:
             task = load_task(spec.task)
         except (ValueError, TaskError) as exc:
             raise FailedPrecondition(f"task {spec.task!r} cannot be loaded on the coordinator: {exc}") from None
+        try:
+            configure(task, spec.task_params, "task_params")
+        except ConfigError as exc:
+            raise InvalidArgument(f"job spec: {exc}") from None
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         runner = self._runner(job_id, spec, task)
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
@@ -123,7 +127,7 @@ class Coordinator:
         identity = stored.pop("identity", {})
         spec = config_loader.build(JobConfig, stored, "job")
         task = load_task(spec.task)
-        if asdict(JobIdentity.of(task)) != identity:
+        if asdict(JobIdentity.of(task, spec.task_params)) != identity:
             raise CannotResume(
                 f"the installed task {spec.task!r} is not the one the job started with (code or schema changed)"
             )
@@ -133,7 +137,7 @@ class Coordinator:
         point = plan_resume(
             job_id,
             spec,
-            task,
+            configure(task, spec.task_params),
             store=self.store,
             models=self.models,
             spool_root=self.spool_root,
@@ -217,6 +221,9 @@ class Coordinator:
             req.schema_fingerprint,
             req.software_version,
             req.num_train_samples,
+            req.task_version,
+            req.task_code_digest,
+            req.training_code_digest,
         )
         runner = self.runner if self.runner is not None and self.runner.state == "running" else None
         if runner is not None:

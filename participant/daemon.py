@@ -31,7 +31,9 @@ from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
 from common.secagg.errors import SecAggAborted
 from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
-from common.tasks.base import RecordDP, Task, load_task, task_digest
+from common.tasks import digest as task_code
+from common.tasks.base import RecordDP, Task, load_task
+from common.tasks.setup import TaskSetup
 from common.tls import channel_credentials, keepalive_options, message_options, tls_files
 from common.version import VERSION
 from participant.config import ParticipantConfig
@@ -99,7 +101,7 @@ class ParticipantDaemon:
         task = self.task or load_task(cfg.task)
         data = await asyncio.to_thread(task.load_data, cfg.data_dir)
         self.task, self.site = task, Site(task, data)
-        self._digest = task_digest(task)
+        self._code = task_code.compute(task)
         torch.set_num_threads(cfg.training.torch_threads)
         self.status = Status.RUNNING
         self._tasks = [
@@ -188,10 +190,13 @@ class ParticipantDaemon:
         reply: pb.JoinReply = await stub.Join(
             pb.JoinRequest(
                 task_name=self.task.name,
-                task_digest=self._digest,
+                task_digest=self._code.combined,
                 schema_fingerprint=self.task.schema.fingerprint(),
                 software_version=VERSION,
                 num_train_samples=self.site.num_train_samples,
+                task_version=self._code.version,
+                task_code_digest=self._code.task_code,
+                training_code_digest=self._code.training_code,
             ),
             timeout=self.config.coordinator.rpc_timeout_s,
         )
@@ -443,7 +448,8 @@ class ParticipantDaemon:
         if record_dp is False:
             return
         failpoints.hit("participant.training", round=task.round)
-        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None)
+        setup = TaskSetup.of(task)
+        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None, setup)
         if record_dp:
             assert self._budget is not None
             extra = local.result.extra
@@ -506,7 +512,7 @@ class ParticipantDaemon:
         assert self.site is not None
         assert self._stub is not None
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
-        result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split)
+        result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split, TaskSetup.of(task))
         report = pb.EvaluationReport(
             job_id=task.job_id,
             round=task.round,
@@ -516,6 +522,7 @@ class ParticipantDaemon:
             loss=result.loss,
             accuracy=result.accuracy,
             eval_seconds=seconds,
+            score_histogram=result.scores.flat() if result.scores is not None else [],
         )
         stub = self._stub
 

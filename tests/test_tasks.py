@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,6 +15,7 @@ from torch.utils.data import TensorDataset
 from common.datasets import centralized_baseline, load_source, simulate_fedavg, split_sites
 from common.errors import ConfigError, DataError
 from common.tasks import breast_cancer, digits, tabular
+from common.tasks import digest as task_code
 from common.tasks.base import SPLITS, EvalResult, SiteData, Task, TrainSettings, load_task, task_digest
 from common.tasks.csv_split import read_split
 from common.tasks.tabular import TabularTask, dataset_tensors
@@ -73,12 +73,22 @@ def test_builtin_tasks_implement_the_interface(name: str) -> None:
     assert len(set(task.schema.columns())) == len(task.schema.columns())
 
 
-def test_digest_covers_the_shared_base_class() -> None:
-    """A change to the shared training loop must change the code digest that sites declare."""
-    files = [Path(breast_cancer.__file__), Path(tabular.__file__)]
-    expected = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
-    assert task_digest(breast_cancer.TASK) == "sha256:" + expected
-    assert task_digest(breast_cancer.TASK) != task_digest(digits.TASK)
+def test_digest_covers_the_shared_base_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change to the shared training loop must change the code digest that sites declare (in its Cohort part)."""
+    before = task_code.compute(breast_cancer.TASK)
+    assert "common.tasks.tabular" in before.training_modules
+    assert before.task_modules == ("common.tasks.breast_cancer",)
+    assert task_digest(breast_cancer.TASK) == before.combined != task_digest(digits.TASK)
+    edited = tmp_path / "tabular.py"
+    edited.write_text(Path(tabular.__file__).read_text() + "\nSTEP_LIMIT = 1\n")
+    original = task_code._source_path
+    monkeypatch.setattr(
+        task_code, "_source_path", lambda name: edited if name == "common.tasks.tabular" else original(name)
+    )
+    after = task_code.compute(breast_cancer.TASK)
+    assert after.training_code != before.training_code
+    assert after.task_code == before.task_code
+    assert after.combined != before.combined
 
 
 def test_module_defaults_match_the_task_objects() -> None:

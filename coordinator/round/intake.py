@@ -10,6 +10,7 @@ from typing import Any
 
 from common import failpoints
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from common.metrics import ScoreHistogram
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, specs_from_manifest
 from coordinator.config import JobConfig
@@ -218,6 +219,11 @@ class Intake:
             raise InvalidArgument("loss, accuracy and eval_seconds must be finite; accuracy within [0, 1]")
         if report.num_samples > MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be at most {MAX_SAMPLES}")
+        scores = None
+        if report.score_histogram:
+            scores = ScoreHistogram.from_flat(report.score_histogram)
+            if sum(scores.flat()) != report.num_samples:
+                raise InvalidArgument("the score histogram must count every evaluated record exactly once")
         self.store.record_evaluation(
             self.job_id,
             report.round,
@@ -229,4 +235,6 @@ class Intake:
             report.accuracy,
         )
         ev.reports[site] = (report.num_samples, report.loss, report.accuracy)
+        if scores is not None:
+            ev.add_scores(scores)
         ev.check_done()

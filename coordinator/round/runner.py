@@ -23,7 +23,7 @@ from cryptography import x509
 from common import failpoints
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, Limits, Spec, state_dict_float32
-from common.tasks.base import Task, round_seed
+from common.tasks.base import Task, configure, round_seed
 from coordinator.config import JobConfig
 from coordinator.round.aggregation import RunningSum, apply_flat
 from coordinator.round.intake import Intake
@@ -70,8 +70,8 @@ class JobRunner(Intake):
     ) -> None:
         self.job_id = job_id
         self.spec = spec
-        self.task = task
-        self.identity = JobIdentity.of(task)
+        self.task = configure(task, spec.task_params)  # the identity is the installed task's, before parameters
+        self.identity = JobIdentity.of(task, spec.task_params)
         self.store = store
         self.models = models
         self.registry = registry
@@ -276,6 +276,7 @@ class JobRunner(Intake):
             attempt=attempt,
             model_version=self.global_model.version,
             deadline_unix=upload_deadline,
+            task_params_json=self.identity.task_params,
             params=pb.TrainParams(
                 local_epochs=self.spec.params.local_epochs,
                 batch_size=self.spec.params.batch_size,
@@ -489,6 +490,7 @@ class JobRunner(Intake):
                 model_version=ev.version,
                 split=split,
                 deadline_unix=time.time() + self.spec.round_timeout_s,
+                task_params_json=self.identity.task_params,
             )
         )
         for site in sites:
@@ -504,14 +506,18 @@ class JobRunner(Intake):
         ev = await self._collect(number, "val", self.eligible())
         n, loss, acc = ev.aggregate()
         if n:
-            self.store.set_round_eval(self.job_id, number, attempt, loss, acc, n)
+            self.store.set_round_eval(self.job_id, number, attempt, loss, acc, n, metrics=ev.score_metrics())
         self._print_round((n, loss, acc), time.monotonic() - t0)
 
     async def _final_evaluation(self) -> None:
         ev = await self._collect(self.spec.rounds, "test", self.eligible())
         n, loss, acc = ev.aggregate()
         self.store.update_job(
-            self.job_id, test_loss=loss if n else None, test_accuracy=acc if n else None, test_samples=n
+            self.job_id,
+            test_loss=loss if n else None,
+            test_accuracy=acc if n else None,
+            test_samples=n,
+            test_metrics=json.dumps(ev.score_metrics(), sort_keys=True),
         )
         if n:
             self.progress(

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     test_samples INTEGER,
     epsilon REAL NOT NULL DEFAULT 0,
     site_epsilon TEXT NOT NULL DEFAULT '{}',
-    privacy_state TEXT NOT NULL DEFAULT '{}'
+    privacy_state TEXT NOT NULL DEFAULT '{}',
+    test_metrics TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL,
@@ -54,6 +55,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     timings TEXT NOT NULL DEFAULT '{}',
     detail TEXT NOT NULL DEFAULT '',
     epsilon REAL,
+    val_metrics TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, round, attempt)
 );
 CREATE TABLE IF NOT EXISTS uploads (
@@ -112,6 +114,7 @@ class RoundRow:
     timings: dict[str, float]
     detail: str
     epsilon: float | None
+    val_metrics: dict[str, float]  # federated imbalance metrics of the round's evaluation (common/metrics.py)
 
 
 class Store:
@@ -133,6 +136,11 @@ class Store:
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
         if "privacy_state" not in have:
             self._db.execute("ALTER TABLE jobs ADD COLUMN privacy_state TEXT NOT NULL DEFAULT '{}'")
+        if "test_metrics" not in have:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN test_metrics TEXT NOT NULL DEFAULT '{}'")
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)").fetchall()}
+        if "val_metrics" not in have:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN val_metrics TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -169,6 +177,7 @@ class Store:
             "epsilon",
             "site_epsilon",
             "privacy_state",
+            "test_metrics",
         }
         bad = set(fields) - allowed
         if bad:
@@ -271,12 +280,21 @@ class Store:
                 (detail, job_id, rnd, attempt),
             )
 
-    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None:
+    def set_round_eval(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        loss: float,
+        accuracy: float,
+        n: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE rounds SET val_loss = ?, val_accuracy = ?, val_samples = ?"
+                "UPDATE rounds SET val_loss = ?, val_accuracy = ?, val_samples = ?, val_metrics = ?"
                 " WHERE job_id = ? AND round = ? AND attempt = ?",
-                (loss, accuracy, n, job_id, rnd, attempt),
+                (loss, accuracy, n, json.dumps(dict(metrics or {}), sort_keys=True), job_id, rnd, attempt),
             )
 
     def rounds(self, job_id: str) -> list[RoundRow]:
@@ -287,6 +305,7 @@ class Store:
             d["cohort"] = json.loads(d["cohort"])
             d["reported"] = json.loads(d["reported"])
             d["timings"] = json.loads(d["timings"])
+            d["val_metrics"] = json.loads(d["val_metrics"])
             out.append(RoundRow(**d))
         return out
 

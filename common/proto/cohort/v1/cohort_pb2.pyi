@@ -126,6 +126,9 @@ class JoinRequest(_message.Message):
     SCHEMA_FINGERPRINT_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
     NUM_TRAIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    TASK_VERSION_FIELD_NUMBER: _builtins.int
+    TASK_CODE_DIGEST_FIELD_NUMBER: _builtins.int
+    TRAINING_CODE_DIGEST_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     task_digest: _builtins.str
     """"sha256:<hex>" of the task code installed at the site"""
@@ -134,6 +137,14 @@ class JoinRequest(_message.Message):
     software_version: _builtins.str
     num_train_samples: _builtins.int
     """a count only; never records"""
+    task_version: _builtins.str
+    """The two parts of task_digest (common/tasks/digest.py), so a mismatch can say which part differs.
+    the task's declared version
+    """
+    task_code_digest: _builtins.str
+    """"sha256:<hex>" of the task's own modules and its version"""
+    training_code_digest: _builtins.str
+    """"sha256:<hex>" of the Cohort training code (common.tasks) it uses"""
     def __init__(
         self,
         *,
@@ -142,10 +153,13 @@ class JoinRequest(_message.Message):
         schema_fingerprint: _builtins.str = ...,
         software_version: _builtins.str = ...,
         num_train_samples: _builtins.int = ...,
+        task_version: _builtins.str = ...,
+        task_code_digest: _builtins.str = ...,
+        training_code_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_train_samples", b"num_train_samples", "schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_digest", b"task_digest", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_train_samples", b"num_train_samples", "schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_code_digest", b"task_code_digest", "task_digest", b"task_digest", "task_name", b"task_name", "task_version", b"task_version", "training_code_digest", b"training_code_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -253,6 +267,8 @@ class TrainTask(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    FEATURE_SCALING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -261,6 +277,8 @@ class TrainTask(_message.Message):
     """upload must finish before this (coordinator clock)"""
     attempt: _builtins.int
     """a failed round is retried with a new cohort under the same round number"""
+    task_params_json: _builtins.str
+    """the job's task parameters, canonical JSON (common/tasks/params.py); "" = none"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -271,6 +289,8 @@ class TrainTask(_message.Message):
     def privacy(self) -> Global___PrivacySetup:
         """the job's differential-privacy unit and, for site-level DP, its parameters"""
 
+    @_builtins.property
+    def feature_scaling(self) -> Global___FeatureScaling: ...
     def __init__(
         self,
         *,
@@ -282,10 +302,12 @@ class TrainTask(_message.Message):
         attempt: _builtins.int = ...,
         secagg: Global___SecAggSetup | None = ...,
         privacy: Global___PrivacySetup | None = ...,
+        task_params_json: _builtins.str = ...,
+        feature_scaling: Global___FeatureScaling | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_scaling", b"feature_scaling", "params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg", "task_params_json", b"task_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,6 +352,47 @@ class PrivacySetup(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrivacySetup: _TypeAlias = PrivacySetup  # noqa: Y015
+
+@_typing.final
+class FeatureScaling(_message.Message):
+    """Federated feature standardization (common/tasks/standardize.py): every site applies
+    (clip(x, lower, upper) - mean) / std to every feature; one entry per feature, in schema order. Empty: the task
+    uses its own fallback scaling.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def lower(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """-inf: no lower clip"""
+
+    @_builtins.property
+    def upper(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """+inf: no upper clip"""
+
+    def __init__(
+        self,
+        *,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+        lower: _abc.Iterable[_builtins.float] | None = ...,
+        upper: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lower", b"lower", "mean", b"mean", "std", b"std", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureScaling: _TypeAlias = FeatureScaling  # noqa: Y015
 
 @_typing.final
 class SecAggSetup(_message.Message):
@@ -783,12 +846,18 @@ class EvaluateTask(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    FEATURE_SCALING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
     split: _builtins.str
     """"val" or "test" """
     deadline_unix: _builtins.float
+    task_params_json: _builtins.str
+    """as in TrainTask"""
+    @_builtins.property
+    def feature_scaling(self) -> Global___FeatureScaling: ...
     def __init__(
         self,
         *,
@@ -797,10 +866,12 @@ class EvaluateTask(_message.Message):
         model_version: _builtins.str = ...,
         split: _builtins.str = ...,
         deadline_unix: _builtins.float = ...,
+        task_params_json: _builtins.str = ...,
+        feature_scaling: Global___FeatureScaling | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_scaling", b"feature_scaling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "split", b"split", "task_params_json", b"task_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1046,6 +1117,7 @@ class EvaluationReport(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     EVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    SCORE_HISTOGRAM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -1054,6 +1126,12 @@ class EvaluationReport(_message.Message):
     loss: _builtins.float
     accuracy: _builtins.float
     eval_seconds: _builtins.float
+    @_builtins.property
+    def score_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Binary tasks that report them (common/metrics.py): counts of records per score bin, the negatives' bins then
+        the positives'. Sums over sites give the federation's AUC-PR and recall at a false-positive rate.
+        """
+
     def __init__(
         self,
         *,
@@ -1065,10 +1143,11 @@ class EvaluationReport(_message.Message):
         loss: _builtins.float = ...,
         accuracy: _builtins.float = ...,
         eval_seconds: _builtins.float = ...,
+        score_histogram: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "eval_seconds", b"eval_seconds", "job_id", b"job_id", "loss", b"loss", "model_version", b"model_version", "num_samples", b"num_samples", "round", b"round", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "eval_seconds", b"eval_seconds", "job_id", b"job_id", "loss", b"loss", "model_version", b"model_version", "num_samples", b"num_samples", "round", b"round", "score_histogram", b"score_histogram", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1144,6 +1223,7 @@ class JobSpec(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     OVER_SELECTION_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -1162,6 +1242,8 @@ class JobSpec(_message.Message):
     """connected, eligible sites needed before a round starts (0: min_sites)"""
     over_selection: _builtins.float
     """ask ceil(k * (1 + x)) sites, close the round when k reported (0: off)"""
+    task_params_json: _builtins.str
+    """the task's parameters, a JSON object of scalars checked by the task's schema"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -1185,10 +1267,11 @@ class JobSpec(_message.Message):
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
         privacy: Global___PrivacySpec | None = ...,
         over_selection: _builtins.float = ...,
+        task_params_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params", "privacy", b"privacy", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
     _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015
@@ -1376,6 +1459,26 @@ Global___SiteStatus: _TypeAlias = SiteStatus  # noqa: Y015
 class RoundStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ValMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ROUND_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     COHORT_FIELD_NUMBER: _builtins.int
@@ -1387,6 +1490,7 @@ class RoundStatus(_message.Message):
     SECONDS_FIELD_NUMBER: _builtins.int
     VAL_SAMPLES_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
+    VAL_METRICS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     model_version: _builtins.str
@@ -1402,6 +1506,10 @@ class RoundStatus(_message.Message):
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def reported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def val_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """federated imbalance metrics of the validation split (auc_pr, ...)"""
+
     def __init__(
         self,
         *,
@@ -1416,10 +1524,11 @@ class RoundStatus(_message.Message):
         seconds: _builtins.float = ...,
         val_samples: _builtins.int = ...,
         epsilon: _builtins.float = ...,
+        val_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "epsilon", b"epsilon", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_samples", b"val_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "epsilon", b"epsilon", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_metrics", b"val_metrics", "val_samples", b"val_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1431,6 +1540,26 @@ class JobStatus(_message.Message):
 
     @_typing.final
     class SiteEpsilonEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TestMetricsEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -1462,6 +1591,7 @@ class JobStatus(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     SITE_EPSILON_FIELD_NUMBER: _builtins.int
+    TEST_METRICS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _builtins.str
     """pending, running, finished, stopped, failed"""
@@ -1482,6 +1612,10 @@ class JobStatus(_message.Message):
     def site_epsilon(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """record-level DP: each site's own epsilon, as the site reports it"""
 
+    @_builtins.property
+    def test_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """federated imbalance metrics of the final test evaluation"""
+
     def __init__(
         self,
         *,
@@ -1498,10 +1632,11 @@ class JobStatus(_message.Message):
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
         site_epsilon: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        test_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "test_metrics", b"test_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
