@@ -16,7 +16,8 @@ Everything is deterministic for a fixed seed (one ``np.random.default_rng(seed)`
 
 Reference trainings: :func:`centralized_baseline` trains on pooled data (the yardstick that federated accuracy
 is held to), and :func:`simulate_fedavg` runs FedAvg in one process without a network; the built-in tasks'
-default hyper-parameters were chosen with them.
+default hyper-parameters were chosen with them. :func:`federated_scaling` computes what the statistics phase of a
+job would give the sites (common/tasks/standardize.py), in one process.
 """
 
 from __future__ import annotations
@@ -25,18 +26,21 @@ import csv
 import json
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from common.errors import ConfigError, DataError
 from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, Task, TrainSettings, load_task, round_seed
 from common.tasks.csv_split import FloatArray, LabelArray
+from common.tasks.standardize import FeatureScaling, derive_scaling
+from common.tasks.tabular import dataset_tensors
 
 IndexArray = npt.NDArray[np.int64]
 Split = tuple[FloatArray, LabelArray]
@@ -126,6 +130,16 @@ def _split_site(
         parts["train"].append(members[t + v :])
     # Shuffle within each split so that the files are not sorted by label.
     return {split: rng.permutation(np.concatenate(p)).astype(np.int64) for split, p in parts.items()}
+
+
+def stratified_split(
+    y: LabelArray, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2
+) -> dict[str, IndexArray]:
+    """Indices of one site's records for train/val/test, stratified by label where the counts allow."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError("val_fraction, test_fraction: each must be in [0, 1) and their sum below 1")
+    rng = np.random.default_rng(seed)
+    return _split_site(np.arange(len(y), dtype=np.int64), y, rng, val_fraction, test_fraction)
 
 
 def assign_sites(
@@ -293,19 +307,22 @@ def centralized_baseline(
     return task.evaluate(model, data.test)
 
 
-def simulate_fedavg(
-    task: Task, sites: Mapping[str, SiteData], settings: TrainSettings, rounds: int
-) -> list[EvalResult]:
+def fedavg(
+    task: Task,
+    sites: Mapping[str, SiteData],
+    settings: TrainSettings,
+    rounds: int,
+    after_round: Callable[[torch.nn.Module], None] | None = None,
+) -> torch.nn.Module:
     """FedAvg without a network: each round every site trains from the global weights, and the new global
     model is the train-sample-weighted mean of the site models (every entry as float32, like the coordinator).
 
-    Returns, for each round, the global model's test result pooled over all sites' test splits.
+    Returns the final global model; ``after_round`` sees the global model after each round.
     """
     if rounds < 1:
         raise ConfigError("rounds: must be at least 1")
     model = task.build_model(settings.seed)
     global_state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    history: list[EvalResult] = []
     for number in range(1, rounds + 1):
         total = 0
         summed = {k: torch.zeros_like(v) for k, v in global_state.items()}
@@ -318,8 +335,47 @@ def simulate_fedavg(
             total += result.num_samples
         global_state = {k: v / total for k, v in summed.items()}
         model.load_state_dict(global_state)
-        history.append(pooled_evaluation(task, model, [d.test for d in sites.values()]))
+        if after_round is not None:
+            after_round(model)
+    return model
+
+
+def simulate_fedavg(
+    task: Task, sites: Mapping[str, SiteData], settings: TrainSettings, rounds: int
+) -> list[EvalResult]:
+    """:func:`fedavg`, returning for each round the global model's test result pooled over all sites' test splits."""
+    history: list[EvalResult] = []
+    fedavg(
+        task,
+        sites,
+        settings,
+        rounds,
+        lambda model: history.append(pooled_evaluation(task, model, [d.test for d in sites.values()])),
+    )
     return history
+
+
+def federated_scaling(task: Task, sites: Mapping[str, SiteData]) -> FeatureScaling:
+    """What the statistics phase gives the sites: the scaling derived from the sum of their statistics vectors
+    (in the clear here; the federation sums them under secure aggregation). The task must declare feature_ranges."""
+    spec_of, statistics = getattr(task, "statistics_spec", None), getattr(task, "site_statistics", None)
+    spec = spec_of() if callable(spec_of) else None
+    if spec is None or not callable(statistics):
+        raise ConfigError(f"task {task.name} declares no feature_ranges; it has no federated scaling")
+    total = np.zeros(spec.length)
+    for data in sites.values():
+        total += statistics(data)
+    return derive_scaling(total, spec)
+
+
+def pooled_site(sites: Mapping[str, SiteData]) -> SiteData:
+    """Every site's splits concatenated: one big site (the centralized reference, which no federation may build)."""
+
+    def cat(split: str) -> Dataset[tuple[torch.Tensor, torch.Tensor]]:
+        xs, ys = zip(*(dataset_tensors(d.split(split)) for d in sites.values()), strict=True)
+        return cast(Dataset[tuple[torch.Tensor, torch.Tensor]], TensorDataset(torch.cat(xs), torch.cat(ys)))
+
+    return SiteData(train=cat("train"), val=cat("val"), test=cat("test"))
 
 
 def pooled_evaluation(

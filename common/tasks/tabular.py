@@ -227,9 +227,13 @@ class TabularTask:
         val: tuple[FloatArray, LabelArray],
         test: tuple[FloatArray, LabelArray],
     ) -> SiteData:
-        """Scale raw arrays with the fallback of :meth:`fit_scaling` (train statistics only) and wrap them."""
-        offset, scale = self.fit_scaling(train[0])
-        return self._scaled({"train": train, "val": val, "test": test}, FeatureScaling.of_constants(offset, scale))
+        """Scale raw arrays with the fallback of :meth:`fallback_scaling` (train statistics only) and wrap them."""
+        return self._scaled({"train": train, "val": val, "test": test}, self.fallback_scaling(train[0]))
+
+    def fallback_scaling(self, x_train: FloatArray) -> FeatureScaling:
+        """The scaling used when the job sends none: :meth:`fit_scaling`'s ``(x - offset) / scale``, no clipping."""
+        offset, scale = self.fit_scaling(x_train)
+        return FeatureScaling.of_constants(offset, scale)
 
     def _scaled(self, raw: Mapping[str, Arrays], scaling: FeatureScaling) -> TabularSiteData:
         if scaling.features != len(self.schema.features):
