@@ -137,7 +137,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, privacy_cmd
+    from cohort_cli import certs_cmd, data_cmd, privacy_cmd, task_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cmd.register(sub)
     data_cmd.register(sub)
     privacy_cmd.register(sub)
+    task_cmd.register(sub)
 
     p = sub.add_parser("demo", help="run a federation on this machine: 5 hospitals, or 4 banks (--use-case fraud)")
     p.add_argument(

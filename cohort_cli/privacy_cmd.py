@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Callable
 from typing import cast
 
@@ -116,6 +117,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.record_level:
         one_round = _record_training(args)
         sigma = smallest_noise_multiplier(lambda s: _record_epsilon(one_round, s, args), args.epsilon)
+        sigma = math.ceil(sigma * 1e4) / 1e4  # what is printed (and put in a config) keeps epsilon within the target
         eps = _record_epsilon(one_round, sigma, args)
         print(f"noise multiplier {sigma:.4f} gives epsilon {eps:.4f} {_describe_record(args, one_round)}")
         return 0

@@ -88,7 +88,7 @@ class Coordinator:
         except (ValueError, TaskError) as exc:
             raise FailedPrecondition(f"task {spec.task!r} cannot be loaded on the coordinator: {exc}") from None
         try:
-            configure(task, spec.task_params, "task_params")
+            configure(task, spec.task_params, "job.task_params")
         except ConfigError as exc:
             raise InvalidArgument(f"job spec: {exc}") from None
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

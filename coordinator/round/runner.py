@@ -96,7 +96,7 @@ class JobRunner(Intake):
         self._resume = resume
         self.completed_rounds = 0 if resume is None else resume.number - 1  # rounds the global model reflects
         if resume is None:
-            initial = state_dict_float32(task.build_model(seed=spec.params.seed))
+            initial = state_dict_float32(self.task.build_model(seed=spec.params.seed))
             self.global_tensors = initial
             self.global_model = models.save(initial, {"job": job_id, "round": "0"})
             store.create_job(
