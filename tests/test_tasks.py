@@ -16,7 +16,7 @@ from common.datasets import centralized_baseline, load_source, simulate_fedavg, 
 from common.errors import ConfigError, DataError
 from common.tasks import breast_cancer, digits, tabular
 from common.tasks import digest as task_code
-from common.tasks.base import SPLITS, EvalResult, SiteData, Task, TrainSettings, load_task, task_digest
+from common.tasks.base import SPLITS, EvalResult, RecordDP, SiteData, Task, TrainSettings, load_task, task_digest
 from common.tasks.csv_split import read_split
 from common.tasks.tabular import TabularTask, dataset_tensors
 
@@ -325,3 +325,27 @@ def test_simulation_rejects_zero_rounds() -> None:
     task, data, _, _ = _federation("breast_cancer", 0)
     with pytest.raises(ConfigError, match="rounds"):
         simulate_fedavg(task, data, task.default_settings, 0)
+
+
+def test_fedprox_penalty_keeps_a_site_near_the_global_model() -> None:
+    """The FedProx hook: with proximal_mu > 0 local training drifts less from where it started; DP-SGD refuses it."""
+
+    class Prox(breast_cancer.BreastCancerTask):
+        proximal_mu = 1.0
+
+    x, y, _ = load_source("breast_cancer")
+    empty = (x[:0], y[:0])
+    drift = {}
+    for task in (breast_cancer.TASK, Prox()):
+        data = task.site_data((x[:200], y[:200]), empty, empty)
+        model = task.build_model(1)
+        start = [p.detach().clone() for p in model.parameters()]
+        task.train(model, data, replace(task.default_settings, local_epochs=3))
+        drift[type(task).__name__] = sum(
+            float(((p.detach() - s) ** 2).sum()) for p, s in zip(model.parameters(), start, strict=True)
+        )
+    assert drift["Prox"] < 0.5 * drift["BreastCancerTask"]
+    prox = Prox()
+    settings = replace(prox.default_settings, record_dp=RecordDP(1.0, 1.0, 1e-5))
+    with pytest.raises(ConfigError, match="FedProx"):
+        prox.train(prox.build_model(0), prox.site_data((x[:50], y[:50]), empty, empty), settings)
