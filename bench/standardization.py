@@ -4,7 +4,7 @@ The built-in ``breast_cancer`` task's fallback scaling is a set of published con
 public data set (test records included). With the statistics phase, every site standardizes with the federation's
 statistics of the sites' **training** splits instead (common/tasks/standardize.py): mean, std, and clipping at the
 0.1 % / 99.9 % quantiles of the pooled histograms. This runs both, in one process (``common.datasets.fedavg``;
-the federated scaling is what ``common.datasets.federated_scaling`` derives from the sum of the sites' statistics
+the federated scaling is what ``common.site_comparison.federated_scaling`` derives from the sum of the sites' statistics
 vectors, exactly as the coordinator would from the secure sum), on 5 sites with Dirichlet label skew alpha 0.5,
 the task's default recipe (20 rounds x 1 epoch), for each split seed; and the centralized baseline (same model,
 pooled training data, 20 epochs) with the same scaling rule: constants, or the pooled training data's statistics.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from common.datasets import federated_scaling, load_source, pooled_site, simulate_fedavg, split_sites
-from common.site_comparison import train_on
+from common.datasets import load_source, simulate_fedavg, split_sites
+from common.site_comparison import federated_scaling, pooled_site, train_on
 from common.tasks import breast_cancer
 from common.tasks.base import SiteData
 from common.tasks.setup import TaskSetup, prepare

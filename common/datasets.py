@@ -18,8 +18,7 @@ Everything is deterministic for a fixed seed (one ``np.random.default_rng(seed)`
 
 Reference trainings: :func:`centralized_baseline` trains on pooled data (the yardstick that federated accuracy
 is held to), and :func:`simulate_fedavg` runs FedAvg in one process without a network; the built-in tasks'
-default hyper-parameters were chosen with them. :func:`federated_scaling` computes what the statistics phase of a
-job would give the sites (common/tasks/standardize.py), in one process.
+default hyper-parameters were chosen with them.
 """
 
 from __future__ import annotations
@@ -31,18 +30,15 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from common.errors import ConfigError, DataError
 from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, Task, TrainSettings, load_task, round_seed
 from common.tasks.csv_split import FloatArray, LabelArray
-from common.tasks.standardize import FeatureScaling, derive_scaling
-from common.tasks.tabular import dataset_tensors
 
 IndexArray = npt.NDArray[np.int64]
 Split = tuple[FloatArray, LabelArray]
@@ -374,29 +370,6 @@ def simulate_fedavg(
         lambda model: history.append(pooled_evaluation(task, model, [d.test for d in sites.values()])),
     )
     return history
-
-
-def federated_scaling(task: Task, sites: Mapping[str, SiteData]) -> FeatureScaling:
-    """What the statistics phase gives the sites: the scaling derived from the sum of their statistics vectors
-    (in the clear here; the federation sums them under secure aggregation). The task must declare feature_ranges."""
-    spec_of, statistics = getattr(task, "statistics_spec", None), getattr(task, "site_statistics", None)
-    spec = spec_of() if callable(spec_of) else None
-    if spec is None or not callable(statistics):
-        raise ConfigError(f"task {task.name} declares no feature_ranges; it has no federated scaling")
-    total = np.zeros(spec.length)
-    for data in sites.values():
-        total += statistics(data)
-    return derive_scaling(total, spec)
-
-
-def pooled_site(sites: Mapping[str, SiteData]) -> SiteData:
-    """Every site's splits concatenated: one big site (the centralized reference, which no federation may build)."""
-
-    def cat(split: str) -> Dataset[tuple[torch.Tensor, torch.Tensor]]:
-        xs, ys = zip(*(dataset_tensors(d.split(split)) for d in sites.values()), strict=True)
-        return cast(Dataset[tuple[torch.Tensor, torch.Tensor]], TensorDataset(torch.cat(xs), torch.cat(ys)))
-
-    return SiteData(train=cat("train"), val=cat("val"), test=cat("test"))
 
 
 def pooled_evaluation(

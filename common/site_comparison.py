@@ -11,7 +11,7 @@ Each model is scored on each site's own test split with the task's imbalance met
 federated and pooled models also on all test splits together (the sum of the sites' score histograms, as the
 coordinator computes it). Scaling follows what each party could do: with ``scaling="federated"`` a site alone
 standardizes with its own statistics, the federation and the pool with the federation's
-(:func:`common.datasets.federated_scaling`); with ``"fallback"`` every party uses the task's fixed fallback.
+(:func:`federated_scaling`); with ``"fallback"`` every party uses the task's fixed fallback.
 
 Used by ``bench/fraud.py`` (several seeds, in the README) and ``cohort demo --use-case fraud`` (the federated
 model from the real daemons).
@@ -22,15 +22,19 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, cast
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset, TensorDataset
 
-from common.datasets import fedavg, federated_scaling, pooled_site
+from common.datasets import fedavg
 from common.errors import ConfigError
 from common.metrics import ScoreHistogram, imbalance_metrics
 from common.tasks.base import SiteData, Task, TrainSettings
 from common.tasks.setup import TaskSetup, prepare
+from common.tasks.standardize import FeatureScaling, derive_scaling
+from common.tasks.tabular import dataset_tensors
 
 Scaling = Literal["federated", "fallback"]
 METRIC = "auc_pr"
@@ -65,6 +69,29 @@ class Comparison:
         )
         lines.append(f"{'all sites':<10} {'':>14} {self.federated_all:>10.4f} {self.pooled_all:>8.4f}")
         return lines
+
+
+def federated_scaling(task: Task, sites: Mapping[str, SiteData]) -> FeatureScaling:
+    """What the statistics phase gives the sites: the scaling derived from the sum of their statistics vectors
+    (in the clear here; the federation sums them under secure aggregation). The task must declare feature_ranges."""
+    spec_of, statistics = getattr(task, "statistics_spec", None), getattr(task, "site_statistics", None)
+    spec = spec_of() if callable(spec_of) else None
+    if spec is None or not callable(statistics):
+        raise ConfigError(f"task {task.name} declares no feature_ranges; it has no federated scaling")
+    total = np.zeros(spec.length)
+    for data in sites.values():
+        total += statistics(data)
+    return derive_scaling(total, spec)
+
+
+def pooled_site(sites: Mapping[str, SiteData]) -> SiteData:
+    """Every site's splits concatenated: one big site (the centralized reference, which no federation may build)."""
+
+    def cat(split: str) -> Dataset[tuple[torch.Tensor, torch.Tensor]]:
+        xs, ys = zip(*(dataset_tensors(d.split(split)) for d in sites.values()), strict=True)
+        return cast(Dataset[tuple[torch.Tensor, torch.Tensor]], TensorDataset(torch.cat(xs), torch.cat(ys)))
+
+    return SiteData(train=cat("train"), val=cat("val"), test=cat("test"))
 
 
 def scores_of(task: Task, model: torch.nn.Module, data: SiteData) -> ScoreHistogram:

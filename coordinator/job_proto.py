@@ -81,7 +81,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             wait_for_sites_s=spec["wait_for_sites_s"],
             max_round_retries=spec["max_round_retries"],
             min_available_sites=spec["min_available_sites"],
-            task_params_json=canonical_json(spec.get("task_params") or {}) if spec.get("task_params") else "",
+            task_params_json=canonical_json(spec["task_params"]) if spec.get("task_params") else "",
             privacy=pb.PrivacySpec(**_known(pb.PrivacySpec, spec.get("privacy", {}))),
             secure_aggregation=pb.SecureAggregationSpec(
                 **_known(pb.SecureAggregationSpec, spec.get("secure_aggregation", {}))

@@ -13,12 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_secagg_protocol import make_round
 
-from common.datasets import federated_scaling, load_source, split_sites
+from common.datasets import load_source, split_sites
 from common.errors import ConfigError, InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.limbs import LimbEncoding
 from common.secagg.local import run_local_round
 from common.secagg.protocol import RoundParams
+from common.site_comparison import federated_scaling
 from common.tasks import breast_cancer
 from common.tasks.setup import TaskSetup
 from common.tasks.standardize import (

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import secrets
 import warnings
 from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from common.errors import ConfigError, DataError
 from common.metrics import score_histogram
 from common.tasks.base import SPLITS, DataSchema, EvalResult, RecordDP, SiteData, TrainResult, TrainSettings
 from common.tasks.csv_split import FloatArray, LabelArray, read_split
+from common.tasks.entropy import entropy_generator
 from common.tasks.params import Param, ParamValue, validate
 from common.tasks.standardize import DEFAULT_BINS, F64Array, FeatureScaling, StatisticsSpec, site_statistics
 
@@ -69,41 +69,6 @@ def dataset_tensors(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]]) -> tupl
     if not items:
         return torch.empty(0), torch.empty(0, dtype=torch.int64)
     return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
-
-
-# torch's CPU generator state (CPUGeneratorImplStateLegacy): uint64 seed, int left, int seeded, uint64 next, then the
-# 624 Mersenne Twister words, each stored as a uint64.
-_MT_WORDS = 624
-_MT_OFFSET = 24
-
-
-def _mt19937_seeded(seed: int) -> list[int]:
-    """The Mersenne Twister state words after ``init_genrand(seed)``: what ``manual_seed`` produces."""
-    words = [seed & 0xFFFFFFFF]
-    for i in range(1, _MT_WORDS):
-        prev = words[-1]
-        words.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
-    return words
-
-
-def entropy_generator() -> torch.Generator:
-    """A CPU ``torch.Generator`` whose entire Mersenne Twister state (624 words, 19,968 bits) comes from OS entropy.
-
-    Why not ``manual_seed(secrets.randbits(64))``: torch seeds its Mersenne Twister from the low 32 bits of the seed
-    only, so noise seeded that way could be found by trying 2**32 seeds. The state layout is checked against a
-    known seed first; a torch whose layout differs raises RuntimeError instead of yielding a weak generator.
-    """
-    generator = torch.Generator().manual_seed(1)
-    state = generator.get_state().numpy().copy()
-    words = state[_MT_OFFSET : _MT_OFFSET + 8 * _MT_WORDS].view("<u8")
-    if words.tolist() != _mt19937_seeded(1):
-        raise RuntimeError("torch's CPU generator state has an unexpected layout; cannot seed DP noise from OS entropy")
-    words[:] = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4")
-    new_state = torch.from_numpy(state)
-    generator.set_state(new_state)
-    if not torch.equal(generator.get_state(), new_state):
-        raise RuntimeError("torch's CPU generator did not accept an OS-entropy state; cannot seed DP noise")
-    return generator
 
 
 def check_settings(settings: TrainSettings) -> None:
