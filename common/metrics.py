@@ -17,13 +17,14 @@ bin is 5 % in odds.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from common.errors import InvalidArgument
+from common.secagg.lanes import MAX_SAMPLES, Lane
 
 SCORE_LOW, SCORE_HIGH, SCORE_BINS = -12.0, 12.0, 480
 MAX_FPR = 0.01
@@ -120,3 +121,23 @@ def _percent(rate: float) -> str:
 
 
 RECALL_KEY = f"recall_at_{_percent(MAX_FPR)}pct_fpr"
+
+
+# Under secure aggregation the histograms are summed as lanes (common/secagg/lanes.py): one exact count lane per
+# bin and class, so the coordinator learns the federation's histogram and never one site's.
+SCORE_LANES = tuple(Lane(f"scores_neg_{j}", 1.0, MAX_SAMPLES) for j in range(SCORE_BINS)) + tuple(
+    Lane(f"scores_pos_{j}", 1.0, MAX_SAMPLES) for j in range(SCORE_BINS)
+)
+
+
+def score_lane_values(histogram: ScoreHistogram | None) -> dict[str, float]:
+    """A site's histogram as lane values (all zero when it has none: the sum then fails the count check)."""
+    h = histogram if histogram is not None else ScoreHistogram.empty()
+    return {lane.name: float(c) for lane, c in zip(SCORE_LANES, h.flat(), strict=True)}
+
+
+def scores_of_lanes(totals: Mapping[str, float]) -> ScoreHistogram | None:
+    """The summed histogram from a secure sum's lane totals; None when the sum had no score lanes."""
+    if SCORE_LANES[0].name not in totals:
+        return None
+    return ScoreHistogram.from_flat([max(0, round(totals[lane.name])) for lane in SCORE_LANES])

@@ -29,7 +29,7 @@ from common.tasks import tabular
 from common.tasks.base import load_task, task_digest
 from common.tasks.digest import TaskDigest, normalized_source
 from common.version import VERSION
-from coordinator.round.job_state import JobIdentity
+from coordinator.round.identity import JobIdentity
 from coordinator.state.registry import Declaration
 
 HELPER = '''
@@ -163,7 +163,7 @@ def test_mismatch_names_the_task_part_and_both_versions(package: tuple[str, Path
 def _site(d: TaskDigest, job: JobIdentity, software: str = VERSION) -> Declaration:
     """What a site with code ``d`` declares at Join."""
     return Declaration(
-        job.task_name, d.combined, job.schema_fingerprint, software, 10, d.version, d.task_code, d.training_code
+        job.task_name, d.combined, job.schema_fingerprint, software, d.version, d.task_code, d.training_code
     )
 
 
@@ -186,7 +186,7 @@ async def test_join_with_other_task_code_is_refused_naming_the_part(
 ) -> None:
     """Over real gRPC and mutual TLS: a site with edited task code cannot join, and is told why."""
     daemon = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job_config()))
-    identity = runner_of(daemon).identity
+    identity = runner_of(daemon).machine.setup.identity
     request = join_request(
         task_digest="sha256:" + "cd" * 32,
         task_version="3",

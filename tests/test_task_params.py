@@ -33,8 +33,8 @@ from common.tasks.base import configure, load_task
 from common.tasks.params import Param, canonical_json, parse_json, validate
 from common.tasks.setup import TaskSetup, prepare
 from coordinator.config import JobConfig
-from coordinator.job_proto import job_config_from_proto, job_spec_to_proto
-from coordinator.round.job_state import JobIdentity
+from coordinator.jobspec import from_proto, to_proto
+from coordinator.round.identity import JobIdentity
 
 SCHEMA = {
     "hidden": Param("int", 32, low=4, high=64),
@@ -90,9 +90,9 @@ def test_job_config_carries_parameters_through_yaml_and_the_admin_wire(tmp_path:
     path.write_text("task: fraud\ntask_params: {hidden: 8, loss: focal, positive_weight: 20}\n")
     job = loader.load(JobConfig, path)
     assert job.task_params == {"hidden": 8, "loss": "focal", "positive_weight": 20}
-    spec = job_spec_to_proto(job)
+    spec = to_proto(job)
     assert json.loads(spec.task_params_json) == job.task_params
-    assert job_config_from_proto(spec) == job
+    assert from_proto(spec) == job
     path.write_text("task: fraud\ntask_params: {hidden: {nested: 1}}\n")
     with pytest.raises(ConfigError, match=r"job\.task_params\.hidden|task_params\.hidden"):
         loader.load(JobConfig, path)
@@ -128,7 +128,7 @@ async def test_the_coordinator_checks_parameters_when_a_job_starts(
     job = await start_job(ep, pb.JobSpec(task="fraud", rounds=1, min_sites=2, task_params_json='{"hidden": 8}'))
     assert json.loads(job.spec.task_params_json) == {"hidden": 8}
     runner = runner_of(coord)
-    assert runner.identity.task_params == '{"hidden":8}'
+    assert runner.machine.setup.identity.task_params == '{"hidden":8}'
     assert runner.global_tensors["0.weight"].shape == (8, len(FEATURES))
 
 

@@ -25,7 +25,6 @@ class Declaration:
     task_digest: str
     schema_fingerprint: str
     software_version: str
-    num_train_samples: int
     # The parts of task_digest (common/tasks/digest.py); empty from a site that does not send them.
     task_version: str = ""
     task_code_digest: str = ""
