@@ -16,7 +16,7 @@ from test_secagg_protocol import make_round
 from common.datasets import load_source, split_sites
 from common.errors import ConfigError, InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
-from common.secagg.limbs import LimbEncoding
+from common.secagg.lanes import Lane, LaneLayout
 from common.secagg.local import run_local_round
 from common.secagg.protocol import RoundParams
 from common.site_comparison import federated_scaling
@@ -24,13 +24,14 @@ from common.tasks import breast_cancer
 from common.tasks.setup import TaskSetup
 from common.tasks.standardize import (
     HEADER_LANES,
+    STATISTICS_SCALE,
     FeatureScaling,
     StatisticsSpec,
-    decode_statistics,
     derive_scaling,
-    encode_statistics,
     site_statistics,
-    statistics_encoding,
+    statistics_lane_values,
+    statistics_lanes,
+    statistics_of_totals,
 )
 from common.tasks.tabular import TabularTask, dataset_tensors
 from participant.site import Site
@@ -85,67 +86,68 @@ def test_derived_scaling_equals_pooled_statistics(sites: dict[str, np.ndarray]) 
 
 
 def test_secure_sum_of_encoded_statistics_equals_pooled(sites: dict[str, np.ndarray]) -> None:
-    """Each site encodes its vector into limbs of Z_2^32 and masks it (SecAgg+, pure protocol machines); the
-    unmasked sum decodes to the pooled statistics within the encoding's documented rounding bound."""
+    """Each site writes its vector as lanes of Z_2^32 (common/secagg/lanes.py) and masks it (SecAgg+, pure protocol
+    machines); the unmasked sum decodes to the pooled statistics within the lanes' documented rounding bound."""
     spec = _spec()
     rows = max(len(x) for x in sites.values())
-    enc = statistics_encoding(spec, bits=32, max_sites=len(SITES), max_rows=rows)
+    layout = LaneLayout(statistics_lanes(spec, rows), bits=32, max_n=len(SITES))
     vectors = {s: site_statistics(x, spec) for s, x in sites.items()}
-    encoded = {s: encode_statistics(v, enc) for s, v in vectors.items()}
-    params = RoundParams.create(
-        "stats", 1, SITES, dim=spec.length * enc.limbs, bits=32, dropout_rate=0.1, corruption_rate=0.0
-    )
+    encoded = {s: layout.encode(statistics_lane_values(v, spec, rows)) for s, v in vectors.items()}
+    params = RoundParams.create("stats", 1, SITES, dim=layout.size, bits=32, dropout_rate=0.1, corruption_rate=0.0)
     server, clients = make_round(params)
     total = run_local_round(server, clients, encoded)
-    decoded = decode_statistics(total, enc, len(SITES))
+    decoded = statistics_of_totals(layout.decode(total), spec)
     exact = sum(vectors.values())
-    assert np.abs(decoded - exact).max() <= enc.error_bound(len(SITES))
+    error = len(SITES) / (2 * STATISTICS_SCALE)  # each site's fixed-point rounding of a lane
+    assert np.abs(decoded - exact).max() <= error
     scaling = derive_scaling(decoded, spec)
     pooled = np.concatenate(list(sites.values()))
     mean, std = _pooled_moments(pooled, spec)
-    # To fixed-point precision: each lane of the sum is off by at most e = error_bound(n), so the mean by e / N and
-    # the variance by e / N * (1 + 2 |mean|) (through sum_sq / N and mean^2), the std by that over 2 std.
-    e_mean = enc.error_bound(len(SITES)) / len(pooled)
+    # To fixed-point precision: each lane of the sum is off by at most e, so the mean by e / N and the variance by
+    # e / N * (1 + 2 |mean|) (through sum_sq / N and mean^2), the std by that over 2 std.
+    e_mean = error / len(pooled)
     e_std = e_mean * (1 + 2 * np.abs(mean)) / (2 * std)
     assert (np.abs(np.array(scaling.mean) - mean) <= e_mean + 1e-12 * np.abs(mean)).all()
     assert (np.abs(np.array(scaling.std) - std) <= e_std + 1e-9 * std).all()
 
 
-def test_encoding_size_follows_the_documented_bounds() -> None:
+def test_lane_size_follows_the_documented_bounds() -> None:
     spec = StatisticsSpec(((-5000.0, 5000.0),) * 30, bins=64)
-    enc = statistics_encoding(spec, bits=32, max_sites=64, max_rows=10**6)
-    assert enc.limb_bits == 26
-    assert enc.limbs == 3  # the module docstring's example
+    layout = LaneLayout(statistics_lanes(spec, 10**6), bits=32, max_n=64)
+    assert layout.limb_bits == 26
     assert spec.length == 30 * 69
-    small = statistics_encoding(StatisticsSpec(((0.0, 1.0),)), bits=32, max_sites=4, max_rows=1000)
-    assert small.limbs == 2
-    with pytest.raises(InvalidArgument, match="exceeds the encoding's bound"):
-        small.encode(np.array([1001.0 * 1.0 + 1]))
-    with pytest.raises(InvalidArgument, match="at most 4"):
-        small.decode(np.zeros(2, np.uint32), 5)
-    with pytest.raises(InvalidArgument, match="cannot sum"):
-        LimbEncoding.choose(16, 1 << 17, 1.0)
+    limbs = [layout.limbs(lane) for lane in layout.lanes[:5]]
+    assert limbs == [2, 3, 3, 2, 2]  # count, sum, sum_sq, below, above: the module docstring's example
+    assert layout.size == 4200
+    small = StatisticsSpec(((0.0, 1.0),))
+    with pytest.raises(InvalidArgument, match="exceed the 1000 one site may sum"):
+        statistics_lane_values(site_statistics(np.zeros((1001, 1)), small), small, 1000)
+    with pytest.raises(ConfigError, match="max_rows"):
+        statistics_lanes(small, 0)
+    with pytest.raises(InvalidArgument, match="missing"):
+        statistics_of_totals({}, small)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     values=st.lists(st.lists(st.floats(-1e9, 1e9, allow_nan=False), min_size=3, max_size=3), min_size=1, max_size=9),
     bits=st.integers(16, 32),
-    frac=st.integers(0, 24),
+    scale=st.sampled_from([1.0, 2.0**8, 2.0**20]),
 )
-def test_limb_sums_are_exact_up_to_rounding(values: list[list[float]], bits: int, frac: int) -> None:
-    """Any values within the bound, any number of summands up to max_n: the ring sum of the limbs decodes to the
-    exact sum within n * 2**-(frac + 1) (carries resolved after the sum, signs through two's complement)."""
+def test_lane_sums_are_exact_up_to_rounding(values: list[list[float]], bits: int, scale: float) -> None:
+    """Any values within the bound, any number of summands up to max_n: the ring sum of the lanes' limbs decodes to
+    the exact sum within n / (2 * scale) (carries resolved after the sum, signs through two's complement)."""
     n = len(values)
-    enc = LimbEncoding.choose(bits, 9, 1e9, frac)
-    total = np.zeros(3 * enc.limbs, np.uint32)
+    layout = LaneLayout(tuple(Lane(f"v{i}", scale, 1e9, signed=True) for i in range(3)), bits, 9)
+    modulus = 1 << bits
+    total = np.zeros(layout.size, np.int64)
     for v in values:
-        total = enc.add(total, enc.encode(np.array(v)))
+        total = (total + layout.encode({f"v{i}": x for i, x in enumerate(v)}).astype(np.int64)) % modulus
     exact = [math.fsum(v[i] for v in values) for i in range(3)]
-    decoded = enc.decode(total, n)
-    for d, e in zip(decoded, exact, strict=True):
+    decoded = layout.decode(total)
+    for i, e in enumerate(exact):
         # float64 holds the decoded integer to 53 bits: the rounding bound, plus one float64 ulp of the sum.
-        assert abs(d - e) <= enc.error_bound(n) + abs(e) * 2.0**-52
+        assert abs(decoded[f"v{i}"] - e) <= n / (2 * scale) + abs(e) * 2.0**-52
 
 
 def test_feature_scaling_travels_and_refuses_nonsense() -> None:

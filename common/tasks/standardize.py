@@ -23,16 +23,21 @@ quantile that falls below or above the range is the range's edge). Tasks then ap
 followed by ``(x - mean) / std`` (:meth:`FeatureScaling.apply`). Mean and std are of the range-clamped values, not
 of the quantile-clipped ones (that would need a second pass over the sites).
 
-**Into the ring** (:func:`statistics_encoding`): the vector travels through secure aggregation as fixed-point
-integers split into limbs (:mod:`common.secagg.limbs`), sized from the largest value one site can contribute:
-``max_rows * max(1, R, R^2)`` with ``R`` the largest magnitude of a declared range bound. Example: 30 features,
-64 bins, b = 32, 64 sites, 10^6 rows per site, R = 5000 (sum of squares <= 2.5 * 10^13), 20 fraction bits:
-3 limbs per lane, 30 * 69 * 3 = 6210 ring elements (25 KB at 32 bits).
+**Into the ring** (:func:`statistics_lanes`): the vector travels through secure aggregation as *lanes* of the
+secure sum (common/secagg/lanes.py, the mechanism that also carries a round's counts and metrics): one lane per
+element, exact integers for the counts and histogram bins, fixed point with :data:`STATISTICS_SCALE` units for the
+sums and sums of squares, each bounded by the largest value one site can contribute (``max_rows``, ``max_rows * R``,
+``max_rows * R^2`` with ``R`` the largest magnitude of a declared range bound) and split into limbs that cannot wrap
+the ring. The sum's only error is each site's rounding of a fixed-point lane, at most ``n / (2 * STATISTICS_SCALE)``
+per lane for ``n`` sites. Example: 30 features, 64 bins, b = 32, 64 sites, 10^6 rows per site, R = 5000: 2 limbs per
+count lane, 3 per sum and sum of squares, 4,200 ring elements (17 KB at 32 bits). A site with more than ``max_rows``
+training records cannot take part (:func:`statistics_lane_values` refuses it rather than clamp).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +45,7 @@ from numpy.typing import NDArray
 
 from common.errors import ConfigError, InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
-from common.secagg.limbs import DEFAULT_FRAC_BITS, LimbEncoding
+from common.secagg.lanes import Lane
 
 F64Array = NDArray[np.float64]
 F32Array = NDArray[np.float32]
@@ -220,25 +225,41 @@ def derive_scaling(
     return FeatureScaling(tuple(mean), tuple(std), tuple(lower), tuple(upper))
 
 
-def statistics_encoding(
-    spec: StatisticsSpec, bits: int, max_sites: int, max_rows: int, frac_bits: int = DEFAULT_FRAC_BITS
-) -> LimbEncoding:
-    """How a statistics vector of ``spec`` travels through secure aggregation in Z_2^bits (module docstring).
+STATISTICS_SCALE = 2.0**20  # fixed-point units per unit of a sum or sum of squares
 
-    ``max_rows`` bounds one site's training records; a site with more cannot be summed without risk of wrapping
-    (:func:`encode_statistics` refuses it).
-    """
+
+def statistics_lanes(spec: StatisticsSpec, max_rows: int) -> tuple[Lane, ...]:
+    """The secure-sum lanes of a statistics vector of ``spec`` (module docstring), for sites of at most ``max_rows``
+    training records."""
     if max_rows < 1:
         raise ConfigError("max_rows: must be at least 1")
     r = spec.magnitude
-    return LimbEncoding.choose(bits, max_sites, float(max_rows) * max(1.0, r, r * r), frac_bits)
+    lanes = []
+    for name in spec.lane_names():
+        kind = name.split(".", 1)[1]
+        if kind == "sum":
+            lanes.append(Lane(name, STATISTICS_SCALE, max_rows * max(1.0, r), signed=True))
+        elif kind == "sum_sq":
+            lanes.append(Lane(name, STATISTICS_SCALE, max_rows * max(1.0, r * r)))
+        else:  # counts: exact integers
+            lanes.append(Lane(name, 1.0, float(max_rows)))
+    return tuple(lanes)
 
 
-def encode_statistics(vector: NDArray[np.floating], encoding: LimbEncoding) -> NDArray[np.uint32]:
-    """A site's statistics vector as ring elements (limbs) for secure aggregation."""
-    return encoding.encode(np.asarray(vector, dtype=np.float64))
+def statistics_lane_values(vector: NDArray[np.floating], spec: StatisticsSpec, max_rows: int) -> dict[str, float]:
+    """A site's statistics vector as lane values; refused when the site has more than ``max_rows`` records (its
+    lanes would be clamped, and the sum silently wrong)."""
+    v = np.asarray(vector, dtype=np.float64)
+    if v.shape != (spec.length,):
+        raise InvalidArgument(f"statistics: expected {spec.length} lanes, got shape {v.shape}")
+    if spec.features and v[0] > max_rows:
+        raise InvalidArgument(f"statistics: {v[0]:g} training records exceed the {max_rows} one site may sum")
+    return dict(zip(spec.lane_names(), (float(x) for x in v), strict=True))
 
 
-def decode_statistics(total: NDArray[np.uint32], encoding: LimbEncoding, n: int) -> F64Array:
-    """The summed statistics vector of ``n`` sites from the ring sum of their encodings."""
-    return encoding.decode(total, n)
+def statistics_of_totals(totals: Mapping[str, float], spec: StatisticsSpec) -> F64Array:
+    """The summed statistics vector from a secure sum's lane totals."""
+    try:
+        return np.array([totals[name] for name in spec.lane_names()], dtype=np.float64)
+    except KeyError as exc:
+        raise InvalidArgument(f"statistics: lane {exc} missing from the sum") from None
