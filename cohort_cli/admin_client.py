@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import grpc
 from google.protobuf import json_format
 
 from common.certs import Role, TlsFiles
+from common.metrics import RECALL_KEY
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.tls import channel_credentials
@@ -108,7 +110,8 @@ def format_status(reply: pb.StatusReply) -> str:
         for r in job.rounds:
             lines.append(
                 f"  round {r.round:>3} {r.state:<10} sites {len(r.reported)}/{len(r.cohort)} "
-                f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f} {r.seconds:.1f}s"
+                f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f}{_imbalance(r.val_metrics)} "
+                f"{r.seconds:.1f}s"
             )
         if job.privacy_unit not in ("", "none"):
             per_site = ", ".join(f"{s} {e:.2f}" for s, e in sorted(job.site_epsilon.items()))
@@ -127,5 +130,15 @@ def format_status(reply: pb.StatusReply) -> str:
         if job.detail:
             lines.append(f"  {job.detail}")
         if job.state == "finished":
-            lines.append(f"  federated test: loss {job.test_loss:.4f} accuracy {job.test_accuracy:.4f}")
+            lines.append(
+                f"  federated test: loss {job.test_loss:.4f} accuracy {job.test_accuracy:.4f}"
+                + _imbalance(job.test_metrics)
+            )
     return "\n".join(lines)
+
+
+def _imbalance(metrics: Mapping[str, float]) -> str:
+    """`` AUC-PR 0.8123 recall@1%FPR 0.7012`` for a binary task that reports scores, else ``""``."""
+    if "auc_pr" not in metrics:
+        return ""
+    return f" AUC-PR {metrics['auc_pr']:.4f} recall@1%FPR {metrics.get(RECALL_KEY, 0.0):.4f}"

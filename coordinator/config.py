@@ -190,6 +190,9 @@ class JobConfig:
     # close it as soon as k have reported, so a few stragglers do not hold every round up to its deadline.
     over_selection: float = 0.0
     params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
+    # The task's own parameters (model width, loss ...), checked against the schema the task declares when the
+    # coordinator loads it; sent with every task, part of the job's identity (common/tasks/params.py).
+    task_params: dict[str, bool | int | float | str] = field(default_factory=dict)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Server optimizer, aggregation rule and cohort selection (coordinator/strategy/config.py).

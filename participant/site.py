@@ -15,6 +15,7 @@ import torch
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, encode, state_dict_float32
 from common.tasks.base import EvalResult, RecordDP, SiteData, Task, TrainResult, TrainSettings
+from common.tasks.setup import TaskSetup, prepare
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,21 @@ class Site:
     def __init__(self, task: Task, data: SiteData) -> None:
         self.task = task
         self.data = data
+        # The task configured with the job's parameters and the data scaled for it: the last setup seen.
+        self._prepared: tuple[TaskSetup, Task, SiteData] = (TaskSetup(), task, data)
 
     @property
     def num_train_samples(self) -> int:
         return len(self.data.train)  # type: ignore[arg-type]
 
-    def _model(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-        model = self.task.build_model(seed=0)
+    def prepared(self, setup: TaskSetup) -> tuple[Task, SiteData]:
+        """The task and data for a job's parameters and feature scaling (common/tasks/setup.py), cached."""
+        if self._prepared[0] != setup:
+            self._prepared = (setup, *prepare(self.task, self.data, setup))
+        return self._prepared[1], self._prepared[2]
+
+    def _model(self, task: Task, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        model = task.build_model(seed=0)
         model.load_state_dict(tensors, strict=True)
         return model
 
@@ -44,6 +53,7 @@ class Site:
         params: pb.TrainParams,
         clip_norm: float = 0.0,
         record_dp: RecordDP | None = None,
+        setup: TaskSetup | None = None,
     ) -> LocalUpdate:
         """Train from the global model and return the update (local - global).
 
@@ -51,7 +61,8 @@ class Site:
         leaves, so one site's influence on the sum is bounded whatever its data.
         """
         started = time.perf_counter()
-        model = self._model(global_tensors)
+        task, data = self.prepared(setup or TaskSetup())
+        model = self._model(task, global_tensors)
         settings = TrainSettings(
             local_epochs=params.local_epochs,
             batch_size=params.batch_size,
@@ -59,7 +70,7 @@ class Site:
             seed=params.seed,
             record_dp=record_dp,
         )
-        result = self.task.train(model, self.data, settings)
+        result = task.train(model, data, settings)
         local = state_dict_float32(model)
         delta = {name: local[name] - global_tensors[name] for name in global_tensors}
         if clip_norm > 0:
@@ -72,7 +83,10 @@ class Site:
             result = replace(result, extra={**result.extra, "clip_bit": 1.0 if norm <= clip_norm else -1.0})
         return LocalUpdate(encode(delta), result, time.perf_counter() - started)
 
-    def evaluate(self, global_tensors: dict[str, torch.Tensor], split: str) -> tuple[EvalResult, float]:
+    def evaluate(
+        self, global_tensors: dict[str, torch.Tensor], split: str, setup: TaskSetup | None = None
+    ) -> tuple[EvalResult, float]:
         started = time.perf_counter()
-        result = self.task.evaluate(self._model(global_tensors), self.data.split(split))
+        task, data = self.prepared(setup or TaskSetup())
+        result = task.evaluate(self._model(task, global_tensors), data.split(split))
         return result, time.perf_counter() - started

@@ -30,6 +30,8 @@ CHANGES: list[tuple[str, dict[str, Any]]] = [
     ("", {"evaluate_every": 0}),  # 0 means never, not "unset"
     ("", {"max_round_retries": 0}),
     ("", {"over_selection": 0.25}),
+    # Task parameters travel as canonical JSON: each value keeps its type (an int is not read back as a float).
+    ("", {"task_params": {"hidden": 16, "loss": "focal", "pos_weight": 0.5, "balanced": True}}),
     ("params", {"local_epochs": 3}),
     ("params", {"batch_size": 7}),
     ("params", {"learning_rate": 0.3}),
@@ -123,3 +125,7 @@ def test_unset_fields_take_the_defaults_and_bad_values_name_the_key() -> None:
         from_proto(pb.JobSpec(task="breast_cancer", secure_aggregation=pb.SecureAggregationSpec(bits=8)))
     with pytest.raises(InvalidArgument, match=r"job\.rounds"):
         from_proto(pb.JobSpec(task="breast_cancer", rounds=0))
+    with pytest.raises(InvalidArgument, match=r"job\.task_params"):
+        from_proto(pb.JobSpec(task="breast_cancer", task_params_json='{"hidden": [1, 2]}'))
+    with pytest.raises(InvalidArgument, match=r"job\.task_params"):
+        from_proto(pb.JobSpec(task="breast_cancer", task_params_json="{not json"))

@@ -86,7 +86,11 @@ def spec(**overrides: Any) -> JobConfig:
 
 
 def machine(
-    job: JobConfig | None = None, *, resume: ResumePlan | None = None, sites: Iterable[str] = SITES
+    job: JobConfig | None = None,
+    *,
+    resume: ResumePlan | None = None,
+    sites: Iterable[str] = SITES,
+    report_scores: bool = False,
 ) -> JobMachine:
     job = job or spec()
     sites = tuple(sites)
@@ -94,7 +98,7 @@ def machine(
         job.privacy, len(sites), job.fraction, secure_aggregation=job.secure_aggregation, min_survivors=job.min_sites
     )
     privacy.model_numel = sum(s.numel for s in SPECS)
-    setup = JobSetup("job-1", job, IDENTITY, SPECS, len(sites), tuple(federation().cas), "task")
+    setup = JobSetup("job-1", job, IDENTITY, SPECS, len(sites), tuple(federation().cas), "task", report_scores)
     return JobMachine(setup, BASE, privacy, resume=resume)
 
 

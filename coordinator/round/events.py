@@ -296,6 +296,7 @@ class SetRoundEvaluation:
     loss: float
     accuracy: float
     num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)  # federated imbalance metrics (common/metrics.py)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import json
 import math
 
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from common.metrics import RECALL_KEY, SCORE_LANES, ScoreHistogram, scores_of_lanes
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.errors import SecAggAborted
 from common.secagg.lanes import EVAL_LANES
@@ -373,6 +374,7 @@ class JobMachine:
             attempt=self.attempt,
             model_version=self.model_version,
             deadline_unix=upload_deadline,
+            task_params_json=self.setup.identity.task_params,
             params=pb.TrainParams(
                 local_epochs=spec.params.local_epochs,
                 batch_size=spec.params.batch_size,
@@ -879,7 +881,12 @@ class JobMachine:
             ev.expected.add(site)
         item = pb.WorkItem(
             evaluate=pb.EvaluateTask(
-                job_id=self.job_id, round=number, model_version=ev.version, split=split, deadline_unix=ev.deadline
+                job_id=self.job_id,
+                round=number,
+                model_version=ev.version,
+                split=split,
+                deadline_unix=ev.deadline,
+                task_params_json=self.setup.identity.task_params,
             )
         )
         for site in sites:
@@ -907,7 +914,7 @@ class JobMachine:
             list(self.setup.ca_certs),
             now=now,
             split=ev.split,
-            lanes=EVAL_LANES,
+            lanes=EVAL_LANES + SCORE_LANES if self.setup.report_scores else EVAL_LANES,
         )
         ev.secure = self._secure_sum(sa, upload_deadline, ev.deadline, now)
         task = pb.EvaluateTask(
@@ -917,6 +924,7 @@ class JobMachine:
             split=ev.split,
             deadline_unix=upload_deadline,
             attempt=instance,
+            task_params_json=self.setup.identity.task_params,
         )
         task.secagg.CopyFrom(sa.setup())
         for site in sites:
@@ -935,6 +943,7 @@ class JobMachine:
                 t = unmasked.totals
                 n = round(t.get("samples", 0.0))
                 ev.totals = (n, t["loss_sum"] / n, t["accuracy_sum"] / n) if n else (0, math.nan, math.nan)
+                ev.scores = scores_of_lanes(t)  # the federation's histogram; no site's alone
         if not done.ok:
             fields = {"job_id": self.job_id, "round": ev.number, "split": ev.split, "reason": done.reason}
             self._emit(Audit("secure_evaluation_failed", fields))
@@ -992,11 +1001,18 @@ class JobMachine:
             raise InvalidArgument("loss, accuracy and eval_seconds must be finite; accuracy within [0, 1]")
         if report.num_samples > MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be at most {MAX_SAMPLES}")
+        scores = None
+        if report.score_histogram:
+            scores = ScoreHistogram.from_flat(report.score_histogram)
+            if sum(scores.flat()) != report.num_samples:
+                raise InvalidArgument("the score histogram must count every evaluated record exactly once")
         self._emit(
             RecordEvaluation(ev.number, ev.split, site, ev.version, report.num_samples, report.loss, report.accuracy)
         )
         self._emit(Failpoint("coordinator.evaluation_recorded", ev.number))
         ev.reports[site] = (report.num_samples, report.loss, report.accuracy)
+        if scores is not None:
+            ev.add_scores(site, scores)
         self._check_evaluation(event.now)
 
     def _check_evaluation(self, now: float, force: bool = False) -> None:
@@ -1007,24 +1023,31 @@ class JobMachine:
         if ev.secure is not None and ev.secure.stage != "done":
             ev.secure.stop("the evaluation ended")
         n, loss, acc = ev.aggregate()
+        metrics = ev.score_metrics()
         if ev.split == "val":
             if n:
-                self._emit(SetRoundEvaluation(ev.number, ev.attempt, loss, acc, n))
-            self._print_round((n, loss, acc), now - ev.started)
+                self._emit(SetRoundEvaluation(ev.number, ev.attempt, loss, acc, n, metrics))
+            self._print_round((n, loss, acc), now - ev.started, metrics)
             self._next(now)
             return
         self._emit(
-            UpdateJob({"test_loss": loss if n else None, "test_accuracy": acc if n else None, "test_samples": n})
+            UpdateJob(
+                {"test_loss": loss if n else None, "test_accuracy": acc if n else None, "test_samples": n}
+                | ({"test_metrics": json.dumps(metrics, sort_keys=True)} if metrics else {})
+            )
         )
         if n:
             sites = f"{len(ev.reports)} sites" if ev.secure is None else f"{len(ev.inputs)} sites (secure sum)"
-            self._emit(Progress(f"federated test: {n} samples from {sites} | loss {loss:.4f} | accuracy {acc:.4f}"))
+            line = f"federated test: {n} samples from {sites} | loss {loss:.4f} | accuracy {acc:.4f}"
+            self._emit(Progress(line + _imbalance(metrics)))
         if self._stop_reason is not None:
             self._finish(JobState.STOPPED, self._stop_reason or "stopped by an admin")
         else:
             self._finish(JobState.FINISHED, f"completed {self.spec.rounds} rounds")
 
-    def _print_round(self, val: tuple[int, float, float] | None, extra_s: float = 0.0) -> None:
+    def _print_round(
+        self, val: tuple[int, float, float] | None, extra_s: float = 0.0, metrics: dict[str, float] | None = None
+    ) -> None:
         if self._round_line is None:
             return
         number, reported, size, train_loss, seconds = self._round_line
@@ -1032,6 +1055,8 @@ class JobMachine:
         parts.append(f"train loss {train_loss:.4f}" if train_loss is not None else "train loss -")
         if val is not None and val[0] > 0:
             parts += [f"val loss {val[1]:.4f}", f"val acc {val[2]:.4f}"]
+            if metrics and "auc_pr" in metrics:
+                parts.append(f"val AUC-PR {metrics['auc_pr']:.4f}")
         parts.append(f"{seconds + extra_s:.1f}s")
         self._emit(Progress(" | ".join(parts)))
         self._round_line = None
@@ -1083,6 +1108,13 @@ class JobMachine:
 
     def _emit(self, action: Action) -> None:
         self._out.append(action)
+
+
+def _imbalance(metrics: dict[str, float]) -> str:
+    """`` | AUC-PR 0.8123 | recall@1%FPR 0.7012`` for a task that reports scores, else ``""``."""
+    if "auc_pr" not in metrics:
+        return ""
+    return f" | AUC-PR {metrics['auc_pr']:.4f} | recall@1%FPR {metrics.get(RECALL_KEY, 0.0):.4f}"
 
 
 def _check_masked(sa: SecAggRound, h: pb.UpdateHeader, specs: tuple[Spec, ...]) -> None:

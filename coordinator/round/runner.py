@@ -259,7 +259,13 @@ class JobRunner:
             )
         elif isinstance(action, SetRoundEvaluation):
             store.set_round_eval(
-                self.job_id, action.number, action.attempt, action.loss, action.accuracy, action.num_samples
+                self.job_id,
+                action.number,
+                action.attempt,
+                action.loss,
+                action.accuracy,
+                action.num_samples,
+                action.metrics,
             )
         elif isinstance(action, UpdateJob):
             store.update_job(self.job_id, **action.fields)

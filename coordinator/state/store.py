@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     epsilon REAL NOT NULL DEFAULT 0,
     site_epsilon TEXT NOT NULL DEFAULT '{}',
     privacy_state TEXT NOT NULL DEFAULT '{}',
-    site_aborts TEXT NOT NULL DEFAULT '{}'
+    site_aborts TEXT NOT NULL DEFAULT '{}',
+    test_metrics TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL,
@@ -58,6 +59,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     timings TEXT NOT NULL DEFAULT '{}',
     detail TEXT NOT NULL DEFAULT '',
     epsilon REAL,
+    val_metrics TEXT NOT NULL DEFAULT '{}',
     strategy_state TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, round, attempt)
 );
@@ -110,6 +112,7 @@ JOB_FIELDS = frozenset(
         "site_epsilon",
         "privacy_state",
         "site_aborts",
+        "test_metrics",
     }
 )
 
@@ -134,6 +137,7 @@ class RoundRow:
     timings: dict[str, float]
     detail: str
     epsilon: float | None
+    val_metrics: dict[str, float]  # federated imbalance metrics of the round's evaluation (common/metrics.py)
     # A completed round's strategy state: the server optimizer's step and moments file, the selection's memory.
     strategy_state: dict[str, Any] = field(default_factory=dict)
 
@@ -166,7 +170,16 @@ class Store(Protocol):
     ) -> None: ...
     def abandon_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
     def discard_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
-    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None: ...
+    def set_round_eval(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        loss: float,
+        accuracy: float,
+        n: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None: ...
     def rounds(self, job_id: str) -> list[RoundRow]: ...
     def record_upload(
         self,
@@ -214,7 +227,11 @@ class SqliteStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN privacy_state TEXT NOT NULL DEFAULT '{}'")
         if "site_aborts" not in have:
             self._db.execute("ALTER TABLE jobs ADD COLUMN site_aborts TEXT NOT NULL DEFAULT '{}'")
+        if "test_metrics" not in have:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN test_metrics TEXT NOT NULL DEFAULT '{}'")
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)").fetchall()}
+        if "val_metrics" not in have:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN val_metrics TEXT NOT NULL DEFAULT '{}'")
         if "strategy_state" not in have:
             self._db.execute("ALTER TABLE rounds ADD COLUMN strategy_state TEXT NOT NULL DEFAULT '{}'")
 
@@ -260,6 +277,7 @@ class SqliteStore:
             d["spec"] = json.loads(d["spec"])
             d["privacy_state"] = json.loads(d["privacy_state"])
             d["site_aborts"] = json.loads(d["site_aborts"])
+            d["test_metrics"] = json.loads(d["test_metrics"])
             out.append(d)
         return out
 
@@ -346,12 +364,21 @@ class SqliteStore:
                 (detail, job_id, rnd, attempt),
             )
 
-    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None:
+    def set_round_eval(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        loss: float,
+        accuracy: float,
+        n: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE rounds SET val_loss = ?, val_accuracy = ?, val_samples = ?"
+                "UPDATE rounds SET val_loss = ?, val_accuracy = ?, val_samples = ?, val_metrics = ?"
                 " WHERE job_id = ? AND round = ? AND attempt = ?",
-                (loss, accuracy, n, job_id, rnd, attempt),
+                (loss, accuracy, n, json.dumps(dict(metrics or {}), sort_keys=True), job_id, rnd, attempt),
             )
 
     def rounds(self, job_id: str) -> list[RoundRow]:
@@ -362,6 +389,7 @@ class SqliteStore:
             d["cohort"] = json.loads(d["cohort"])
             d["reported"] = json.loads(d["reported"])
             d["timings"] = json.loads(d["timings"])
+            d["val_metrics"] = json.loads(d["val_metrics"])
             d["strategy_state"] = json.loads(d["strategy_state"])
             out.append(RoundRow(**d))
         return out

@@ -125,12 +125,23 @@ class JoinRequest(_message.Message):
     TASK_DIGEST_FIELD_NUMBER: _builtins.int
     SCHEMA_FINGERPRINT_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
+    TASK_VERSION_FIELD_NUMBER: _builtins.int
+    TASK_CODE_DIGEST_FIELD_NUMBER: _builtins.int
+    TRAINING_CODE_DIGEST_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     task_digest: _builtins.str
     """"sha256:<hex>" of the task code installed at the site"""
     schema_fingerprint: _builtins.str
     """"sha256:<hex>" of the task's declared data schema"""
     software_version: _builtins.str
+    task_version: _builtins.str
+    """The two parts of task_digest (common/tasks/digest.py), so a mismatch can say which part differs.
+    the task's declared version
+    """
+    task_code_digest: _builtins.str
+    """"sha256:<hex>" of the task's own modules and its version"""
+    training_code_digest: _builtins.str
+    """"sha256:<hex>" of the Cohort training code (common.tasks) it uses"""
     def __init__(
         self,
         *,
@@ -138,10 +149,13 @@ class JoinRequest(_message.Message):
         task_digest: _builtins.str = ...,
         schema_fingerprint: _builtins.str = ...,
         software_version: _builtins.str = ...,
+        task_version: _builtins.str = ...,
+        task_code_digest: _builtins.str = ...,
+        training_code_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_digest", b"task_digest", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_code_digest", b"task_code_digest", "task_digest", b"task_digest", "task_name", b"task_name", "task_version", b"task_version", "training_code_digest", b"training_code_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +263,8 @@ class TrainTask(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    FEATURE_SCALING_FIELD_NUMBER: _builtins.int
     NORM_BOUND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
@@ -258,6 +274,8 @@ class TrainTask(_message.Message):
     """upload must finish before this (coordinator clock)"""
     attempt: _builtins.int
     """a failed round is retried with a new cohort under the same round number"""
+    task_params_json: _builtins.str
+    """the job's task parameters, canonical JSON (common/tasks/params.py); "" = none"""
     norm_bound: _builtins.float
     """job.strategy.norm_bound: scale the update to at most this L2 norm (0: off)"""
     @_builtins.property
@@ -270,6 +288,8 @@ class TrainTask(_message.Message):
     def privacy(self) -> Global___PrivacySetup:
         """the job's differential-privacy unit and, for site-level DP, its parameters"""
 
+    @_builtins.property
+    def feature_scaling(self) -> Global___FeatureScaling: ...
     def __init__(
         self,
         *,
@@ -281,11 +301,13 @@ class TrainTask(_message.Message):
         attempt: _builtins.int = ...,
         secagg: Global___SecAggSetup | None = ...,
         privacy: Global___PrivacySetup | None = ...,
+        task_params_json: _builtins.str = ...,
+        feature_scaling: Global___FeatureScaling | None = ...,
         norm_bound: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_scaling", b"feature_scaling", "params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "norm_bound", b"norm_bound", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "norm_bound", b"norm_bound", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg", "task_params_json", b"task_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,6 +352,47 @@ class PrivacySetup(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrivacySetup: _TypeAlias = PrivacySetup  # noqa: Y015
+
+@_typing.final
+class FeatureScaling(_message.Message):
+    """Federated feature standardization (common/tasks/standardize.py): every site applies
+    (clip(x, lower, upper) - mean) / std to every feature; one entry per feature, in schema order. Empty: the task
+    uses its own fallback scaling.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def lower(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """-inf: no lower clip"""
+
+    @_builtins.property
+    def upper(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """+inf: no upper clip"""
+
+    def __init__(
+        self,
+        *,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+        lower: _abc.Iterable[_builtins.float] | None = ...,
+        upper: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lower", b"lower", "mean", b"mean", "std", b"std", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureScaling: _TypeAlias = FeatureScaling  # noqa: Y015
 
 @_typing.final
 class SecAggSetup(_message.Message):
@@ -846,6 +909,8 @@ class EvaluateTask(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    FEATURE_SCALING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -854,10 +919,14 @@ class EvaluateTask(_message.Message):
     deadline_unix: _builtins.float
     attempt: _builtins.int
     """the secure evaluation instance (a new one after a coordinator restart)"""
+    task_params_json: _builtins.str
+    """as in TrainTask"""
     @_builtins.property
     def secagg(self) -> Global___SecAggSetup:
         """set when the evaluation's results are summed securely"""
 
+    @_builtins.property
+    def feature_scaling(self) -> Global___FeatureScaling: ...
     def __init__(
         self,
         *,
@@ -868,10 +937,12 @@ class EvaluateTask(_message.Message):
         deadline_unix: _builtins.float = ...,
         secagg: Global___SecAggSetup | None = ...,
         attempt: _builtins.int = ...,
+        task_params_json: _builtins.str = ...,
+        feature_scaling: Global___FeatureScaling | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["secagg", b"secagg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_scaling", b"feature_scaling", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "secagg", b"secagg", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "secagg", b"secagg", "split", b"split", "task_params_json", b"task_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1124,6 +1195,7 @@ class EvaluationReport(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     EVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    SCORE_HISTOGRAM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -1132,6 +1204,12 @@ class EvaluationReport(_message.Message):
     loss: _builtins.float
     accuracy: _builtins.float
     eval_seconds: _builtins.float
+    @_builtins.property
+    def score_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Binary tasks that report them (common/metrics.py): counts of records per score bin, the negatives' bins then
+        the positives'. Sums over sites give the federation's AUC-PR and recall at a false-positive rate.
+        """
+
     def __init__(
         self,
         *,
@@ -1143,10 +1221,11 @@ class EvaluationReport(_message.Message):
         loss: _builtins.float = ...,
         accuracy: _builtins.float = ...,
         eval_seconds: _builtins.float = ...,
+        score_histogram: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "eval_seconds", b"eval_seconds", "job_id", b"job_id", "loss", b"loss", "model_version", b"model_version", "num_samples", b"num_samples", "round", b"round", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "eval_seconds", b"eval_seconds", "job_id", b"job_id", "loss", b"loss", "model_version", b"model_version", "num_samples", b"num_samples", "round", b"round", "score_histogram", b"score_histogram", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1230,6 +1309,7 @@ class JobSpec(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     OVER_SELECTION_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
@@ -1249,6 +1329,8 @@ class JobSpec(_message.Message):
     """connected, eligible sites needed before a round starts (0: min_sites)"""
     over_selection: _builtins.float
     """ask ceil(k * (1 + x)) sites, close the round when k reported (0: off)"""
+    task_params_json: _builtins.str
+    """the task's parameters, a JSON object of scalars checked by its schema"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -1276,11 +1358,12 @@ class JobSpec(_message.Message):
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
         privacy: Global___PrivacySpec | None = ...,
         over_selection: _builtins.float | None = ...,
+        task_params_json: _builtins.str | None = ...,
         strategy: Global___StrategySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__evaluate_every: _TypeAlias = _typing.Literal["evaluate_every"]  # noqa: Y015
     _WhichOneofArgType__evaluate_every: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every"]  # noqa: Y015
@@ -1302,6 +1385,8 @@ class JobSpec(_message.Message):
     _WhichOneofArgType__rounds: _TypeAlias = _typing.Literal["_rounds", b"_rounds"]  # noqa: Y015
     _WhichOneofReturnType__task: _TypeAlias = _typing.Literal["task"]  # noqa: Y015
     _WhichOneofArgType__task: _TypeAlias = _typing.Literal["_task", b"_task"]  # noqa: Y015
+    _WhichOneofReturnType__task_params_json: _TypeAlias = _typing.Literal["task_params_json"]  # noqa: Y015
+    _WhichOneofArgType__task_params_json: _TypeAlias = _typing.Literal["_task_params_json", b"_task_params_json"]  # noqa: Y015
     _WhichOneofReturnType__wait_for_sites_s: _TypeAlias = _typing.Literal["wait_for_sites_s"]  # noqa: Y015
     _WhichOneofArgType__wait_for_sites_s: _TypeAlias = _typing.Literal["_wait_for_sites_s", b"_wait_for_sites_s"]  # noqa: Y015
     @_typing.overload
@@ -1324,6 +1409,8 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds) -> _WhichOneofReturnType__rounds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__task) -> _WhichOneofReturnType__task | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__task_params_json) -> _WhichOneofReturnType__task_params_json | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_for_sites_s) -> _WhichOneofReturnType__wait_for_sites_s | None: ...
 
@@ -1756,6 +1843,26 @@ Global___SiteStatus: _TypeAlias = SiteStatus  # noqa: Y015
 class RoundStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ValMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ROUND_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     COHORT_FIELD_NUMBER: _builtins.int
@@ -1767,6 +1874,7 @@ class RoundStatus(_message.Message):
     SECONDS_FIELD_NUMBER: _builtins.int
     VAL_SAMPLES_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
+    VAL_METRICS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     model_version: _builtins.str
@@ -1782,6 +1890,10 @@ class RoundStatus(_message.Message):
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def reported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def val_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """federated imbalance metrics of the validation split (auc_pr, ...)"""
+
     def __init__(
         self,
         *,
@@ -1796,10 +1908,11 @@ class RoundStatus(_message.Message):
         seconds: _builtins.float = ...,
         val_samples: _builtins.int = ...,
         epsilon: _builtins.float = ...,
+        val_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "epsilon", b"epsilon", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_samples", b"val_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "epsilon", b"epsilon", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_metrics", b"val_metrics", "val_samples", b"val_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1869,6 +1982,26 @@ class JobStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TestMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -1884,6 +2017,7 @@ class JobStatus(_message.Message):
     SITE_EPSILON_FIELD_NUMBER: _builtins.int
     SUSPENDED_SITES_FIELD_NUMBER: _builtins.int
     SITE_ABORTS_FIELD_NUMBER: _builtins.int
+    TEST_METRICS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _builtins.str
     """pending, running, finished, stopped, failed"""
@@ -1912,6 +2046,10 @@ class JobStatus(_message.Message):
     def site_aborts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """secure-aggregation aborts (and evidence of tampering) per site"""
 
+    @_builtins.property
+    def test_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """federated imbalance metrics of the final test evaluation"""
+
     def __init__(
         self,
         *,
@@ -1930,10 +2068,11 @@ class JobStatus(_message.Message):
         site_epsilon: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         suspended_sites: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         site_aborts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        test_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_aborts", b"site_aborts", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "suspended_sites", b"suspended_sites", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_aborts", b"site_aborts", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "suspended_sites", b"suspended_sites", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "test_metrics", b"test_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
