@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install proto proto-check lint test demo bench clean
+.PHONY: install proto proto-check lint test demo compose-demo bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: install lint
 
 demo: install
 	$(BIN)/cohort demo --run-dir $(RUN_DIR)
+
+# The same federation as containers (deploy/docker-compose.yml): builds the image, runs the job, prints the summary
+# and `cohort status`, then `down -v`. Uses the Docker engine that answers, or starts a private dockerd (root).
+compose-demo: install
+	$(PY) tools/compose_demo.py
 
 bench: install
 	$(PY) bench/aggregation.py

@@ -116,6 +116,21 @@ def _cmd_job_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_job_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from cohort_cli.admin_client import AdminEndpoint
+    from cohort_cli.job_report import follow, summary_lines
+
+    ep = _endpoint(args)
+    assert isinstance(ep, AdminEndpoint)
+    started = time.monotonic()
+    job = asyncio.run(follow(ep, args.timeout, job_id=args.job_id))
+    for line in summary_lines(job, time.monotonic() - started):
+        print(line)
+    return 0 if job.state == "finished" else 1
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from coordinator.state.audit import verify_database
 
@@ -134,7 +149,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, privacy_cmd
+    from cohort_cli import certs_cmd, data_cmd, kit_cmd, privacy_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -158,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cmd.register(sub)
     data_cmd.register(sub)
     privacy_cmd.register(sub)
+    kit_cmd.register(sub)
 
     p = sub.add_parser("demo", help="run a 5-hospital federation on this machine")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
@@ -183,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_admin_args(p)
     p.set_defaults(func=_cmd_job_start)
+    p = job_sub.add_parser("watch", help="print a job's rounds as they complete, then its summary")
+    p.add_argument("job_id", nargs="?", default="", help="default: the latest job")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    _add_admin_args(p)
+    p.set_defaults(func=_cmd_job_watch)
     p = job_sub.add_parser("stop", help="stop a running job")
     p.add_argument("job_id")
     p.add_argument("--reason", default="")

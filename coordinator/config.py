@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.errors import ConfigError
-from common.settings import TlsConfig, TrainParamsConfig, parse_address
+from common.settings import HttpConfig, TlsConfig, TrainParamsConfig, parse_address
 
 ENV_PREFIX = "COHORT_COORDINATOR_"
 _SITE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -218,6 +218,7 @@ class CoordinatorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     state_dir: Path = Path("state/coordinator")
     job: JobConfig | None = None  # started at boot when given; otherwise an admin starts one
+    http: HttpConfig = field(default_factory=HttpConfig)  # /healthz, /readyz (common/ops_http.py); off when empty
 
     def check(self, path: str) -> None:
         if self.server.tls is None:

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.lifecycle import Status, install_stop_handlers
+from common.ops_http import OpsHttpServer
 from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials, tls_files
 from coordinator.config import CoordinatorConfig
@@ -40,6 +41,7 @@ class CoordinatorDaemon:
         self._health: health.aio.HealthServicer | None = None
         self._closed = asyncio.Event()
         self._liveness: asyncio.Task[None] | None = None
+        self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
 
     async def start(self) -> str:
         if self.status is not Status.INIT:
@@ -47,6 +49,9 @@ class CoordinatorDaemon:
         self.status = Status.STARTING
         cfg = self.config
         assert cfg.server.tls is not None  # checked when the config was loaded
+        if cfg.http.enabled:
+            self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
+            self.ops_http.start()
         credentials = server_credentials(tls_files(cfg.server.tls))
         coordinator = Coordinator(cfg, progress=self._progress)
         server = grpc.aio.server(
@@ -93,8 +98,21 @@ class CoordinatorDaemon:
             await self._server.stop(self.config.server.shutdown_grace_s)
         if self._coordinator is not None:
             self._coordinator.close()
+        if self.ops_http is not None:  # last: /readyz answers 503 for as long as the drain lasts
+            await asyncio.to_thread(self.ops_http.close)
         self.status = Status.CLOSED
         self._closed.set()
+
+    def readiness(self) -> list[str]:
+        """What keeps the coordinator from serving (empty: ready). Runs in the HTTP thread: flags only."""
+        missing = []
+        if self.status is not Status.RUNNING:
+            missing.append("draining" if self.status in (Status.CLOSING, Status.CLOSED) else self.status.value)
+        if self._server is None:
+            missing.append("gRPC server not listening")
+        if self._coordinator is None or not self._coordinator.store.is_open:
+            missing.append("state store not open")
+        return missing
 
     @property
     def coordinator(self) -> Coordinator:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import ConfigError
-from common.settings import TlsConfig, parse_address
+from common.settings import HttpConfig, TlsConfig, parse_address
 
 ENV_PREFIX = "COHORT_PARTICIPANT_"
 
@@ -82,3 +82,4 @@ class ParticipantConfig:
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: RecordPrivacyConfig = field(default_factory=RecordPrivacyConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)  # /healthz, /readyz (common/ops_http.py); off when empty

@@ -26,6 +26,7 @@ from common import failpoints
 from common.certs import Role
 from common.errors import RETRY_AFTER_KEY, RETRYABLE_CODES, CohortError, InvalidArgument
 from common.lifecycle import Status
+from common.ops_http import OpsHttpServer
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
@@ -85,6 +86,7 @@ class ParticipantDaemon:
         self._secagg: dict[tuple[str, int, int], SecAggSession] = {}
         self._declined: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=16)
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,6 +94,9 @@ class ParticipantDaemon:
             return
         self.status = Status.STARTING
         cfg = self.config
+        if cfg.http.enabled:
+            self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
+            self.ops_http.start()
         self._credentials = channel_credentials(tls_files(cfg.tls), Role.PARTICIPANT)
         self._site_keys = SiteKeys.load(tls_files(cfg.tls))
         if cfg.privacy.enabled:
@@ -119,8 +124,16 @@ class ParticipantDaemon:
         await asyncio.gather(*self._tasks, *self._side_tasks, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
+        if self.ops_http is not None:
+            await asyncio.to_thread(self.ops_http.close)
         self.status = Status.CLOSED
         self._closed.set()
+
+    def readiness(self) -> list[str]:
+        """What keeps this site from taking work (empty: ready). Runs in the HTTP thread: flags only."""
+        if self.status is not Status.RUNNING:
+            return [f"participant {self.status.value}" + (f": {self.error}" if self.error else "")]
+        return [] if self.joined.is_set() else ["not joined to the coordinator"]
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()

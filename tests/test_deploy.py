@@ -114,8 +114,11 @@ def test_every_hospital_mounts_only_its_own_certs_and_data(compose: dict[str, An
         assert named_volumes(svc) == {
             f"{site}-certs": f"/var/lib/cohort/certs/sites/{site}",
             f"{site}-data": f"/var/lib/cohort/data/{site}",
-        }, f"{site} must mount exactly its own certificate and data volumes"
-        assert all(m.get("read_only") for m in svc["volumes"]), f"{site}: mount everything read-only"
+            f"{site}-state": f"/var/lib/cohort/state/{site}",
+        }, f"{site} must mount exactly its own certificate, data and state volumes"
+        # Only its own state volume (the privacy ledger) is writable; certificates, data and config are read-only.
+        writable = [m["target"] for m in svc["volumes"] if not m.get("read_only")]
+        assert writable == [f"/var/lib/cohort/state/{site}"], f"{site}: writable mounts {writable}"
         # Its only bind mount is its own config file: it cannot read another hospital's anything.
         binds = {Path(m["source"]) for m in mounts(svc, "bind")}
         assert binds == {DEPLOY / "demo" / f"{site}.yaml"}, f"{site} bind-mounts {binds}"
@@ -210,6 +213,12 @@ def test_demo_config_paths_land_on_the_mounted_volumes(compose: dict[str, Any]) 
         for path in (pcfg.tls.ca, pcfg.tls.cert, pcfg.tls.key):
             assert (cwd / path).parent == PurePosixPath(volumes[f"{site}-certs"])
         assert cwd / pcfg.data_dir == PurePosixPath(volumes[f"{site}-data"])
+        # The site's privacy ledger must outlive the container (`down` + `up`): on the site's own state volume.
+        assert pcfg.privacy.enabled
+        assert PurePosixPath(volumes[f"{site}-state"]) in (cwd / pcfg.privacy.state_file).parents
+        # The health endpoint the image's HEALTHCHECK probes, on the container's loopback only.
+        assert pcfg.http.listen == "127.0.0.1:9100"
+    assert cfg.http.listen == "127.0.0.1:9100"
 
 
 def test_every_file_the_compose_file_names_exists(compose: dict[str, Any]) -> None:

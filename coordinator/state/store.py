@@ -127,6 +127,7 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self.is_open = True  # read by the readiness probe (another thread): a flag, never a query
 
     def _migrate(self) -> None:
         """Columns added after a state directory was first created (SQLite cannot add them in CREATE IF NOT EXISTS)."""
@@ -135,6 +136,7 @@ class Store:
             self._db.execute("ALTER TABLE jobs ADD COLUMN privacy_state TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
+        self.is_open = False
         self._db.close()
 
     @contextmanager
