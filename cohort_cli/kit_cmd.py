@@ -21,6 +21,7 @@ import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -68,12 +69,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for unit in units.values():
         if not unit.is_file():
             raise ConfigError(f"{unit} not found: pass --deploy-dir with Cohort's deploy/ folder")
+    # Every config the kits will carry, checked before anything is written.
+    configs = {COORDINATOR_NAME: kits.coordinator_config(fed)} | {
+        s.name: kits.participant_config(fed, s) for s in fed.sites
+    }
     _prepare_out(out, args.force)
     if not (ca_dir / "ca.key").exists():
         ca.write_ca(ca_dir, fed.federation, 3650)
         print(f"created the federation CA in {ca_dir} (keep ca.key offline: it can issue any identity)")
     load_certificates(ca_dir / "ca.crt", "CA certificate")
-    builder = _Builder(fed, out, ca_dir, args.days, {role: unit.read_text() for role, unit in units.items()})
+    builder = _Builder(fed, out, ca_dir, args.days, {role: unit.read_text() for role, unit in units.items()}, configs)
     builder.coordinator()
     for site in fed.sites:
         builder.site(site)
@@ -103,8 +108,16 @@ def _reset_owner(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 
 class _Builder:
-    def __init__(self, fed: kits.FederationFile, out: Path, ca_dir: Path, days: int, units: dict[str, str]) -> None:
-        self.fed, self.out, self.ca_dir, self.days, self.units = fed, out, ca_dir, days, units
+    def __init__(
+        self,
+        fed: kits.FederationFile,
+        out: Path,
+        ca_dir: Path,
+        days: int,
+        units: dict[str, str],
+        configs: dict[str, dict[str, Any]],
+    ) -> None:
+        self.fed, self.out, self.ca_dir, self.days, self.units, self.configs = fed, out, ca_dir, days, units, configs
         self.summary: list[str] = []
         self.signing: list[str] = []
 
@@ -151,7 +164,7 @@ class _Builder:
         self._write(
             kit,
             {
-                "coordinator.yaml": kits.yaml_text(header, kits.coordinator_config(fed)),
+                "coordinator.yaml": kits.yaml_text(header, self.configs[COORDINATOR_NAME]),
                 "deny-list.yaml": kits.deny_list_text(),
                 "cohort-coordinator.service": kits.systemd_unit(
                     self.units["coordinator"],
@@ -175,7 +188,7 @@ class _Builder:
         self._write(
             kit,
             {
-                "participant.yaml": kits.yaml_text(header, kits.participant_config(fed, site)),
+                "participant.yaml": kits.yaml_text(header, self.configs[site.name]),
                 "cohort-participant.service": kits.systemd_unit(
                     self.units["participant"],
                     role="participant",
