@@ -166,6 +166,19 @@ def test_startup_order(compose: dict[str, Any]) -> None:
         assert "coordinator" in services(compose)[site]["depends_on"]
 
 
+def test_health_checks_gate_the_startup(compose: dict[str, Any]) -> None:
+    """Daemons are healthy when /readyz says so; hospitals and the admin tool wait for a ready coordinator."""
+    svcs = services(compose)
+    for name in ("coordinator", *HOSPITALS):
+        test = svcs[name]["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "python", "-m", "common.ops_http"], test
+        assert test[-1] == "http://127.0.0.1:9100/readyz"
+    for name in (*HOSPITALS, "admin"):
+        assert svcs[name]["depends_on"]["coordinator"]["condition"] == "service_healthy", name
+    for name in ("init", "admin"):  # one-shot tools: no daemon to probe
+        assert svcs[name]["healthcheck"]["disable"] is True
+
+
 def test_commands_use_the_demo_configs(compose: dict[str, Any]) -> None:
     coordinator = services(compose)["coordinator"]
     assert coordinator["command"][0] == "coordinator"
@@ -310,6 +323,26 @@ def test_dockerfile_runtime_stage() -> None:
     assert users[-1] not in ("root", "0", "0:0")
     assert ("WORKDIR", "/var/lib/cohort") in runtime
     assert ("ENTRYPOINT", '["cohort"]') in runtime
+
+
+def test_dockerfile_health_check_and_torch_sources() -> None:
+    instructions = dockerfile_instructions()
+    last_stage = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM")
+    runtime = instructions[last_stage:]
+    (health,) = [args for instruction, args in runtime if instruction == "HEALTHCHECK"]
+    assert health.endswith('CMD ["python", "-m", "common.ops_http", "probe"]')
+    env = [args.split() for instruction, args in runtime if instruction == "ENV"]
+    assert any("COHORT_HEALTH_URL=http://127.0.0.1:9100/readyz" in words for words in env)
+    # Both stages from one base ARG (the official image, or a local one where no registry answers).
+    froms = [args for instruction, args in instructions if instruction == "FROM"]
+    assert froms == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE}"]
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim") in instructions
+    # Torch: PyTorch's CPU index by default (a build arg), or wheels in deploy/local/; neither in the runtime image.
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in instructions
+    assert ("COPY", "deploy/local/ /tmp/local/") in instructions[:last_stage]
+    assert all("/tmp/local" not in args for _, args in runtime)
+    # The image carries the CLI too (`cohort` is its entry point).
+    assert ("COPY", "cohort_cli ./cohort_cli") in instructions
 
 
 # --- systemd -------------------------------------------------------------------------------------------------
