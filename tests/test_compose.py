@@ -100,6 +100,19 @@ def wait_healthy(compose: Compose, service: str, timeout: float = 300) -> None:
         time.sleep(2)
 
 
+def continued(
+    before: list[LocalTraining], eps_before: float, after: list[LocalTraining], job: dict[str, Any], when: str
+) -> float:
+    """hospital-3's ledger grew from ``before`` and the epsilon it reported in ``job`` counts all of it; returned."""
+    assert after[: len(before)] == before, f"{when}: the ledger lost or changed rounds"
+    assert len(after) > len(before), f"{when}: hospital-3 trained no round"
+    eps: float = job["site_epsilon"][SITE]
+    assert eps_before < eps <= epsilon_of(after, DELTA) + 1e-9
+    # A budget that had started again would report the new rounds alone.
+    assert eps > epsilon_of(after[len(before) :], DELTA) * 1.05, f"{when}: epsilon started again from zero"
+    return eps
+
+
 def volumes(info: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return {m["Name"]: (m["Destination"], m["RW"]) for m in info["Mounts"] if m["Type"] == "volume"}
 
@@ -158,12 +171,7 @@ def test_isolation_state_and_a_privacy_budget_that_survives_restarts(compose: Co
     assert "started job" in started, started
     second = wait_for_job(compose, 2)
     after_restart = ledger(compose)
-    assert after_restart[: len(spent)] == spent
-    assert len(after_restart) > len(spent)
-    eps2 = second["site_epsilon"][SITE]
-    assert eps1 < eps2 <= epsilon_of(after_restart, DELTA) + 1e-9
-    # A budget that had started again would report the second job's rounds alone.
-    assert eps2 > epsilon_of(after_restart[len(spent) :], DELTA) * 1.05, "epsilon started again from zero"
+    eps2 = continued(spent, eps1, after_restart, second, "after `restart`")
 
     # ... and `down` + `up` (containers gone, volumes kept): the coordinator comes back with its jobs, starts its
     # boot job again, and hospital-3 spends on top of everything it spent before.
@@ -172,10 +180,5 @@ def test_isolation_state_and_a_privacy_budget_that_survives_restarts(compose: Co
     third = wait_for_job(compose, 3)
     jobs = compose.status()["jobs"]
     assert [j["job_id"] for j in jobs[:2]] == [first["job_id"], second["job_id"]], "the coordinator lost its state"
-    after_up = ledger(compose)
-    assert after_up[: len(after_restart)] == after_restart
-    assert len(after_up) > len(after_restart)
-    eps3 = third["site_epsilon"][SITE]
-    assert eps2 < eps3 <= epsilon_of(after_up, DELTA) + 1e-9
-    assert eps3 > epsilon_of(after_up[len(after_restart) :], DELTA) * 1.05, "epsilon started again after down/up"
+    continued(after_restart, eps2, ledger(compose), third, "after `down` + `up`")
     assert third["test_accuracy"] > 0.5

@@ -366,7 +366,7 @@ class Compose:
         docker: Docker,
         project: str,
         files: Sequence[Path] = (COMPOSE_FILE,),
-        profiles: Sequence[str] = ("admin",),
+        profiles: Sequence[str] = (),  # `run admin` names its service, so `up` need not start the admin tool
     ) -> None:
         self.docker = docker
         self.project = project
