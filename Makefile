@@ -48,3 +48,4 @@ bench: install
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find deploy/local -type f ! -name README.md ! -name .gitignore -delete

@@ -351,25 +351,33 @@ def test_a_federation_runs_from_the_kits_alone(tmp_path: Path, site_data: dict[s
                 admin_env[key] = value
         assert admin_env["COHORT_ADMIN_COORDINATOR"] == "127.0.0.1:50051"  # what the kit says; the port is the test's
         admin_env["COHORT_ADMIN_COORDINATOR"] = address
-        deadline = time.monotonic() + 600
-        while True:
-            for name, proc in procs.items():
-                assert proc.poll() is None, f"{name} exited:\n{(logs / f'{name}.log').read_text()[-3000:]}"
-            result = subprocess.run(
-                [sys.executable, "-m", "cohort_cli", "status", "--json"],
-                env=admin_env,
-                cwd=hosts["ops"] / "etc",
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            jobs = json.loads(result.stdout).get("jobs", []) if result.returncode == 0 else []
-            if jobs and jobs[-1]["state"] not in ("running", "pending"):
-                break
-            assert time.monotonic() < deadline, f"the job did not finish:\n{result.stdout}{result.stderr}"
-            time.sleep(1)
+        # The admin follows the job to its end as an operator would (`cohort job watch`, the rounds then a summary).
+        watch = subprocess.run(
+            [sys.executable, "-m", "cohort_cli", "job", "watch", "--timeout", "600"],
+            env=admin_env,
+            cwd=hosts["ops"] / "etc",
+            capture_output=True,
+            text=True,
+            timeout=700,
+            check=False,
+        )
+        for name, proc in procs.items():
+            assert proc.poll() is None, f"{name} exited:\n{(logs / f'{name}.log').read_text()[-3000:]}"
+        assert watch.returncode == 0, watch.stdout + watch.stderr
+        assert "round  2/2 | sites 3/3" in watch.stdout
+        assert "job finished: 2 rounds, federated test accuracy" in watch.stdout
+        assert "secure aggregation: on" in watch.stdout
+        result = subprocess.run(
+            [sys.executable, "-m", "cohort_cli", "status", "--json"],
+            env=admin_env,
+            cwd=hosts["ops"] / "etc",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         status = json.loads(result.stdout)
+        jobs = status["jobs"]
         assert jobs[-1]["state"] == "finished", jobs[-1]
         assert status["federation"] == "kit-test"
         assert {s["site_id"] for s in status["sites"] if s.get("connected")} == set(SITES3)
