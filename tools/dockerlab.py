@@ -197,8 +197,17 @@ class Engine:
             self._log.close()
             self._log = None
         if self._tmp is not None:
+            _unmount_below(self._tmp)
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def _unmount_below(root: Path) -> None:
+    """Unmount what a stopped dockerd left mounted under ``root`` (its network namespace handle, a stray overlay)."""
+    with open("/proc/self/mounts", encoding="utf-8") as mounts:
+        points = [Path(line.split()[1].replace("\\040", " ")) for line in mounts]
+    for point in sorted((p for p in points if p == root or root in p.parents), key=lambda p: -len(p.parts)):
+        subprocess.run(["umount", "--lazy", str(point)], capture_output=True, timeout=60, check=False)
 
 
 # -- the image ------------------------------------------------------------------------------------------------
