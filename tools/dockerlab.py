@@ -3,7 +3,8 @@
 - :class:`Engine` uses the Docker engine that answers (``DOCKER_HOST`` or the default socket). When none does and
   this is root on a host with ``dockerd`` (Debian's ``docker.io``), it starts a private one: data root, exec root
   and socket under a temporary directory (``COHORT_DOCKER_DATA_ROOT`` keeps the images between runs), no default
-  bridge and no iptables rules, and on exit it stops that daemon, and only that one.
+  bridge and no iptables rules, and on exit it stops that daemon, and only that one. Missing Debian packages
+  (``docker.io``, ``debootstrap``) are installed with apt-get when root (``COHORT_APT=0`` forbids it).
 - :func:`ensure_image` builds ``cohort:local`` from deploy/Dockerfile. The base: ``$COHORT_PYTHON_IMAGE``, else the
   official ``python:3.11-slim`` when present or pullable, else ``cohort-base:bookworm``, built here from Debian
   packages (``debootstrap --variant=minbase`` + ``docker import``) for hosts without an image registry. When pip on
@@ -117,6 +118,20 @@ def engine_problem(env: dict[str, str] | None = None) -> str | None:
     return None
 
 
+def apt_install(*packages: str) -> bool:
+    """Install Debian packages that are missing (as root, with apt-get; ``COHORT_APT=0`` forbids it). True when
+    apt-get installed them; False when this host cannot or may not."""
+    if os.environ.get("COHORT_APT", "1") == "0" or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return False
+    print(f"  installing {' '.join(packages)} with apt-get (COHORT_APT=0 forbids it)", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv, timeout in ((["apt-get", "update", "-q"], 900), (["apt-get", "install", "-y", "-q", *packages], 1800)):
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:  # the install's; a failed update alone may still leave the lists good enough
+        raise DockerError(f"apt-get install {' '.join(packages)} failed:\n{_tail(proc.stdout + proc.stderr)}")
+    return True
+
+
 class Engine:
     """``with Engine() as docker:`` the engine that answers, or a private ``dockerd`` started for the block."""
 
@@ -138,6 +153,10 @@ class Engine:
             return Docker(env)
         if not self.start:
             raise DockerError(engine_problem(env) or "no Docker engine")
+        missing = shutil.which("dockerd") is None or shutil.which("docker") is None
+        # If installing the package started the system's engine, use that one: it is not ours to stop.
+        if missing and apt_install("docker.io") and engine_problem(env) is None:
+            return Docker(env)
         dockerd = shutil.which("dockerd")
         if dockerd is None or os.geteuid() != 0:
             raise DockerError(
@@ -251,8 +270,8 @@ def stage_local_inputs(log: IO[str]) -> Path | None:
 
 def build_local_base(docker: Docker, log: IO[str]) -> None:
     """``cohort-base:bookworm``: Debian minbase with python3 (3.11) and venv, imported into the engine."""
-    debootstrap = shutil.which("debootstrap")
-    if debootstrap is None or os.geteuid() != 0:
+    debootstrap = shutil.which("debootstrap") or (apt_install("debootstrap") and shutil.which("debootstrap"))
+    if not debootstrap or os.geteuid() != 0:
         raise DockerError(
             f"cannot get {OFFICIAL_BASE} (no image registry reachable) and cannot build a local base: that needs "
             "root and debootstrap (apt-get install debootstrap); or set COHORT_PYTHON_IMAGE to a Python 3.11 image"
