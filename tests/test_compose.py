@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from dockerlab import COMPOSE_FILE, Compose, Docker, DockerError, engine_problem, ensure_image
+from docker_image import ensure_image
+from dockerlab import COMPOSE_FILE, Compose, Docker, DockerError, engine_problem
 
 from participant.record_dp import LocalTraining, epsilon_of
 

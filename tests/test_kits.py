@@ -352,31 +352,14 @@ def test_a_federation_runs_from_the_kits_alone(tmp_path: Path, site_data: dict[s
         assert admin_env["COHORT_ADMIN_COORDINATOR"] == "127.0.0.1:50051"  # what the kit says; the port is the test's
         admin_env["COHORT_ADMIN_COORDINATOR"] = address
         # The admin follows the job to its end as an operator would (`cohort job watch`, the rounds then a summary).
-        watch = subprocess.run(
-            [sys.executable, "-m", "cohort_cli", "job", "watch", "--timeout", "600"],
-            env=admin_env,
-            cwd=hosts["ops"] / "etc",
-            capture_output=True,
-            text=True,
-            timeout=700,
-            check=False,
-        )
+        ops = hosts["ops"] / "etc"
+        watch = cohort("job", "watch", "--timeout", "600", cwd=ops, env=admin_env, timeout=700)
         for name, proc in procs.items():
             assert proc.poll() is None, f"{name} exited:\n{(logs / f'{name}.log').read_text()[-3000:]}"
-        assert watch.returncode == 0, watch.stdout + watch.stderr
-        assert "round  2/2 | sites 3/3" in watch.stdout
-        assert "job finished: 2 rounds, federated test accuracy" in watch.stdout
-        assert "secure aggregation: on" in watch.stdout
-        result = subprocess.run(
-            [sys.executable, "-m", "cohort_cli", "status", "--json"],
-            env=admin_env,
-            cwd=hosts["ops"] / "etc",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        status = json.loads(result.stdout)
+        assert "round  2/2 | sites 3/3" in watch
+        assert "job finished: 2 rounds, federated test accuracy" in watch
+        assert "secure aggregation: on" in watch
+        status = json.loads(cohort("status", "--json", cwd=ops, env=admin_env))
         jobs = status["jobs"]
         assert jobs[-1]["state"] == "finished", jobs[-1]
         assert status["federation"] == "kit-test"

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: dockerlab lies beside it
 
-from dockerlab import ROOT, Compose, DockerError, Engine, ensure_image, image_size_mb
+from docker_image import ensure_image, image_size_mb
+from dockerlab import ROOT, Compose, DockerError, Engine
 
 PROJECT = "cohort-demo"  # the compose file's own name, so `docker compose -f deploy/docker-compose.yml ...` sees it
 RUN_DIR = ROOT / "runs" / "compose-demo"

