@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install proto proto-check lint test demo compose-demo bench clean
+.PHONY: install proto proto-check lint test test-fast demo compose-demo bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: install
 test: install lint
 	$(BIN)/pytest
 
+# The unit lane for daily work: everything not marked slow (no federations, subprocesses, crash or fuzz runs).
+test-fast: install
+	$(BIN)/pytest -m "not slow" -q
+
 demo: install
 	$(BIN)/cohort demo --run-dir $(RUN_DIR)
 
@@ -44,6 +48,7 @@ bench: install
 	$(PY) bench/secagg.py
 	$(PY) bench/privacy_utility.py
 	$(PY) bench/soak.py
+	$(PY) bench/handshake_log.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -9,7 +9,6 @@ daemon would refuse.
 
 from __future__ import annotations
 
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from common import config as loader
 from common.ca import COORDINATOR_NAME
 from common.certs import validate_name
 from common.errors import ConfigError
+from common.names import RULE, is_name
 from common.settings import HttpConfig, parse_address
 from coordinator.config import CoordinatorConfig
 from participant.config import ParticipantConfig
@@ -30,7 +30,6 @@ VENV_COHORT = "/opt/cohort/venv/bin/cohort"
 IMAGE = "cohort:local"
 # In the image, owned by its user (uid 10001): a fresh volume mounted there inherits that owner.
 CONTAINER_STATE = Path("/var/lib/cohort/state")
-_SITE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 def _absolute(path: Path, where: str) -> None:
@@ -76,8 +75,8 @@ class SiteEntry:
     settings: dict[str, Any] = field(default_factory=dict)  # more participant config (training, privacy, ...)
 
     def check(self, path: str) -> None:
-        if not _SITE_ID.match(self.name):
-            raise ConfigError(f"{path}.name: {self.name!r} is not a valid site id (a-z, 0-9, '.', '_', '-')")
+        if not is_name(self.name):
+            raise ConfigError(f"{path}.name: {self.name!r} is not a valid site id (use {RULE})")
         HttpConfig(self.http_listen).check(f"{path}.http_listen")
         for key in ("config_dir", "data_dir", "state_dir"):
             _absolute(getattr(self, key), f"{path}.{key}")
