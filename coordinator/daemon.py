@@ -46,10 +46,10 @@ class CoordinatorDaemon(Lifecycle):
     async def _start(self) -> str:
         cfg = self.config
         assert cfg.server.tls is not None  # checked when the config was loaded
-        if cfg.http.enabled:
+        credentials = server_credentials(cfg.server.tls, federation=cfg.federation.name)
+        if cfg.http.enabled:  # after the certificate checks, before the store opens: /healthz during a long resume
             self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
             self.ops_http.start()
-        credentials = server_credentials(cfg.server.tls, federation=cfg.federation.name)
         coordinator = Federation(cfg, progress=self._progress)
         server = grpc.aio.server(
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2)

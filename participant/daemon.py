@@ -68,11 +68,11 @@ class ParticipantDaemon(Lifecycle):
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def _start(self) -> str:
         cfg = self.config
-        if cfg.http.enabled:
-            self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
-            self.ops_http.start()
         credentials = channel_credentials(cfg.tls, Role.PARTICIPANT)
         keys = SiteKeys.load(cfg.tls)
+        if cfg.http.enabled:  # after the certificate checks, before the data loads: /healthz while it does
+            self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
+            self.ops_http.start()
         budget = (
             SiteBudget(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.privacy.state_file)
             if cfg.privacy.enabled

@@ -175,7 +175,7 @@ def test_readyz_is_503_while_the_coordinator_drains_after_sigterm(pki: Pki, tmp_
     c = pki.coordinator
     config = tmp_path / "coordinator.yaml"
     config.write_text(
-        "federation: {name: drain-test, sites: [site-a]}\n"
+        "federation: {name: test, sites: [site-a]}\n"
         f"server: {{listen: '127.0.0.1:0', shutdown_grace_s: 60, tls: {{ca: '{c.ca}', cert: '{c.cert}', "
         f"key: '{c.key}'}}}}\n"
         f"state_dir: '{tmp_path / 'state'}'\n"
