@@ -128,6 +128,16 @@ def check_pod(pod: Obj, container: Obj, http_listen: str) -> None:
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
 
 
+def check_private_state(pod: Obj, mount: Obj, state: PurePosixPath) -> None:
+    """fsGroup makes a volume's root group-writable (and, by default, chmods everything in it on every mount), but the
+    daemons refuse state that group or others may write (common/files.py): the state lives in a folder below the
+    root, and the kubelet leaves what is inside alone once the root is right."""
+    assert state != PurePosixPath(mount["mountPath"]), (
+        f"{state} is the volume's root, which fsGroup makes group-writable"
+    )
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
 def test_coordinator_overlay(tmp_path: Path, pki: Pki) -> None:
     objects = render(tmp_path, "coordinator", pki.coordinator)
     assert {o["metadata"].get("namespace") for k, o in objects.items() if k[0] != "Namespace"} == {"cohort"}
@@ -160,6 +170,7 @@ def test_coordinator_overlay(tmp_path: Path, pki: Pki) -> None:
         assert base64.b64decode(secret["data"][path.name]) == source.read_bytes()
     mount, volume = mount_of(pod, container, PurePosixPath(config.state_dir))
     assert not volume, "the state directory must be on the PersistentVolumeClaim, not a pod volume"
+    check_private_state(pod, mount, PurePosixPath(config.state_dir))
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["metadata"]["name"] == mount["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
@@ -215,6 +226,7 @@ def test_site_overlay(tmp_path: Path, pki: Pki) -> None:
     assert config.privacy.enabled
     mount, volume = mount_of(pod, container, PurePosixPath(config.privacy.state_file))
     assert "readOnly" not in mount
+    check_private_state(pod, mount, PurePosixPath(config.privacy.state_file).parent)
     claim = volume["persistentVolumeClaim"]["claimName"]
     assert one(objects, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
     policy = one(objects, "NetworkPolicy")
