@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install proto proto-check lint test test-fast demo bench clean
+.PHONY: install proto proto-check lint test test-fast demo compose-demo bench clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test-fast: install
 demo: install
 	$(BIN)/cohort demo --run-dir $(RUN_DIR)
 
+# The same federation as containers (deploy/docker-compose.yml): builds the image, runs the job, prints the summary
+# and `cohort status`, then `down -v`. Uses the Docker engine that answers, or starts a private dockerd (root).
+compose-demo: install
+	$(PY) tools/compose_demo.py
+
 bench: install
 	$(PY) bench/aggregation.py
 	$(PY) bench/round.py
@@ -51,3 +56,4 @@ bench: install
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find deploy/local -type f ! -name README.md ! -name .gitignore -delete

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cohort_cli.admin_client import AdminEndpoint, get_status
+from cohort_cli.admin_client import AdminEndpoint
+from cohort_cli.job_report import follow, privacy_summary, secagg_summary, summary_lines
 from cohort_cli.processes import Processes
 from common.ca import init_federation
 from common.datasets import load_source, split_sites, write_site_folders
-from common.errors import CohortError, ConfigError
-from common.metrics import RECALL_KEY
+from common.errors import ConfigError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 
 SITES = tuple(f"hospital-{i}" for i in range(1, 6))
@@ -84,66 +84,6 @@ def prepare(run_dir: Path, use_case: UseCase = HOSPITALS) -> None:
     use_case.write_data(run_dir / "data")
 
 
-def _round_line(job: pb.JobStatus, r: pb.RoundStatus) -> str:
-    acc = f"{r.val_accuracy:.4f}" if r.val_samples else "-"
-    loss = f"{r.val_loss:.4f}" if r.val_samples else "-"
-    auc = f" | val AUC-PR {r.val_metrics['auc_pr']:.4f}" if "auc_pr" in r.val_metrics else ""
-    return (
-        f"round {r.round:>2}/{job.spec.rounds} | sites {len(r.reported)}/{len(r.cohort)} | "
-        f"train loss {r.train_loss:.4f} | val loss {loss} | val acc {acc}{auc} | {r.seconds:.2f}s"
-    )
-
-
-async def follow(endpoint: AdminEndpoint, procs: Processes, timeout: float) -> pb.JobStatus:
-    """Print each round as it completes; return the job's final status."""
-    printed: set[tuple[int, int]] = set()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        procs.check_alive()
-        reply = await get_status(endpoint)
-        if reply.jobs:
-            job = reply.jobs[-1]
-            done = job.state != "running"
-            for i, r in enumerate(job.rounds):
-                key = (r.round, i)
-                if key in printed:
-                    continue
-                if r.state == "completed" and (r.val_samples or job.spec.evaluate_every == 0 or done):
-                    print(_round_line(job, r), flush=True)
-                    printed.add(key)
-                elif r.state == "failed":
-                    print(f"round {r.round:>2}/{job.spec.rounds} | failed, will retry", flush=True)
-                    printed.add(key)
-            if done:
-                return job
-        await asyncio.sleep(0.5)
-    raise CohortError(f"the job did not finish within {timeout:.0f}s")
-
-
-def _secagg_summary(job: pb.JobStatus) -> dict[str, Any] | bool:
-    sa = job.spec.secure_aggregation
-    if not sa.enabled:
-        return False
-    return {
-        "enabled": True,
-        "protocol": "SecAgg+ (full graph up to 64 sites)",
-        "bits": sa.bits,
-        "clip": sa.clip,
-        "weight_cap": sa.weight_cap,
-    }
-
-
-def _privacy_summary(job: pb.JobStatus) -> dict[str, Any] | None:
-    if job.privacy_unit in ("", "none"):
-        return None
-    return {
-        "unit": job.privacy_unit,
-        "delta": job.delta,
-        "epsilon": job.epsilon,
-        "site_epsilon": dict(sorted(job.site_epsilon.items())),
-    }
-
-
 def run_demo(
     run_dir: Path, rounds: int | None = None, deploy_dir: Path | None = None, case: UseCase = HOSPITALS
 ) -> int:
@@ -188,7 +128,7 @@ def run_demo(
             )
         print(f"  started {len(case.sites)} participant daemons; training:")
         endpoint = AdminEndpoint.from_dir(address, run_dir / "certs" / "admins" / "admin")
-        job = asyncio.run(follow(endpoint, procs, JOB_TIMEOUT_S))
+        job = asyncio.run(follow(endpoint, JOB_TIMEOUT_S, check=procs.check_alive))
     finally:
         procs.stop_all()
     seconds = time.monotonic() - started
@@ -212,24 +152,11 @@ def run_demo(
         "seconds": round(seconds, 2),
         "model_path": str(model_path),
         "model_version": job.model_version,
-        "secure_aggregation": _secagg_summary(job),
-        "differential_privacy": _privacy_summary(job),
+        "secure_aggregation": secagg_summary(job),
+        "differential_privacy": privacy_summary(job),
     }
-    auc = ""
-    if "auc_pr" in job.test_metrics:
-        auc = f", AUC-PR {job.test_metrics['auc_pr']:.4f}, recall@1%FPR {job.test_metrics.get(RECALL_KEY, 0.0):.4f}"
-    print(
-        f"job {job.state}: {len(completed)} rounds, federated test accuracy {job.test_accuracy:.4f}, "
-        f"loss {job.test_loss:.4f}{auc}, {seconds:.1f}s"
-    )
-    if job.privacy_unit not in ("", "none"):
-        print(f"  differential privacy ({job.privacy_unit} level), epsilon spent at delta {job.delta:g}:")
-        for site, eps in sorted(job.site_epsilon.items()):
-            print(f"    {site}: {eps:.2f}")
-        if job.privacy_unit == "site":
-            print(f"    federation: {job.epsilon:.2f}")
-    if job.spec.secure_aggregation.enabled:
-        print(f"  secure aggregation: on (SecAgg+); the coordinator saw only the sum of the {case.members}' updates")
+    for line in summary_lines(job, seconds, case.members):
+        print(line)
     print(f"  global model: {model_path}")
     if case.report is not None and job.state == "finished":
         summary |= case.report(run_dir, deploy, job, model_path)

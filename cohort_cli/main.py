@@ -116,6 +116,21 @@ def _cmd_job_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_job_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from cohort_cli.admin_client import AdminEndpoint
+    from cohort_cli.job_report import follow, summary_lines
+
+    ep = _endpoint(args)
+    assert isinstance(ep, AdminEndpoint)
+    started = time.monotonic()
+    job = asyncio.run(follow(ep, args.timeout, job_id=args.job_id))
+    for line in summary_lines(job, time.monotonic() - started):
+        print(line)
+    return 0 if job.state == "finished" else 1
+
+
 def _cmd_job_clear_site(args: argparse.Namespace) -> int:
     from cohort_cli.admin_client import AdminEndpoint, clear_suspension, to_json
 
@@ -161,7 +176,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, privacy_cmd, task_cmd
+    from cohort_cli import certs_cmd, data_cmd, kit_cmd, privacy_cmd, task_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -186,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cmd.register(sub)
     privacy_cmd.register(sub)
     task_cmd.register(sub)
+    kit_cmd.register(sub)
 
     p = sub.add_parser("demo", help="run a federation on this machine: 5 hospitals, or 4 banks (--use-case fraud)")
     p.add_argument(
@@ -223,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_admin_args(p)
     p.set_defaults(func=_cmd_job_start)
+    p = job_sub.add_parser("watch", help="print a job's rounds as they complete, then its summary")
+    p.add_argument("job_id", nargs="?", default="", help="default: the latest job")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    _add_admin_args(p)
+    p.set_defaults(func=_cmd_job_watch)
     p = job_sub.add_parser("stop", help="stop a running job")
     p.add_argument("job_id")
     p.add_argument("--reason", default="")

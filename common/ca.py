@@ -195,6 +195,16 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def write_ca(ca_dir: Path, federation: str, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Create a federation CA and write ``ca.crt`` and ``ca.key`` to ``ca_dir`` (replacing any there)."""
+    ca = create_ca(federation, days)
+    # The CA directory holds the one key that can mint identities: owner-only, like the key file itself.
+    private_dir(ca_dir, "CA directory")
+    write_pem(ca_dir / "ca.key", _key_pem(ca[1]), private=True)
+    write_pem(ca_dir / "ca.crt", _cert_pem(ca[0]), private=False)
+    return ca
+
+
 def load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The CA certificate and key in ``ca_dir`` (``ca.crt``, ``ca.key``), checked to match and be valid."""
     cert_path, key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
@@ -322,11 +332,7 @@ def init_federation(
             f"stop working); add a site with `cohort certs add --ca {ca_dir}`, or pass --force to start "
             "a new federation",
         )
-    ca = create_ca(federation, ca_days)
-    # The CA directory holds the one key that can mint identities: owner-only, like the key file itself.
-    private_dir(ca_dir, "CA directory")
-    write_pem(ca_dir / "ca.key", _key_pem(ca[1]), private=True)
-    write_pem(ca_dir / "ca.crt", _cert_pem(ca[0]), private=False)
+    ca = write_ca(ca_dir, federation, ca_days)
     result: dict[str, TlsFiles] = {}
     for label, directory, role, name in plan:
         key = new_private_key()

@@ -69,6 +69,25 @@ class TrainParamsConfig:
             raise ConfigError(f"{where}.proximal_mu: must be between 0 (off) and 100")
 
 
+@dataclass(frozen=True)
+class HttpConfig:
+    """The operations HTTP endpoint (common/ops_http.py: /healthz, /readyz); off while ``listen`` is empty.
+
+    Plain HTTP without TLS and without any federation data: bind it to loopback, or to a port that only the
+    orchestrator's probes reach (the Kubernetes manifests' NetworkPolicy, the compose healthchecks).
+    """
+
+    listen: str = ""
+
+    def check(self, path: str) -> None:
+        if self.listen:
+            parse_address(self.listen, f"{path or 'http'}.listen")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+
 def parse_address(address: str, path: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6]:port`` for IPv6) and check the port."""
     host, sep, port_text = address.rpartition(":")

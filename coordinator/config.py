@@ -9,7 +9,7 @@ from typing import Literal
 from common.certs import TlsFiles
 from common.errors import ConfigError
 from common.names import RULE, is_name
-from common.settings import TrainParamsConfig, parse_address
+from common.settings import HttpConfig, TrainParamsConfig, parse_address
 from coordinator.strategy.config import StrategyConfig
 
 ENV_PREFIX = "COHORT_COORDINATOR_"
@@ -239,6 +239,7 @@ class CoordinatorConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     state_dir: Path = Path("state/coordinator")
     job: JobConfig | None = None  # started at boot when given; otherwise an admin starts one
+    http: HttpConfig = field(default_factory=HttpConfig)  # /healthz, /readyz (common/ops_http.py); off when empty
 
     def check(self, path: str) -> None:
         if self.server.tls is None:

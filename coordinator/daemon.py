@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common import files
 from common.lifecycle import Lifecycle, Status, install_stop_handlers
+from common.ops_http import OpsHttpServer
 from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials
 from coordinator.config import CoordinatorConfig
@@ -40,11 +41,15 @@ class CoordinatorDaemon(Lifecycle):
         self._health: health.aio.HealthServicer | None = None
         self._liveness: asyncio.Task[None] | None = None
         self._handshakes: HandshakeWatch | None = None
+        self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
 
     async def _start(self) -> str:
         cfg = self.config
         assert cfg.server.tls is not None  # checked when the config was loaded
         credentials = server_credentials(cfg.server.tls, federation=cfg.federation.name)
+        if cfg.http.enabled:  # after the certificate checks, before the store opens: /healthz during a long resume
+            self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
+            self.ops_http.start()
         coordinator = Federation(cfg, progress=self._progress)
         server = grpc.aio.server(
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2)
@@ -89,6 +94,19 @@ class CoordinatorDaemon(Lifecycle):
             await self._handshakes.close()
         if self._coordinator is not None:
             self._coordinator.close()
+        if self.ops_http is not None:  # last: /readyz answers 503 for as long as the drain lasts
+            await asyncio.to_thread(self.ops_http.close)
+
+    def readiness(self) -> list[str]:
+        """What keeps the coordinator from serving (empty: ready). Runs in the HTTP thread: flags only."""
+        missing = []
+        if self.status is not Status.RUNNING:
+            missing.append("draining" if self.status in (Status.CLOSING, Status.CLOSED) else self.status.value)
+        if self._server is None:
+            missing.append("gRPC server not listening")
+        if self._coordinator is None or not self._coordinator.store.is_open:
+            missing.append("state store not open")
+        return missing
 
     @property
     def coordinator(self) -> Federation:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from common.certs import TlsFiles
 from common.errors import ConfigError
-from common.settings import parse_address
+from common.settings import HttpConfig, parse_address
 
 ENV_PREFIX = "COHORT_PARTICIPANT_"
 
@@ -83,3 +83,4 @@ class ParticipantConfig:
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: RecordPrivacyConfig = field(default_factory=RecordPrivacyConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)  # /healthz, /readyz (common/ops_http.py); off when empty

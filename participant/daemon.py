@@ -16,6 +16,7 @@ import torch
 
 from common.certs import Role
 from common.lifecycle import Lifecycle, Status
+from common.ops_http import OpsHttpServer
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.tasks import digest as task_code
 from common.tasks.base import Task, load_task
@@ -44,6 +45,7 @@ class ParticipantDaemon(Lifecycle):
         self.secagg: SecAggSessions | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
 
     # -- views ----------------------------------------------------------------------------------------------------
     @property
@@ -69,6 +71,9 @@ class ParticipantDaemon(Lifecycle):
         cfg = self.config
         credentials = channel_credentials(cfg.tls, Role.PARTICIPANT)
         keys = SiteKeys.load(cfg.tls)
+        if cfg.http.enabled:  # after the certificate checks, before the data loads: /healthz while it does
+            self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
+            self.ops_http.start()
         budget = (
             SiteBudget(cfg.privacy.target_epsilon, cfg.privacy.delta, cfg.privacy.state_file)
             if cfg.privacy.enabled
@@ -122,6 +127,15 @@ class ParticipantDaemon(Lifecycle):
             await self.work.cancel_side_tasks()
         if self.connection is not None:
             await self.connection.close()
+        if self.ops_http is not None:
+            await asyncio.to_thread(self.ops_http.close)
+
+    def readiness(self) -> list[str]:
+        """What keeps this site from taking work (empty: ready). Runs in the HTTP thread: flags only."""
+        if self.status is not Status.RUNNING:
+            return [f"participant {self.status.value}" + (f": {self.error}" if self.error else "")]
+        connection = self.connection
+        return [] if connection is not None and connection.joined.is_set() else ["not joined to the coordinator"]
 
     async def wait_stopped(self) -> None:
         """Until the daemon stops on its own (the coordinator refused this site for good)."""

@@ -114,8 +114,11 @@ def test_every_hospital_mounts_only_its_own_certs_and_data(compose: dict[str, An
         assert named_volumes(svc) == {
             f"{site}-certs": f"/var/lib/cohort/certs/sites/{site}",
             f"{site}-data": f"/var/lib/cohort/data/{site}",
-        }, f"{site} must mount exactly its own certificate and data volumes"
-        assert all(m.get("read_only") for m in svc["volumes"]), f"{site}: mount everything read-only"
+            f"{site}-state": f"/var/lib/cohort/state/{site}",
+        }, f"{site} must mount exactly its own certificate, data and state volumes"
+        # Only its own state volume (the privacy ledger) is writable; certificates, data and config are read-only.
+        writable = [m["target"] for m in svc["volumes"] if not m.get("read_only")]
+        assert writable == [f"/var/lib/cohort/state/{site}"], f"{site}: writable mounts {writable}"
         # Its only bind mount is its own config file: it cannot read another hospital's anything.
         binds = {Path(m["source"]) for m in mounts(svc, "bind")}
         assert binds == {DEPLOY / "demo" / f"{site}.yaml"}, f"{site} bind-mounts {binds}"
@@ -161,6 +164,19 @@ def test_startup_order(compose: dict[str, Any]) -> None:
     assert coordinator["depends_on"]["init"]["condition"] == "service_completed_successfully"
     for site in HOSPITALS:
         assert "coordinator" in services(compose)[site]["depends_on"]
+
+
+def test_health_checks_gate_the_startup(compose: dict[str, Any]) -> None:
+    """Daemons are healthy when /readyz says so; hospitals and the admin tool wait for a ready coordinator."""
+    svcs = services(compose)
+    for name in ("coordinator", *HOSPITALS):
+        test = svcs[name]["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "python", "-m", "common.ops_http"], test
+        assert test[-1] == "http://127.0.0.1:9100/readyz"
+    for name in (*HOSPITALS, "admin"):
+        assert svcs[name]["depends_on"]["coordinator"]["condition"] == "service_healthy", name
+    for name in ("init", "admin"):  # one-shot tools: no daemon to probe
+        assert svcs[name]["healthcheck"]["disable"] is True
 
 
 def test_commands_use_the_demo_configs(compose: dict[str, Any]) -> None:
@@ -210,6 +226,12 @@ def test_demo_config_paths_land_on_the_mounted_volumes(compose: dict[str, Any]) 
         for path in (pcfg.tls.ca, pcfg.tls.cert, pcfg.tls.key):
             assert (cwd / path).parent == PurePosixPath(volumes[f"{site}-certs"])
         assert cwd / pcfg.data_dir == PurePosixPath(volumes[f"{site}-data"])
+        # The site's privacy ledger must outlive the container (`down` + `up`): on the site's own state volume.
+        assert pcfg.privacy.enabled
+        assert PurePosixPath(volumes[f"{site}-state"]) in (cwd / pcfg.privacy.state_file).parents
+        # The health endpoint the image's HEALTHCHECK probes, on the container's loopback only.
+        assert pcfg.http.listen == "127.0.0.1:9100"
+    assert cfg.http.listen == "127.0.0.1:9100"
 
 
 def test_every_file_the_compose_file_names_exists(compose: dict[str, Any]) -> None:
@@ -301,6 +323,26 @@ def test_dockerfile_runtime_stage() -> None:
     assert users[-1] not in ("root", "0", "0:0")
     assert ("WORKDIR", "/var/lib/cohort") in runtime
     assert ("ENTRYPOINT", '["cohort"]') in runtime
+
+
+def test_dockerfile_health_check_and_torch_sources() -> None:
+    instructions = dockerfile_instructions()
+    last_stage = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM")
+    runtime = instructions[last_stage:]
+    (health,) = [args for instruction, args in runtime if instruction == "HEALTHCHECK"]
+    assert health.endswith('CMD ["python", "-m", "common.ops_http", "probe"]')
+    env = [args.split() for instruction, args in runtime if instruction == "ENV"]
+    assert any("COHORT_HEALTH_URL=http://127.0.0.1:9100/readyz" in words for words in env)
+    # Both stages from one base ARG (the official image, or a local one where no registry answers).
+    froms = [args for instruction, args in instructions if instruction == "FROM"]
+    assert froms == ["${PYTHON_IMAGE} AS build", "${PYTHON_IMAGE}"]
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim") in instructions
+    # Torch: PyTorch's CPU index by default (a build arg), or wheels in deploy/local/; neither in the runtime image.
+    assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in instructions
+    assert ("COPY", "deploy/local/ /tmp/local/") in instructions[:last_stage]
+    assert all("/tmp/local" not in args for _, args in runtime)
+    # The image carries the CLI too (`cohort` is its entry point).
+    assert ("COPY", "cohort_cli ./cohort_cli") in instructions
 
 
 # --- systemd -------------------------------------------------------------------------------------------------

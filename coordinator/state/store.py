@@ -219,6 +219,7 @@ class SqliteStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self._migrate()
+        self.is_open = True  # read by the readiness probe (another thread): a flag, never a query
 
     def _migrate(self) -> None:
         """Columns added after a state directory was first created (SQLite cannot add them in CREATE IF NOT EXISTS)."""
@@ -236,6 +237,7 @@ class SqliteStore:
             self._db.execute("ALTER TABLE rounds ADD COLUMN strategy_state TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
+        self.is_open = False
         self._db.close()
 
     @contextmanager
