@@ -158,7 +158,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, privacy_cmd
+    from cohort_cli import certs_cmd, data_cmd, privacy_cmd, simulate_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cmd.register(sub)
     data_cmd.register(sub)
     privacy_cmd.register(sub)
+    simulate_cmd.register(sub)
 
     p = sub.add_parser("demo", help="run a 5-hospital federation on this machine")
     p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
