@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import (
@@ -61,7 +64,7 @@ async def real_federation(
     state: Path,
     coordinator_factory: CoordinatorFactory,
     participant_factory: ParticipantFactory,
-) -> tuple[str, dict[str, object]]:
+) -> tuple[str, dict[str, Any]]:
     coord = await coordinator_factory(coordinator_config(pki, state, job=job))
     for site in SITES:
         await participant_factory(site_config(pki.site(site), coord.address, site_data[site]))
@@ -139,8 +142,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path: Path) -> Iterator[str]:
+def two_node_cluster() -> Iterator[str]:
     """A Ray head and a second Ray node, each its own process tree with one CPU, started here and stopped here."""
+    # Ray's Unix sockets live under its temp dir, whose path must stay short (pytest's tmp_path is too long).
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -156,7 +161,7 @@ def two_node_cluster(tmp_path: Path) -> Iterator[str]:
                 "--node-ip-address=127.0.0.1",
                 "--include-dashboard=false",
                 f"--dashboard-agent-listen-port={_free_port()}",
-                f"--temp-dir={tmp_path / 'ray'}",
+                f"--temp-dir={temp}",
                 *common,
             ],
             env=env,
@@ -197,7 +202,8 @@ def two_node_cluster(tmp_path: Path) -> Iterator[str]:
         for proc in reversed(procs):
             os.killpg(proc.pid, 15)
         for proc in procs:
-            proc.wait(timeout=60)
+            proc.wait(timeout=90)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 async def test_virtual_sites_run_on_two_ray_nodes(two_node_cluster: str, tmp_path: Path) -> None:
