@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install proto proto-check lint test test-fast demo compose-demo bench clean
+.PHONY: install proto proto-check lint test test-fast test-sim demo compose-demo bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ test: install lint
 # The unit lane for daily work: everything not marked slow (no federations, subprocesses, crash or fuzz runs).
 test-fast: install
 	$(BIN)/pytest -m "not slow" -q
+
+# The simulation lane: installs the `sim` extra (Ray, ~80 MB, ~20 s) into .venv and runs the simulator's tests (a few
+# minutes: Ray start-up, a real federation to compare with, a two-node Ray cluster). `make test` skips them, with the
+# reason, unless Ray is installed.
+test-sim: install
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,sim]'
+	$(BIN)/pytest tests/test_simulation.py tests/test_simulation_data.py -q
 
 demo: install
 	$(BIN)/cohort demo --run-dir $(RUN_DIR)

@@ -7,6 +7,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -43,8 +44,10 @@ class Jobs:
         limits: Limits,
         ca_certs: list[x509.Certificate],
         progress: ProgressHook | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.allowed = allowed
+        self.clock = clock  # what every event's time comes from: the wall clock, or a simulation's (simulation/)
         self.store, self.models, self.registry = store, models, registry
         self.spool_root, self.limits, self.ca_certs = spool_root, limits, ca_certs
         self.progress = progress
@@ -70,6 +73,11 @@ class Jobs:
         running = self.running()
         if running is not None:
             raise FailedPrecondition(f"job {running.job_id} is still running; stop it first")
+        return self._launch(self.build(spec, actor))
+
+    def build(self, spec: JobConfig, actor: str = "coordinator") -> JobRunner:
+        """Check the job, record it, and build its machine and runner (not started: :meth:`start` runs it; a simulation
+        drives it itself)."""
         if max(spec.min_sites, spec.min_available_sites) > len(self.allowed):
             raise InvalidArgument(f"min_sites/min_available_sites exceed the {len(self.allowed)} allowed sites")
         expected_cohort = min(len(self.allowed), max(spec.min_sites, math.ceil(spec.fraction * len(self.allowed))))
@@ -100,7 +108,9 @@ class Jobs:
         self.store.create_job(job_id, spec.name, asdict(spec) | {"identity": asdict(identity)}, model.version)
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
         machine = JobMachine(self._setup(job_id, spec, task, identity, model.specs), model.version, self._privacy(spec))
-        return self._launch(JobRunner(machine, tensors=tensors, model=model, **self._io()))
+        runner = JobRunner(machine, tensors=tensors, model=model, **self._io())
+        runner.machine.privacy.model_numel = sum(s.numel for s in runner.global_specs)
+        return runner
 
     def resume(self) -> JobRunner | None:
         """At start-up: continue the job a crash or a shutdown interrupted, from its last verified checkpoint."""
@@ -177,6 +187,7 @@ class Jobs:
             "limits": self.limits,
             "progress": self.progress,
             "strategy_files": self.strategy_files,
+            "clock": self.clock,
         }
 
     def _launch(self, runner: JobRunner) -> JobRunner:

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("common", "coordinator", "participant", "cohort_cli")
+PACKAGES = ("common", "coordinator", "participant", "simulation", "cohort_cli")
 # What each package may import from the project (itself always).
 ALLOWED = {
     "common": {"common"},
     "coordinator": {"common", "coordinator"},
     "participant": {"common", "participant"},
-    "cohort_cli": {"common", "coordinator", "participant", "cohort_cli"},
+    # The simulator drives the coordinator's job runner and the participant's site code (above both daemons).
+    "simulation": {"common", "coordinator", "participant", "simulation"},
+    "cohort_cli": {"common", "coordinator", "participant", "simulation", "cohort_cli"},
 }
 
 

@@ -66,6 +66,7 @@ from coordinator.state.registry import Registry
 from coordinator.state.resume import spool_dir
 from coordinator.state.store import Store
 from coordinator.strategy import robust
+from coordinator.strategy.config import StrategyConfig
 from coordinator.strategy.server_opt import OptimizerState, server_step
 
 log = logging.getLogger("cohort.coordinator.job")
@@ -88,8 +89,11 @@ class JobRunner:
         progress: ProgressHook | None = None,
         strategy_files: ModelStore | None = None,
         optimizer: OptimizerState | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.machine = machine
+        # The time every event carries: the wall clock, or a simulation's virtual clock (simulation/).
+        self.clock = clock
         self.job_id = machine.job_id
         self.spec = machine.spec
         self.global_tensors, self.global_model = tensors, model
@@ -147,17 +151,17 @@ class JobRunner:
         try:
             async with self._lock:
                 for session in self.registry.connected():
-                    self._apply(SiteConnected(session.site, session.declaration, time.time()))
-                self._apply(Start(time.time()))
+                    self._apply(SiteConnected(session.site, session.declaration, self.clock()))
+                self._apply(Start(self.clock()))
             while self.machine.running:
                 self._wake.clear()  # before reading the deadline: an event after this wakes the wait below
                 wake = self.machine.wake_at()
-                timeout = None if wake is None else max(0.0, wake - time.time())
+                timeout = None if wake is None else max(0.0, wake - self.clock())
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:
                     if self.machine.running:
-                        await self.feed(Tick(time.time()))
+                        await self.feed(Tick(self.clock()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -183,7 +187,7 @@ class JobRunner:
     async def stop(self, reason: str) -> None:
         """Stop the job (an admin asked); the machine decides what that means in the current phase. Raises when the
         job is not running."""
-        await self.feed(StopRequested(reason, time.time()))
+        await self.feed(StopRequested(reason, self.clock()))
 
     async def suspend(self, reason: str) -> None:
         """Graceful shutdown: the job is interrupted, its open round and accepted uploads stay for the next start."""
@@ -198,9 +202,9 @@ class JobRunner:
         if connected:
             session = next((s for s in self.registry.connected() if s.site == site), None)
             if session is not None:
-                self._spawn(self._feed_quietly(SiteConnected(site, session.declaration, time.time())))
+                self._spawn(self._feed_quietly(SiteConnected(site, session.declaration, self.clock())))
         else:
-            self._spawn(self._feed_quietly(SiteDisconnected(site, time.time())))
+            self._spawn(self._feed_quietly(SiteDisconnected(site, self.clock())))
 
     async def _feed_quietly(self, event: Event) -> None:
         try:
@@ -339,7 +343,9 @@ class JobRunner:
             encoded = await asyncio.to_thread(self.models.save, new, {"job": self.job_id, "round": str(action.number)})
             failpoints.hit("coordinator.checkpoint_saved", round=action.number)
         except (SecAggAborted, InvalidArgument) as exc:
-            await self.feed(AggregationFailed(action.number, action.attempt, f"secure aggregation: {exc}", time.time()))
+            await self.feed(
+                AggregationFailed(action.number, action.attempt, f"secure aggregation: {exc}", self.clock())
+            )
             return
         except Exception as exc:
             log.exception("job %s: aggregating round %d failed", self.job_id, action.number)
@@ -349,54 +355,35 @@ class JobRunner:
         seconds = time.monotonic() - started
         await self.feed(
             Aggregated(
-                action.number, action.attempt, encoded.version, seconds, time.time(), totals, evidence, ref, report
+                action.number, action.attempt, encoded.version, seconds, self.clock(), totals, evidence, ref, report
             )
         )
 
     def _fold(self, action: Aggregate) -> tuple[np.ndarray, dict[str, object]]:
-        """The round's aggregated plaintext update (flat, float64), and what a robust rule reports.
-
-        The mean is one running sum folded in site order: a fixed order makes the float32 sum, and so the new model,
-        a function of the accepted updates alone (the same whatever order they arrived in, and after a restart took
-        them back from the spool). Robust rules and norm bounding read the spooled updates in blocks of coordinates
-        (coordinator/strategy/robust.py).
-        """
+        """The round's aggregated plaintext update (flat, float64), and what a robust rule reports."""
         directory = spool_dir(self.spool_root, self.job_id, action.number, action.attempt)
-        paths = {site: directory / f"{site}.update" for site in action.weights}
-        strategy = self.spec.strategy
-        if strategy.aggregation != "mean" or strategy.norm_bound > 0:
-            numel = sum(s.numel for s in self.global_specs)
-            result = robust.aggregate(strategy, robust.Updates(paths, action.weights, numel))
-            return result.delta, result.report
-        running = RunningSum(self.global_specs)
-        for site in sorted(action.weights):
-            running.add_file(paths[site], action.weights[site])
-        if action.central_noise:
-            noise = self.machine.privacy.central_noise(running.numel)
-            return running.noisy_mean(noise, action.denominator), {}
-        return running.mean(), {}
+        return fold_spooled(self.spec.strategy, self.global_specs, directory, action, self.machine.privacy)
 
     def _step(
         self, delta: np.ndarray, number: int
     ) -> tuple[dict[str, torch.Tensor], OptimizerState, dict[str, object]]:
         """Apply the server optimizer to the round's update; save its new moments (named in the round's commit)."""
-        change, optimizer = server_step(self.spec.strategy, delta, self.optimizer)
-        ref: dict[str, object] = {"step": optimizer.step}
-        if optimizer.moments:
-            assert self.strategy_files is not None, "a stateful server optimizer needs its state directory"
-            saved = self.strategy_files.save(
-                {k: torch.from_numpy(v) for k, v in optimizer.moments.items()},
-                {"job": self.job_id, "round": str(number), "optimizer": self.spec.strategy.name},
-            )
-            ref["moments"] = saved.version
-        return apply_flat(self.global_tensors, self.global_specs, change), optimizer, ref
+        return step_model(
+            self.spec.strategy,
+            delta,
+            self.optimizer,
+            self.global_tensors,
+            self.global_specs,
+            self.strategy_files,
+            {"job": self.job_id, "round": str(number)},
+        )
 
     # -- uploads --------------------------------------------------------------------------------------------------
     async def receive_upload(
         self, site: str, header: pb.UpdateHeader, specs: tuple[Spec, ...], chunks: AsyncIterator[pb.UpdateChunk]
     ) -> pb.UploadReply:
         """Admit, spool (size, values and digest checked in one pass), fold if masked, then count the upload."""
-        actions = await self.feed(UploadStarted(site, header, specs, time.time()))
+        actions = await self.feed(UploadStarted(site, header, specs, self.clock()))
         for action in actions:
             if isinstance(action, AckDuplicate):
                 return pb.UploadReply(accepted=True, duplicate=True, update_sha256=action.sha256)
@@ -456,7 +443,7 @@ class JobRunner:
                     os.replace(path, buffer / path.name)
                     files.fsync_dir(buffer)
                 # A plaintext update stays in the spool, verified, and is folded when the round closes.
-                self._apply(UploadVerified(site, header, time.time()))
+                self._apply(UploadVerified(site, header, self.clock()))
                 counted = True
         finally:
             if split:  # a secure evaluation's masked input is folded, not kept
@@ -468,3 +455,50 @@ class JobRunner:
                 with contextlib.suppress(CohortError):
                     await asyncio.shield(self.feed(UploadAbandoned(site, number, attempt)))
         return pb.UploadReply(accepted=True, duplicate=False, update_sha256=header.manifest.sha256)
+
+
+def fold_spooled(
+    strategy: StrategyConfig, specs: tuple[Spec, ...], directory: Path, action: Aggregate, privacy: JobPrivacy
+) -> tuple[np.ndarray, dict[str, object]]:
+    """The round's aggregated plaintext update (flat, float64) from the spooled updates in ``directory``, and what a
+    robust rule reports. Shared by the runner and the simulator (simulation/), so both compute the same model.
+
+    The mean is one running sum folded in site order: a fixed order makes the float32 sum, and so the new model,
+    a function of the accepted updates alone (the same whatever order they arrived in, and after a restart took
+    them back from the spool). Robust rules and norm bounding read the spooled updates in blocks of coordinates
+    (coordinator/strategy/robust.py).
+    """
+    paths = {site: directory / f"{site}.update" for site in action.weights}
+    if strategy.aggregation != "mean" or strategy.norm_bound > 0:
+        numel = sum(s.numel for s in specs)
+        result = robust.aggregate(strategy, robust.Updates(paths, action.weights, numel))
+        return result.delta, result.report
+    running = RunningSum(specs)
+    for site in sorted(action.weights):
+        running.add_file(paths[site], action.weights[site])
+    if action.central_noise:
+        noise = privacy.central_noise(running.numel)
+        return running.noisy_mean(noise, action.denominator), {}
+    return running.mean(), {}
+
+
+def step_model(
+    strategy: StrategyConfig,
+    delta: np.ndarray,
+    optimizer: OptimizerState,
+    tensors: dict[str, torch.Tensor],
+    specs: tuple[Spec, ...],
+    strategy_files: ModelStore | None,
+    labels: dict[str, str],
+) -> tuple[dict[str, torch.Tensor], OptimizerState, dict[str, object]]:
+    """Apply the server optimizer to the round's update: the new model, the optimizer's next state, and the reference
+    the round's commit records (its step, and the content-addressed file its moments were saved to)."""
+    change, new_optimizer = server_step(strategy, delta, optimizer)
+    ref: dict[str, object] = {"step": new_optimizer.step}
+    if new_optimizer.moments:
+        assert strategy_files is not None, "a stateful server optimizer needs its state directory"
+        saved = strategy_files.save(
+            {k: torch.from_numpy(v) for k, v in new_optimizer.moments.items()}, {**labels, "optimizer": strategy.name}
+        )
+        ref["moments"] = saved.version
+    return apply_flat(tensors, specs, change), new_optimizer, ref
