@@ -8,9 +8,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from support import SITES as SUPPORT_SITES
+from support import (
+    CoordinatorFactory,
+    ParticipantFactory,
+    Pki,
+    coordinator_config,
+    job_config,
+    participant_config,
+    poll_until,
+    runner_of,
+)
 from test_machine import (
     IDENTITY,
     SPECS,
@@ -32,6 +46,9 @@ from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.lanes import LaneLayout
 from common.secagg_wire import STATS_INSTANCE_BASE, STATS_SPLIT, secagg_round_no, setup_from_proto
 from common.serde import Spec
+from common.site_comparison import federated_scaling
+from common.tasks.base import load_task
+from common.tasks.setup import TaskSetup
 from common.tasks.standardize import (
     MAX_STATISTICS_ROWS,
     FeatureScaling,
@@ -40,7 +57,7 @@ from common.tasks.standardize import (
     site_statistics,
     statistics_lane_values,
 )
-from coordinator.config import JobConfig, StandardizeConfig
+from coordinator.config import JobConfig, SecureAggregationConfig, StandardizeConfig
 from coordinator.round.events import (
     Action,
     Audit,
@@ -226,3 +243,56 @@ def test_statistics_instances_are_numbered_apart_from_rounds_and_evaluations() -
     assert top_round < STATS_INSTANCE_BASE
     with pytest.raises(InvalidArgument, match="round 0 only"):
         secagg_round_no(1, 0, STATS_SPLIT)
+
+
+async def test_a_secure_federation_standardizes_with_the_pooled_statistics_and_trains_with_them(
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+) -> None:
+    """Real daemons over mutual TLS: breast_cancer's scaling comes from the secure sum of three sites' train-split
+    statistics, equals the scaling of their pooled statistics, is stored on the job row and is what every site
+    trains and evaluates with (not the task's constants)."""
+    secagg = SecureAggregationConfig(enabled=True, clip=1.0, weight_cap=1000, stage_timeout_s=30)
+    job = replace(
+        job_config(rounds=1, min_sites=3, min_available_sites=3, evaluate_every=0),
+        secure_aggregation=secagg,
+        standardize=StandardizeConfig(enabled=True),
+    )
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
+    runner = runner_of(coord)
+    sites = SUPPORT_SITES[:3]
+    used: dict[str, list[TaskSetup | None]] = {s: [] for s in sites}
+    for site in sites:
+        daemon = await participant_factory(participant_config(pki.site(site), coord.address, site_data[site]))
+        local = daemon.site
+        assert local is not None
+        real_train = local.train
+
+        def train(*args: Any, _real: Any = real_train, _site: str = site) -> Any:
+            used[_site].append(args[4] if len(args) > 4 else None)
+            return _real(*args)
+
+        local.train = train  # type: ignore[method-assign,assignment]
+    await poll_until(lambda: runner.state != "running", timeout=120, what="the job to finish")
+    assert runner.state == "finished", runner.detail
+
+    row = coord.coordinator.store.job(runner.job_id)
+    assert row is not None
+    stored = FeatureScaling.from_dict(row["feature_scaling"])
+    assert stored is not None
+    task = load_task("breast_cancer")
+    pooled = federated_scaling(task, {s: task.load_data(site_data[s]) for s in sites})
+    for got, want in zip(dataclasses.astuple(stored), dataclasses.astuple(pooled), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4)
+    # Not the task's constants (computed from the whole public data set, test records included).
+    fallback = task.fallback_scaling(np.zeros((1, len(stored.mean)), np.float32))  # type: ignore[attr-defined]
+    assert not np.allclose(stored.mean, fallback.mean)
+    # Every site trained round 1 with exactly that scaling.
+    for site in sites:
+        assert [s.scaling if s is not None else None for s in used[site]] == [stored], site
+    events = [e["kind"] for e in coord.coordinator.store.audit_events()]
+    assert events.index("features_standardized") < events.index("round_completed")
+    assert "statistics_failed" not in events
