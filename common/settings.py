@@ -26,6 +26,15 @@ class TrainParamsConfig:
     lr_step_rounds: int = 10
     lr_gamma: float = 0.5
     lr_min: float = 0.0
+    # The local optimizer: "task" (the task's own make_optimizer), "sgd" (with ``momentum``; 0: plain SGD) or
+    # "adam"; ``weight_decay`` for both. ``keep_optimizer_state``: each site keeps its optimizer's state (momentum,
+    # Adam's moments) from one round to its next instead of starting fresh.
+    optimizer: Literal["task", "sgd", "adam"] = "task"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    keep_optimizer_state: bool = False
+    # FedProx (Li et al. 2020): every local step also pulls toward the round's global model, mu/2 * ||w - w_global||^2.
+    proximal_mu: float = 0.0
 
     def rate(self, number: int, rounds: int) -> float:
         """The learning rate of round ``number`` (from 1) of a job of ``rounds`` rounds."""
@@ -50,6 +59,14 @@ class TrainParamsConfig:
             raise ConfigError(f"{where}.lr_step_rounds: must be between 1 and 100000; lr_gamma in (0, 1]")
         if not 0 <= self.lr_min < self.learning_rate:
             raise ConfigError(f"{where}.lr_min: must be >= 0 and below learning_rate")
+        if not 0 <= self.momentum < 1 or not 0 <= self.weight_decay < 1:
+            raise ConfigError(f"{where}.momentum and weight_decay: must be in [0, 1)")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(f"{where}.momentum: only for optimizer: sgd (adam keeps its own moments)")
+        if self.weight_decay and self.optimizer == "task":
+            raise ConfigError(f"{where}.weight_decay: choose optimizer: sgd or adam to set it")
+        if not 0 <= self.proximal_mu <= 100:
+            raise ConfigError(f"{where}.proximal_mu: must be between 0 (off) and 100")
 
 
 def parse_address(address: str, path: str) -> tuple[str, int]:

@@ -7,9 +7,11 @@ metrics and (masked, under secure aggregation) the train split's feature statist
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -20,6 +22,9 @@ from common.serde import EncodedTensors, encode, state_dict_float32
 from common.tasks.base import EvalResult, RecordDP, SiteData, Task, TrainResult, TrainSettings
 from common.tasks.setup import TaskSetup, prepare
 from common.tasks.standardize import MAX_STATISTICS_ROWS, statistics_lane_values, statistics_lanes
+from common.tasks.tabular import TabularTask
+
+log = logging.getLogger("cohort.participant.site")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class Site:
     def __init__(self, task: Task, data: SiteData) -> None:
         self.task = task
         self.data = data
+        # keep_optimizer_state: the local optimizer's state from this site's previous round (of the current job).
+        self.optimizer_state: dict[str, Any] = {}
         # The task configured with the job's parameters and the data scaled for it: the last setup seen.
         self._prepared: tuple[TaskSetup, Task, SiteData] = (TaskSetup(), task, data)
 
@@ -73,7 +80,18 @@ class Site:
             learning_rate=params.learning_rate,
             seed=params.seed,
             record_dp=record_dp,
+            optimizer=params.optimizer or "task",
+            momentum=params.momentum,
+            weight_decay=params.weight_decay,
+            proximal_mu=params.proximal_mu,
+            optimizer_state=self.optimizer_state if params.keep_optimizer_state else None,
         )
+        if not isinstance(task, TabularTask) and (settings.optimizer != "task" or settings.proximal_mu > 0):
+            log.warning(
+                "task %s has its own train(): the job's optimizer/proximal_mu settings apply only if it reads them "
+                "from TrainSettings (docs/TASKS.md)",
+                task.name,
+            )
         result = task.train(model, data, settings)
         local = state_dict_float32(model)
         delta = {name: local[name] - global_tensors[name] for name in global_tensors}

@@ -58,6 +58,7 @@ class Work:
         self._queue: asyncio.Queue[pb.WorkItem] = asyncio.Queue()
         self._pending: set[WorkKey] = set()
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._optimizer_job = ""  # the job whose local optimizer state the site keeps (keep_optimizer_state)
         self._side: set[asyncio.Task[None]] = set()
 
     # -- what arrives on the work stream ------------------------------------------------------------------------
@@ -166,6 +167,9 @@ class Work:
         return tensors
 
     async def _train(self, task: pb.TrainTask) -> None:
+        if task.job_id != self._optimizer_job:
+            self.site.optimizer_state.clear()  # a kept optimizer state belongs to one job
+            self._optimizer_job = task.job_id
         t0 = time.perf_counter()
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         t1 = time.perf_counter()

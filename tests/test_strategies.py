@@ -25,6 +25,7 @@ from support import (
     runner_of,
 )
 
+from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import decode, encode
 from common.settings import TrainParamsConfig
 from common.tasks.base import TrainSettings, load_task, round_seed
@@ -308,3 +309,40 @@ async def test_secure_aggregation_with_a_server_optimizer_and_a_norm_bound(
     assert max(norms) <= 0.05
     rounds = [r for r in coord.coordinator.store.rounds(runner.job_id) if r.state == "completed"]
     assert [r.strategy_state["optimizer"]["step"] for r in rounds] == [1, 2]
+
+
+async def test_fedprox_and_local_optimizer_options_reach_every_site(
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+) -> None:
+    params = TrainParamsConfig(
+        learning_rate=0.05,
+        seed=2,
+        optimizer="sgd",
+        momentum=0.9,
+        keep_optimizer_state=True,
+        proximal_mu=0.01,
+        lr_schedule="cosine",
+        lr_min=0.01,
+    )
+    job = job_config(rounds=4, min_sites=3, evaluate_every=0, params=params)
+    seen: list[pb.TrainParams] = []
+    coord = await run_job(
+        job,
+        pki,
+        site_data,
+        tmp_path / "state",
+        coordinator_factory,
+        participant_factory,
+        SITES[:3],
+        tap=lambda daemon: wrap_train(daemon, lambda args, _local: seen.append(args[1])),
+    )
+    assert len(seen) == 12
+    assert {(p.optimizer, round(p.momentum, 6), p.keep_optimizer_state, round(p.proximal_mu, 6)) for p in seen} == {
+        ("sgd", 0.9, True, 0.01)
+    }
+    assert sorted({round(p.learning_rate, 6) for p in seen}, reverse=True) == [0.05, 0.04, 0.02, 0.01]
+    assert float(coord.coordinator.store.jobs()[-1]["test_accuracy"]) > 0.85

@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import Dataset
@@ -87,6 +87,14 @@ class TrainSettings:
     # None: ordinary training. Set: DP-SGD, and training is no longer reproducible from ``seed`` (its noise and
     # sampling come from OS entropy; see common.tasks.tabular).
     record_dp: RecordDP | None = None
+    # The job's local-training options (common/settings.py TrainParamsConfig): "task" keeps the task's optimizer.
+    optimizer: str = "task"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    # The site's optimizer state carried between rounds (keep_optimizer_state): loaded before training when not
+    # empty, replaced by the optimizer's state after it. None: a fresh optimizer every round.
+    optimizer_state: dict[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

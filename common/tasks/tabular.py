@@ -71,6 +71,21 @@ def dataset_tensors(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]]) -> tupl
     return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
 
 
+def proximal_term(model: torch.nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's ``(mu / 2) * ||w - w_anchor||^2`` over the model's parameters."""
+    drift = torch.zeros(())
+    for p, p0 in zip(model.parameters(), anchor, strict=True):
+        drift = drift + ((p - p0) ** 2).sum()
+    return mu / 2 * drift
+
+
+@torch.no_grad()
+def proximal_step(model: torch.nn.Module, anchor: list[torch.Tensor], rate: float) -> None:
+    """``w -= rate * (w - w_anchor)``: the proximal term's gradient step, applied outside the optimizer."""
+    for p, p0 in zip(model.parameters(), anchor, strict=True):
+        p.sub_(rate * (p - p0))
+
+
 def check_settings(settings: TrainSettings) -> None:
     """Raise ConfigError for hyper-parameters no training loop can use."""
     if settings.local_epochs < 1:
@@ -150,10 +165,31 @@ class TabularTask:
         """
         if self.proximal_mu <= 0:
             return None
-        drift = torch.zeros(())
-        for p, p0 in zip(model.parameters(), start, strict=True):
-            drift = drift + ((p - p0) ** 2).sum()
-        return self.proximal_mu / 2 * drift
+        return proximal_term(model, start, self.proximal_mu)
+
+    def optimizer_for(self, model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+        """The round's local optimizer: the job's choice (``settings.optimizer``), or the task's own
+        :meth:`make_optimizer`; with the site's state from its previous round when the job keeps it."""
+        lr, decay = settings.learning_rate, settings.weight_decay
+        optimizer: torch.optim.Optimizer
+        if settings.optimizer == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum, weight_decay=decay)
+        elif settings.optimizer == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=decay)
+        else:
+            optimizer = self.make_optimizer(model, settings)
+        kept = settings.optimizer_state
+        if kept:
+            optimizer.load_state_dict(kept)
+            for group in optimizer.param_groups:  # this round's rate (a schedule may have changed it)
+                group["lr"] = lr
+        return optimizer
+
+    @staticmethod
+    def keep_state(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> None:
+        if settings.optimizer_state is not None:
+            settings.optimizer_state.clear()
+            settings.optimizer_state.update(copy.deepcopy(optimizer.state_dict()))
 
     def fit_scaling(self, x_train: FloatArray) -> tuple[FloatArray, FloatArray]:
         """``(offset, scale)``, applied as ``(x - offset) / scale`` to every split of this site when the job sends no
@@ -257,8 +293,9 @@ class TabularTask:
         if settings.record_dp is not None:
             return self.train_dp(model, x, y, settings, settings.record_dp)
         generator = torch.Generator().manual_seed(settings.seed)
-        optimizer = self.make_optimizer(model, settings)
+        optimizer = self.optimizer_for(model, settings)
         initial = [p.detach().clone() for p in model.parameters()]  # the global model: FedProx's anchor
+        mu = settings.proximal_mu
         model.train()
         steps = 0
         loss_sum = 0.0
@@ -272,12 +309,16 @@ class TabularTask:
                 logits = model(x[idx])
                 loss = self.loss(logits, y[idx])
                 extra = self.penalty(model, initial)
-                (loss if extra is None else loss + extra).backward()  # type: ignore[no-untyped-call]
+                objective = loss if extra is None else loss + extra
+                if mu > 0:  # the job's FedProx term, on top of any penalty the task adds itself
+                    objective = objective + proximal_term(model, initial, mu)
+                objective.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 steps += 1
                 if last:
                     loss_sum += float(loss.detach()) * len(idx)
                     correct += int((logits.detach().argmax(dim=1) == y[idx]).sum())
+        self.keep_state(optimizer, settings)
         return TrainResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n, extra={"steps": float(steps)})
 
     def train_dp(
@@ -314,7 +355,8 @@ class TabularTask:
         # state-dict keys with "_module."); the caller's model stays a plain module and gets the trained weights.
         trained = copy.deepcopy(model)
         trained.train()
-        optimizer = self.make_optimizer(trained, settings)
+        optimizer = self.optimizer_for(trained, settings)
+        anchor = [p.detach().clone() for p in trained.parameters()]
         sampling = entropy_generator()
         noise = entropy_generator()
         loader = DataLoader(TensorDataset(x, y), batch_size=settings.batch_size, generator=sampling)
@@ -348,6 +390,11 @@ class TabularTask:
                         loss = self.loss(logits, yb)
                         loss.backward()  # type: ignore[no-untyped-call]
                         dp_optimizer.step()
+                        if settings.proximal_mu > 0:
+                            # FedProx under DP-SGD: the proximal pull does not depend on the data, so it is applied
+                            # after the private step, decoupled (w -= lr * mu * (w - w_global)): the same update as
+                            # the proximal gradient for SGD, post-processing of the private step either way.
+                            proximal_step(trained, anchor, settings.learning_rate * settings.proximal_mu)
                         steps += 1
                         if last and len(yb):
                             seen += len(yb)
@@ -356,6 +403,7 @@ class TabularTask:
             finally:
                 module.remove_hooks()
         model.load_state_dict(trained.state_dict(), strict=True)
+        self.keep_state(optimizer, settings)
         return TrainResult(
             num_samples=len(y),
             loss=loss_sum / seen if seen else 0.0,

@@ -390,6 +390,11 @@ class JobMachine:
                 batch_size=spec.params.batch_size,
                 learning_rate=spec.params.rate(self.number, spec.rounds),
                 seed=round_seed(spec.params.seed, self.number),
+                optimizer=spec.params.optimizer,
+                momentum=spec.params.momentum,
+                weight_decay=spec.params.weight_decay,
+                keep_optimizer_state=spec.params.keep_optimizer_state,
+                proximal_mu=spec.params.proximal_mu,
             ),
             norm_bound=spec.strategy.norm_bound,
         )

@@ -836,6 +836,11 @@ class TrainParams(_message.Message):
     LR_STEP_ROUNDS_FIELD_NUMBER: _builtins.int
     LR_GAMMA_FIELD_NUMBER: _builtins.int
     LR_MIN_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    MOMENTUM_FIELD_NUMBER: _builtins.int
+    WEIGHT_DECAY_FIELD_NUMBER: _builtins.int
+    KEEP_OPTIMIZER_STATE_FIELD_NUMBER: _builtins.int
+    PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     local_epochs: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
@@ -847,6 +852,14 @@ class TrainParams(_message.Message):
     lr_step_rounds: _builtins.int
     lr_gamma: _builtins.float
     lr_min: _builtins.float
+    optimizer: _builtins.str
+    """Local training (common/settings.py TrainParamsConfig): sent with every TrainTask.
+    task, sgd, adam
+    """
+    momentum: _builtins.float
+    weight_decay: _builtins.float
+    keep_optimizer_state: _builtins.bool
+    proximal_mu: _builtins.float
     def __init__(
         self,
         *,
@@ -858,13 +871,20 @@ class TrainParams(_message.Message):
         lr_step_rounds: _builtins.int | None = ...,
         lr_gamma: _builtins.float | None = ...,
         lr_min: _builtins.float | None = ...,
+        optimizer: _builtins.str | None = ...,
+        momentum: _builtins.float | None = ...,
+        weight_decay: _builtins.float | None = ...,
+        keep_optimizer_state: _builtins.bool | None = ...,
+        proximal_mu: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_keep_optimizer_state", b"_keep_optimizer_state", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_proximal_mu", b"_proximal_mu", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "keep_optimizer_state", b"keep_optimizer_state", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "momentum", b"momentum", "optimizer", b"optimizer", "proximal_mu", b"proximal_mu", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_keep_optimizer_state", b"_keep_optimizer_state", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_proximal_mu", b"_proximal_mu", "_seed", b"_seed", "_weight_decay", b"_weight_decay", "batch_size", b"batch_size", "keep_optimizer_state", b"keep_optimizer_state", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "momentum", b"momentum", "optimizer", b"optimizer", "proximal_mu", b"proximal_mu", "seed", b"seed", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__keep_optimizer_state: _TypeAlias = _typing.Literal["keep_optimizer_state"]  # noqa: Y015
+    _WhichOneofArgType__keep_optimizer_state: _TypeAlias = _typing.Literal["_keep_optimizer_state", b"_keep_optimizer_state"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
@@ -877,10 +897,20 @@ class TrainParams(_message.Message):
     _WhichOneofArgType__lr_schedule: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule"]  # noqa: Y015
     _WhichOneofReturnType__lr_step_rounds: _TypeAlias = _typing.Literal["lr_step_rounds"]  # noqa: Y015
     _WhichOneofArgType__lr_step_rounds: _TypeAlias = _typing.Literal["_lr_step_rounds", b"_lr_step_rounds"]  # noqa: Y015
+    _WhichOneofReturnType__momentum: _TypeAlias = _typing.Literal["momentum"]  # noqa: Y015
+    _WhichOneofArgType__momentum: _TypeAlias = _typing.Literal["_momentum", b"_momentum"]  # noqa: Y015
+    _WhichOneofReturnType__optimizer: _TypeAlias = _typing.Literal["optimizer"]  # noqa: Y015
+    _WhichOneofArgType__optimizer: _TypeAlias = _typing.Literal["_optimizer", b"_optimizer"]  # noqa: Y015
+    _WhichOneofReturnType__proximal_mu: _TypeAlias = _typing.Literal["proximal_mu"]  # noqa: Y015
+    _WhichOneofArgType__proximal_mu: _TypeAlias = _typing.Literal["_proximal_mu", b"_proximal_mu"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__weight_decay: _TypeAlias = _typing.Literal["weight_decay"]  # noqa: Y015
+    _WhichOneofArgType__weight_decay: _TypeAlias = _typing.Literal["_weight_decay", b"_weight_decay"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_optimizer_state) -> _WhichOneofReturnType__keep_optimizer_state | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
@@ -894,7 +924,15 @@ class TrainParams(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_step_rounds) -> _WhichOneofReturnType__lr_step_rounds | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__momentum) -> _WhichOneofReturnType__momentum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__optimizer) -> _WhichOneofReturnType__optimizer | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__proximal_mu) -> _WhichOneofReturnType__proximal_mu | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_decay) -> _WhichOneofReturnType__weight_decay | None: ...
 
 Global___TrainParams: _TypeAlias = TrainParams  # noqa: Y015
 
