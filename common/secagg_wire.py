@@ -27,12 +27,21 @@ MASKED_TENSOR = "secagg.masked"
 
 MAX_ATTEMPTS = 500  # training attempts of a round (the job's max_round_retries is below)
 MAX_EVAL_INSTANCES = 250  # secure evaluation instances of one round and split
+# The feature-statistics phase before round 1 (common/tasks/standardize.py): a lanes-only secure instance addressed
+# as round 0, split "stats". Its instance numbers lie far above every training and evaluation instance's (rounds are
+# uint32 on the wire: at most 2**32 * 1000 + 1000 < 2**48).
+STATS_SPLIT = "stats"
+STATS_INSTANCE_BASE = 1 << 48
 
 
 def secagg_round_no(round_no: int, attempt: int, split: str = "") -> int:
     """The instance number signed and bound into every key: distinct for each training attempt of a round and for each
     secure evaluation instance of it (``split`` "val"/"test", ``attempt`` the instance), so nothing from one instance
-    can be replayed into another."""
+    can be replayed into another. The statistics phase (``split`` "stats", round 0) numbers its instances apart."""
+    if split == STATS_SPLIT:
+        if round_no != 0 or not 0 <= attempt < MAX_EVAL_INSTANCES:
+            raise InvalidArgument(f"no feature-statistics instance {round_no}/{attempt} (round 0 only)")
+        return STATS_INSTANCE_BASE + attempt
     if split == "":
         if not 0 <= attempt < MAX_ATTEMPTS:
             raise InvalidArgument(f"attempt {attempt} is out of range")

@@ -10,6 +10,7 @@ from common.certs import TlsFiles
 from common.errors import ConfigError
 from common.names import RULE, is_name
 from common.settings import HttpConfig, TrainParamsConfig, parse_address
+from common.tasks.standardize import DEFAULT_LOWER_QUANTILE, DEFAULT_UPPER_QUANTILE
 from coordinator.strategy.config import StrategyConfig
 
 ENV_PREFIX = "COHORT_COORDINATOR_"
@@ -130,6 +131,26 @@ class SecureAggregationConfig:
 
 
 @dataclass(frozen=True)
+class StandardizeConfig:
+    """Federated feature standardization (common/tasks/standardize.py): before round 1 the sites' feature statistics
+    are summed securely, and every train and evaluate task carries the scaling derived from the totals.
+
+    Needs secure aggregation (a site's statistics in the clear would show the coordinator that site's feature means
+    and histograms; docs/SECURITY.md) and a task that declares ``feature_ranges``. Each feature is clipped to the
+    pooled ``lower_quantile`` / ``upper_quantile`` (0 / 1: no clip on that side), then standardized.
+    """
+
+    enabled: bool = False
+    lower_quantile: float = DEFAULT_LOWER_QUANTILE
+    upper_quantile: float = DEFAULT_UPPER_QUANTILE
+
+    def check(self, path: str) -> None:
+        where = path or "standardize"
+        if not 0 <= self.lower_quantile < 0.5 < self.upper_quantile <= 1:
+            raise ConfigError(f"{where}: need 0 <= lower_quantile < 0.5 < upper_quantile <= 1")
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Differential privacy for the job, and its budget.
 
@@ -197,9 +218,16 @@ class JobConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # Server optimizer, aggregation rule and cohort selection (coordinator/strategy/config.py).
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # The federated feature-statistics phase before round 1 (off: the task's own fallback scaling).
+    standardize: StandardizeConfig = field(default_factory=StandardizeConfig)
 
     def check(self, path: str) -> None:
         where = path or "job"
+        if self.standardize.enabled and not self.secure_aggregation.enabled:
+            raise ConfigError(
+                f"{where}.standardize.enabled: the statistics phase needs secure_aggregation.enabled (in the clear, "
+                "each site's statistics would show the coordinator that site's feature means and histograms)"
+            )
         self.strategy.check_with(
             f"{where}.strategy",
             min_sites=self.min_sites,

@@ -17,6 +17,7 @@ from common import config as config_loader
 from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TaskError
 from common.serde import Limits, state_dict_float32
 from common.tasks.base import Task, configure, load_task
+from common.tasks.standardize import FeatureScaling, StatisticsSpec
 from coordinator.config import JobConfig
 from coordinator.round.events import JobState
 from coordinator.round.identity import JobIdentity
@@ -100,6 +101,11 @@ class Jobs:
             configured = configure(task, spec.task_params, "job.task_params")
         except ConfigError as exc:
             raise InvalidArgument(f"job spec: {exc}") from None
+        if spec.standardize.enabled and _statistics_spec(configured) is None:
+            raise FailedPrecondition(
+                f"job.standardize: task {spec.task!r} declares no feature_ranges, so it has no statistics phase; "
+                "turn standardize off (the task then uses its own scaling)"
+            )
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         tensors = state_dict_float32(configured.build_model(seed=spec.params.seed))
         model = self.models.save(tensors, {"job": job_id, "round": "0"})
@@ -158,15 +164,34 @@ class Jobs:
         )
         privacy = self._privacy(spec)
         privacy.restore(row["privacy_state"] or {})
-        setup = self._setup(job_id, spec, task, identity, point.model.specs)
+        scaling = FeatureScaling.from_dict(row.get("feature_scaling") or {})  # the statistics phase already ran
+        setup = self._setup(job_id, spec, task, identity, point.model.specs, scaling)
         machine = JobMachine(setup, point.model.version, privacy, resume=point.plan)
         optimizer = OptimizerState(int(dict(point.plan.strategy.get("optimizer", {})).get("step", 0)), point.moments)
         return JobRunner(machine, tensors=point.tensors, model=point.model, optimizer=optimizer, **self._io())
 
-    def _setup(self, job_id: str, spec: JobConfig, task: Task, identity: JobIdentity, specs: Any) -> JobSetup:
+    def _setup(
+        self,
+        job_id: str,
+        spec: JobConfig,
+        task: Task,
+        identity: JobIdentity,
+        specs: Any,
+        scaling: FeatureScaling | None = None,
+    ) -> JobSetup:
         report_scores = bool(getattr(task, "report_scores", False)) and task.schema.num_classes == 2
+        statistics = _statistics_spec(task) if spec.standardize.enabled else None
         return JobSetup(
-            job_id, spec, identity, tuple(specs), len(self.allowed), tuple(self.ca_certs), task.name, report_scores
+            job_id,
+            spec,
+            identity,
+            tuple(specs),
+            len(self.allowed),
+            tuple(self.ca_certs),
+            task.name,
+            report_scores,
+            statistics,
+            scaling,
         )
 
     def _privacy(self, spec: JobConfig) -> JobPrivacy:
@@ -224,3 +249,10 @@ class Jobs:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _statistics_spec(task: Task) -> StatisticsSpec | None:
+    """The lanes of the task's feature statistics (None: it declares no feature ranges)."""
+    spec_of = getattr(task, "statistics_spec", None)
+    spec = spec_of() if callable(spec_of) else None
+    return spec if isinstance(spec, StatisticsSpec) else None

@@ -1,7 +1,8 @@
-"""What a site does with a task, off the event loop: train from the global model, compute the update, evaluate.
+"""What a site does with a task, off the event loop: train from the global model, compute the update, evaluate,
+and the feature statistics of the statistics phase.
 
-Runs in a worker thread. The data stays in this process: only the update (local - global), sample counts and
-aggregate metrics leave it.
+Runs in a worker thread. The data stays in this process: only the update (local - global), sample counts, aggregate
+metrics and (masked, under secure aggregation) the train split's feature statistics leave it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Any
 
 import torch
 
+from common.errors import DataError, InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.secagg.lanes import LaneLayout
 from common.serde import EncodedTensors, encode, state_dict_float32
 from common.tasks.base import EvalResult, RecordDP, SiteData, Task, TrainResult, TrainSettings
 from common.tasks.setup import TaskSetup, prepare
+from common.tasks.standardize import MAX_STATISTICS_ROWS, statistics_lane_values, statistics_lanes
 from common.tasks.tabular import TabularTask
 
 log = logging.getLogger("cohort.participant.site")
@@ -108,3 +112,20 @@ class Site:
         task, data = self.prepared(setup or TaskSetup())
         result = task.evaluate(self._model(task, global_tensors), data.split(split))
         return result, time.perf_counter() - started
+
+    def statistics(self, setup: TaskSetup, layout: LaneLayout | None) -> dict[str, float]:
+        """This site's feature statistics (its raw train split only) as the lanes of the statistics phase's secure
+        sum (common/tasks/standardize.py). Refused when the task declares no feature ranges or the coordinator's lane
+        layout is not the one this site's task gives."""
+        task, _ = self.prepared(TaskSetup(setup.params_json))
+        spec_of = getattr(task, "statistics_spec", None)
+        spec = spec_of() if callable(spec_of) else None
+        if spec is None:
+            raise DataError(f"task {task.name!r} declares no feature_ranges; it cannot take part in a statistics phase")
+        if layout is None or layout.lanes != statistics_lanes(spec, MAX_STATISTICS_ROWS):
+            raise InvalidArgument(
+                "the coordinator's statistics lanes do not match this site's task (its feature ranges or histogram "
+                "bins differ)"
+            )
+        vector = task.site_statistics(self.data)  # type: ignore[attr-defined]
+        return statistics_lane_values(vector, spec, MAX_STATISTICS_ROWS)

@@ -21,10 +21,11 @@ import grpc
 import torch
 
 from common import failpoints
-from common.errors import InvalidArgument
+from common.errors import CohortError, InvalidArgument
 from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.lanes import eval_lane_values, train_lane_values
+from common.secagg_wire import STATS_SPLIT, setup_from_proto
 from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
 from common.tasks.base import RecordDP
 from common.tasks.setup import TaskSetup
@@ -256,24 +257,16 @@ class Work:
         return await self._conn.retrying("upload", deadline, upload)
 
     async def _evaluate(self, task: pb.EvaluateTask) -> None:
+        if task.split == STATS_SPLIT:
+            await self._statistics(task)
+            return
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split, TaskSetup.of(task))
         if task.HasField("secagg"):
             # A secure evaluation: the results are summed with the other sites' (the coordinator sees the totals).
             # The score histogram's lanes count only when the coordinator's layout has them.
             lanes = eval_lane_values(result.num_samples, result.loss, result.accuracy)
-            masked = await self.secagg.masked_lanes(task, lanes | score_lane_values(result.scores))
-            if masked is None:
-                return
-            header = pb.UpdateHeader(
-                job_id=task.job_id,
-                round=task.round,
-                attempt=task.attempt,
-                split=task.split,
-                base_model_version=task.model_version,
-                manifest=masked.manifest(),
-            )
-            await self._upload(header, masked, task.deadline_unix, task.round)
+            await self._upload_lanes(task, lanes | score_lane_values(result.scores))
             return
         report = pb.EvaluationReport(
             job_id=task.job_id,
@@ -293,6 +286,35 @@ class Work:
             return ack
 
         await self._conn.retrying("evaluation report", task.deadline_unix, send)
+
+    async def _statistics(self, task: pb.EvaluateTask) -> None:
+        """The statistics phase: this site's feature statistics, masked, into the secure sum (no model needed)."""
+        try:
+            _, _, layout = setup_from_proto(task.job_id, task.round, task.attempt, task.secagg, task.split)
+            lanes = await asyncio.to_thread(self.site.statistics, TaskSetup.of(task), layout)
+        except CohortError as exc:
+            log.error("feature statistics: cannot take part: %s", exc)
+            await self._conn.decline(task.job_id, task.round, task.attempt, f"feature statistics: {exc}", task.split)
+            return
+        if await self._upload_lanes(task, lanes):
+            log.info("feature statistics of %d training records sent, masked", self.site.num_train_samples)
+
+    async def _upload_lanes(self, task: pb.EvaluateTask, lanes: dict[str, float]) -> bool:
+        """A lanes-only secure instance's input, masked once the neighbours' shares are in, uploaded (False: this
+        site takes no further part)."""
+        masked = await self.secagg.masked_lanes(task, lanes)
+        if masked is None:
+            return False
+        header = pb.UpdateHeader(
+            job_id=task.job_id,
+            round=task.round,
+            attempt=task.attempt,
+            split=task.split,
+            base_model_version=task.model_version,
+            manifest=masked.manifest(),
+        )
+        await self._upload(header, masked, task.deadline_unix, task.round)
+        return True
 
 
 def _key(item: pb.WorkItem) -> WorkKey:

@@ -9,6 +9,7 @@ coordinator on their own, over mutual TLS. The store, the spool and the checkpoi
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -444,3 +445,23 @@ async def test_graceful_shutdown_interrupts_and_the_next_start_resumes(
     assert run.job()["state"] == "finished"
     assert run.job()["model_version"] == want.job()["model_version"]
     assert_each_round_counted_once(run)
+
+
+async def test_a_crash_after_the_statistics_phase_resumes_with_the_stored_scaling(
+    tmp_path: Path, pki: Pki, site_data: dict[str, Path]
+) -> None:
+    """job.standardize: killed after the scaling is stored and before round 1, the restarted coordinator does not
+    run the statistics phase again; every round trains with the scaling on the job row."""
+    job = SECURE | {"standardize": {"enabled": True}}
+    run = make_run(tmp_path / "run", pki, job)
+    await federate(run, pki, site_data, crashes=("coordinator.standardized",))
+
+    row = run.job()
+    assert row["state"] == "finished", row["detail"]
+    kinds = run.audit_kinds()
+    assert "job_resumed" in kinds
+    assert kinds.count("features_standardized") == 1  # the phase ran once, in the first life
+    assert kinds.index("job_resumed") < kinds.index("round_completed")
+    scaling = json.loads(row["feature_scaling"])
+    assert len(scaling["mean"]) == 30
+    assert [r["round"] for r in run.rounds() if r["state"] == "completed"] == list(range(1, ROUNDS + 1))

@@ -12,7 +12,7 @@ import pytest
 from common.errors import InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.settings import TrainParamsConfig
-from coordinator.config import JobConfig, PrivacyConfig, SecureAggregationConfig
+from coordinator.config import JobConfig, PrivacyConfig, SecureAggregationConfig, StandardizeConfig
 from coordinator.jobspec import from_proto, job_spec_of_record, schema_drift, to_proto
 from coordinator.strategy.config import StrategyConfig
 
@@ -86,13 +86,20 @@ CHANGES: list[tuple[str, dict[str, Any]]] = [
     ("strategy", {"buffer_size": 4}),
     ("strategy", {"max_staleness": 0}),
     ("strategy", {"staleness_exponent": 0.0}),
+    ("standardize", {"enabled": True}),
+    ("standardize", {"lower_quantile": 0.0}),
+    ("standardize", {"upper_quantile": 1.0}),
+    ("standardize", {"upper_quantile": 0.95}),
 ]
 
 
 def changed(section: str, values: dict[str, Any]) -> JobConfig:
+    base = BASE
+    if section == "standardize":  # the statistics phase needs secure aggregation
+        base = dataclasses.replace(BASE, secure_aggregation=SecureAggregationConfig(enabled=True))
     if not section:
-        return dataclasses.replace(BASE, **values)
-    return dataclasses.replace(BASE, **{section: dataclasses.replace(getattr(BASE, section), **values)})
+        return dataclasses.replace(base, **values)
+    return dataclasses.replace(base, **{section: dataclasses.replace(getattr(base, section), **values)})
 
 
 def test_config_and_wire_have_the_same_keys() -> None:
@@ -106,6 +113,7 @@ def test_every_key_is_covered_by_the_round_trip_cases() -> None:
         "secure_aggregation": SecureAggregationConfig,
         "privacy": PrivacyConfig,
         "strategy": StrategyConfig,
+        "standardize": StandardizeConfig,
     }
     keys = {("", f.name) for f in dataclasses.fields(JobConfig) if f.name not in sections and f.name != "task"}
     for name, cls in sections.items():
@@ -134,3 +142,7 @@ def test_unset_fields_take_the_defaults_and_bad_values_name_the_key() -> None:
         from_proto(pb.JobSpec(task="breast_cancer", task_params_json='{"hidden": [1, 2]}'))
     with pytest.raises(InvalidArgument, match=r"job\.task_params"):
         from_proto(pb.JobSpec(task="breast_cancer", task_params_json="{not json"))
+    with pytest.raises(InvalidArgument, match=r"job\.standardize\.enabled: .*needs secure_aggregation"):
+        from_proto(pb.JobSpec(task="breast_cancer", standardize=pb.StandardizeSpec(enabled=True)))
+    with pytest.raises(InvalidArgument, match=r"job\.standardize: need 0 <= lower_quantile"):
+        from_proto(pb.JobSpec(task="breast_cancer", standardize=pb.StandardizeSpec(upper_quantile=0.4)))

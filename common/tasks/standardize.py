@@ -164,6 +164,21 @@ class FeatureScaling:
             return None
         return cls(tuple(message.mean), tuple(message.std), tuple(message.lower), tuple(message.upper))
 
+    def to_dict(self) -> dict[str, list[float]]:
+        """For the job row (JSON; an infinite bound is written as Infinity, which Python's json reads back)."""
+        return {"mean": list(self.mean), "std": list(self.std), "lower": list(self.lower), "upper": list(self.upper)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> FeatureScaling | None:
+        """None for an empty mapping (no statistics phase ran); InvalidArgument for a malformed one."""
+        if not data:
+            return None
+        try:
+            values = [tuple(float(v) for v in data[k]) for k in ("mean", "std", "lower", "upper")]  # type: ignore[attr-defined]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgument(f"malformed feature scaling: {exc}") from None
+        return cls(*values)
+
     @classmethod
     def of_constants(cls, offset: NDArray[np.floating], scale: NDArray[np.floating]) -> FeatureScaling:
         """The no-clip scaling ``(x - offset) / scale`` of a task's fixed constants."""
@@ -226,6 +241,7 @@ def derive_scaling(
 
 
 STATISTICS_SCALE = 2.0**20  # fixed-point units per unit of a sum or sum of squares
+MAX_STATISTICS_ROWS = 1_000_000_000  # training records one site may contribute (common/secagg/lanes.py MAX_SAMPLES)
 
 
 def statistics_lanes(spec: StatisticsSpec, max_rows: int) -> tuple[Lane, ...]:

@@ -24,9 +24,10 @@ from common.metrics import RECALL_KEY, SCORE_LANES, ScoreHistogram, scores_of_la
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.errors import SecAggAborted
 from common.secagg.lanes import EVAL_LANES
-from common.secagg_wire import MAX_EVAL_INSTANCES
+from common.secagg_wire import MAX_EVAL_INSTANCES, STATS_SPLIT
 from common.serde import Spec
 from common.tasks.base import round_seed
+from common.tasks.standardize import FeatureScaling
 from coordinator.round.events import (
     AckDuplicate,
     Action,
@@ -69,6 +70,7 @@ from coordinator.round.records import Evaluation, JobSetup, Report, RoundAttempt
 from coordinator.round.rules import DeadlinePassed, RoundEvent, RoundState, SiteBack, SiteLost, Stop, UploadAccepted
 from coordinator.round.secagg import SecAggRound
 from coordinator.round.secure_sum import Done, SecureSum
+from coordinator.round.standardize import Standardization, records_of, scaling_json, stamp
 from coordinator.state.registry import Declaration
 from coordinator.state.resume import ResumePlan
 from coordinator.strategy import selection
@@ -125,6 +127,12 @@ class JobMachine:
         # round (an update is computed on the version of the round its task named).
         self._outstanding: dict[str, tuple[int, int]] = {}
         self._versions: dict[int, str] = {}
+        # job.standardize: the feature-statistics phase before round 1 (coordinator/round/standardize.py).
+        self.standardization = (
+            Standardization(setup.statistics, self.spec.standardize, setup.scaling)
+            if setup.statistics is not None
+            else None
+        )
         self._out: list[Action] = []
 
     # -- queries ------------------------------------------------------------------------------------------------
@@ -295,6 +303,8 @@ class JobMachine:
             number, attempt, split = self._waiting_eval
             self._waiting_eval = None
             self._open_evaluation(now, number, attempt, split, waited=True)
+        elif self.standardization is not None and self.standardization.pending:
+            self._open_evaluation(now, 0, 0, STATS_SPLIT, waited=True)
         else:
             self._begin_round(now)
 
@@ -388,6 +398,7 @@ class JobMachine:
             ),
             norm_bound=spec.strategy.norm_bound,
         )
+        stamp(task, self.scaling)
         secagg = None
         if spec.secure_aggregation.enabled:
             numel = sum(s.numel for s in self.setup.specs)
@@ -894,6 +905,7 @@ class JobMachine:
                 task_params_json=self.setup.identity.task_params,
             )
         )
+        stamp(item.evaluate, self.scaling)
         for site in sites:
             if site not in ev.reports and not self._send(site, item):
                 ev.expected.discard(site)
@@ -909,6 +921,11 @@ class JobMachine:
             return
         ev.instance = instance
         upload_deadline = ev.deadline - self.spec.unmask_reserve_s
+        if ev.split == STATS_SPLIT:
+            assert self.standardization is not None
+            lanes = self.standardization.lanes()
+        else:
+            lanes = EVAL_LANES + SCORE_LANES if self.setup.report_scores else EVAL_LANES
         sa = SecAggRound.create(
             self.job_id,
             ev.number,
@@ -919,7 +936,7 @@ class JobMachine:
             list(self.setup.ca_certs),
             now=now,
             split=ev.split,
-            lanes=EVAL_LANES + SCORE_LANES if self.setup.report_scores else EVAL_LANES,
+            lanes=lanes,
         )
         ev.secure = self._secure_sum(sa, upload_deadline, ev.deadline, now)
         task = pb.EvaluateTask(
@@ -931,6 +948,7 @@ class JobMachine:
             attempt=instance,
             task_params_json=self.setup.identity.task_params,
         )
+        stamp(task, self.scaling)
         task.secagg.CopyFrom(sa.setup())
         for site in sites:
             if not self._send(site, pb.WorkItem(evaluate=task)):
@@ -946,13 +964,17 @@ class JobMachine:
                 done = Done(False, f"secure aggregation: {exc}")
             else:
                 t = unmasked.totals
+                if ev.split == STATS_SPLIT:  # the feature statistics' totals: the phase derives the scaling
+                    ev.lane_totals, ev.totals = dict(t), (records_of(t), math.nan, math.nan)
+                    self._check_evaluation(now)
+                    return
                 n = round(t.get("samples", 0.0))
                 ev.totals = (n, t["loss_sum"] / n, t["accuracy_sum"] / n) if n else (0, math.nan, math.nan)
                 ev.scores = scores_of_lanes(t)  # the federation's histogram; no site's alone
         if not done.ok:
             fields = {"job_id": self.job_id, "round": ev.number, "split": ev.split, "reason": done.reason}
             self._emit(Audit("secure_evaluation_failed", fields))
-            ev.totals = (0, math.nan, math.nan)
+            ev.totals, ev.failure = (0, math.nan, math.nan), done.reason
         self._check_evaluation(now)
 
     def _eval_upload_started(self, site: str, h: pb.UpdateHeader, specs: tuple[Spec, ...]) -> None:
@@ -1027,6 +1049,9 @@ class JobMachine:
         self.evaluation = None
         if ev.secure is not None and ev.secure.stage != "done":
             ev.secure.stop("the evaluation ended")
+        if ev.split == STATS_SPLIT:
+            self._standardized(ev, now)
+            return
         n, loss, acc = ev.aggregate()
         metrics = ev.score_metrics()
         if ev.split == "val":
@@ -1049,6 +1074,49 @@ class JobMachine:
             self._finish(JobState.STOPPED, self._stop_reason or "stopped by an admin")
         else:
             self._finish(JobState.FINISHED, f"completed {self.spec.rounds} rounds")
+
+    @property
+    def scaling(self) -> FeatureScaling | None:
+        """The federation's feature scaling every train and evaluate task carries (None: the task's fallback)."""
+        return self.standardization.scaling if self.standardization is not None else self.setup.scaling
+
+    def _standardized(self, ev: Evaluation, now: float) -> None:
+        """The statistics phase ended: keep the scaling (on the job row too) and go on to round 1, or try again."""
+        phase = self.standardization
+        assert phase is not None
+        scaling, reason = phase.derive(ev.lane_totals) if ev.lane_totals is not None else (None, "")
+        if scaling is not None:
+            assert ev.lane_totals is not None
+            records = records_of(ev.lane_totals)
+            self._emit(UpdateJob({"feature_scaling": scaling_json(scaling)}))
+            fields = {"job_id": self.job_id, "sites": len(ev.inputs), "records": records, "features": scaling.features}
+            self._emit(Audit("features_standardized", fields))
+            self._emit(
+                Progress(
+                    f"feature statistics: {records} training records from {len(ev.inputs)} sites (secure sum); "
+                    f"{scaling.features} features standardized with the federation's mean, std and quantile bounds"
+                )
+            )
+            self._emit(Failpoint("coordinator.standardized", 0))
+            self._next(now)
+            return
+        reason = (
+            reason
+            or ev.failure
+            or (
+                "fewer than 2 eligible sites: nothing to sum securely"
+                if ev.secure is None
+                else "the statistics timed out"
+            )
+        )
+        self._emit(Audit("statistics_failed", {"job_id": self.job_id, "reason": reason}))
+        self._emit(Progress(f"feature statistics failed: {reason}"))
+        if self._stop_reason is not None:
+            self._finish(JobState.STOPPED, self._stop_reason or "stopped by an admin")
+        elif phase.give_up(self.spec.max_round_retries):
+            self._finish(JobState.FAILED, f"the feature-statistics phase failed {phase.failures} times: {reason}")
+        else:
+            self._wait(now)
 
     def _print_round(
         self, val: tuple[int, float, float] | None, extra_s: float = 0.0, metrics: dict[str, float] | None = None

@@ -13,6 +13,7 @@ from cryptography import x509
 from common.metrics import ScoreHistogram, imbalance_metrics
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import Spec
+from common.tasks.standardize import FeatureScaling, StatisticsSpec
 from coordinator.config import JobConfig
 from coordinator.round.identity import JobIdentity
 from coordinator.round.rules import RoundState
@@ -32,6 +33,10 @@ class JobSetup:
     ca_certs: tuple[x509.Certificate, ...] = ()
     task_name: str = ""
     report_scores: bool = False  # a binary task that reports score histograms (common/metrics.py)
+    # job.standardize: the lanes of the feature-statistics phase (None: no phase), and the scaling the job row
+    # already holds (a restarted job whose phase ran does not run it again).
+    statistics: StatisticsSpec | None = None
+    scaling: FeatureScaling | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,9 @@ class Evaluation:
     # the score lanes), for AUC-PR and recall at 1 % FPR; None when no site sent one.
     scores: ScoreHistogram | None = None
     scored: set[str] = field(default_factory=set)  # plain: the sites whose histogram is in ``scores``
+    # The statistics phase (split "stats"): the secure sum's lane totals, or why there are none.
+    lane_totals: dict[str, float] | None = None
+    failure: str = ""
 
     def add_scores(self, site: str, histogram: ScoreHistogram) -> None:
         self.scores = histogram if self.scores is None else self.scores + histogram

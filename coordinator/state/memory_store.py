@@ -50,6 +50,7 @@ class MemoryStore:
             "privacy_state": {},
             "site_aborts": {},
             "test_metrics": {},
+            "feature_scaling": {},
         }
 
     def update_job(self, job_id: str, **fields: Any) -> None:
@@ -60,7 +61,9 @@ class MemoryStore:
         if row is None:
             return
         for key, value in fields.items():
-            json_column = key in ("privacy_state", "site_aborts", "test_metrics") and isinstance(value, str)
+            json_column = key in ("privacy_state", "site_aborts", "test_metrics", "feature_scaling") and isinstance(
+                value, str
+            )
             row[key] = json.loads(value) if json_column else value
         row["updated"] = time.time()
 

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     site_epsilon TEXT NOT NULL DEFAULT '{}',
     privacy_state TEXT NOT NULL DEFAULT '{}',
     site_aborts TEXT NOT NULL DEFAULT '{}',
-    test_metrics TEXT NOT NULL DEFAULT '{}'
+    test_metrics TEXT NOT NULL DEFAULT '{}',
+    feature_scaling TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL,
@@ -113,6 +114,7 @@ JOB_FIELDS = frozenset(
         "privacy_state",
         "site_aborts",
         "test_metrics",
+        "feature_scaling",
     }
 )
 
@@ -230,6 +232,8 @@ class SqliteStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN site_aborts TEXT NOT NULL DEFAULT '{}'")
         if "test_metrics" not in have:
             self._db.execute("ALTER TABLE jobs ADD COLUMN test_metrics TEXT NOT NULL DEFAULT '{}'")
+        if "feature_scaling" not in have:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN feature_scaling TEXT NOT NULL DEFAULT '{}'")
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)").fetchall()}
         if "val_metrics" not in have:
             self._db.execute("ALTER TABLE rounds ADD COLUMN val_metrics TEXT NOT NULL DEFAULT '{}'")
@@ -280,6 +284,7 @@ class SqliteStore:
             d["privacy_state"] = json.loads(d["privacy_state"])
             d["site_aborts"] = json.loads(d["site_aborts"])
             d["test_metrics"] = json.loads(d["test_metrics"])
+            d["feature_scaling"] = json.loads(d["feature_scaling"])
             out.append(d)
         return out
 

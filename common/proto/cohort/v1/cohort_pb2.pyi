@@ -1349,6 +1349,7 @@ class JobSpec(_message.Message):
     OVER_SELECTION_FIELD_NUMBER: _builtins.int
     TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
+    STANDARDIZE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -1379,6 +1380,10 @@ class JobSpec(_message.Message):
     def strategy(self) -> Global___StrategySpec:
         """server optimizer, aggregation rule, cohort selection"""
 
+    @_builtins.property
+    def standardize(self) -> Global___StandardizeSpec:
+        """the federated feature-statistics phase before round 1"""
+
     def __init__(
         self,
         *,
@@ -1398,10 +1403,11 @@ class JobSpec(_message.Message):
         over_selection: _builtins.float | None = ...,
         task_params_json: _builtins.str | None = ...,
         strategy: Global___StrategySpec | None = ...,
+        standardize: Global___StandardizeSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "standardize", b"standardize", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "standardize", b"standardize", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__evaluate_every: _TypeAlias = _typing.Literal["evaluate_every"]  # noqa: Y015
     _WhichOneofArgType__evaluate_every: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every"]  # noqa: Y015
@@ -1453,6 +1459,47 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_for_sites_s) -> _WhichOneofReturnType__wait_for_sites_s | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class StandardizeSpec(_message.Message):
+    """coordinator/config.py StandardizeConfig, key for key (docs/CONFIG.md job.standardize)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    LOWER_QUANTILE_FIELD_NUMBER: _builtins.int
+    UPPER_QUANTILE_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """run the statistics phase (needs secure aggregation)"""
+    lower_quantile: _builtins.float
+    """clip each feature below this pooled quantile (0: no lower clip)"""
+    upper_quantile: _builtins.float
+    """and above this one (1: no upper clip)"""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool | None = ...,
+        lower_quantile: _builtins.float | None = ...,
+        upper_quantile: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_lower_quantile", b"_lower_quantile", "_upper_quantile", b"_upper_quantile", "enabled", b"enabled", "lower_quantile", b"lower_quantile", "upper_quantile", b"upper_quantile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_lower_quantile", b"_lower_quantile", "_upper_quantile", b"_upper_quantile", "enabled", b"enabled", "lower_quantile", b"lower_quantile", "upper_quantile", b"upper_quantile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__lower_quantile: _TypeAlias = _typing.Literal["lower_quantile"]  # noqa: Y015
+    _WhichOneofArgType__lower_quantile: _TypeAlias = _typing.Literal["_lower_quantile", b"_lower_quantile"]  # noqa: Y015
+    _WhichOneofReturnType__upper_quantile: _TypeAlias = _typing.Literal["upper_quantile"]  # noqa: Y015
+    _WhichOneofArgType__upper_quantile: _TypeAlias = _typing.Literal["_upper_quantile", b"_upper_quantile"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lower_quantile) -> _WhichOneofReturnType__lower_quantile | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__upper_quantile) -> _WhichOneofReturnType__upper_quantile | None: ...
+
+Global___StandardizeSpec: _TypeAlias = StandardizeSpec  # noqa: Y015
 
 @_typing.final
 class StrategySpec(_message.Message):
