@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/round.py
 	$(PY) bench/secagg.py
 	$(PY) bench/privacy_utility.py
+	$(PY) bench/strategies.py
 	$(PY) bench/soak.py
 	$(PY) bench/handshake_log.py
 	$(PY) bench/fraud.py --seeds 0 1 2 3 4 5 6 7 8 9
