@@ -181,6 +181,9 @@ class JobConfig:
     # Over-selection (Bonawitz et al. 2019): pick ceil(k * (1 + over_selection)) sites for a round that needs k and
     # close it as soon as k have reported, so a few stragglers do not hold every round up to its deadline.
     over_selection: float = 0.0
+    # After the last round, a federated evaluation on the sites' test splits gives the job's test accuracy. Benches
+    # and batch runs that do not need it switch it off.
+    final_evaluation: bool = True
     params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)

@@ -76,6 +76,7 @@ def job_status(row: dict[str, Any], store: Store) -> pb.JobStatus:
             wait_for_sites_s=spec["wait_for_sites_s"],
             max_round_retries=spec["max_round_retries"],
             min_available_sites=spec["min_available_sites"],
+            final_evaluation=spec.get("final_evaluation", True),
             privacy=pb.PrivacySpec(**_known(pb.PrivacySpec, spec.get("privacy", {}))),
             secure_aggregation=pb.SecureAggregationSpec(
                 **_known(pb.SecureAggregationSpec, spec.get("secure_aggregation", {}))
@@ -110,6 +111,8 @@ def job_config_from_proto(spec: pb.JobSpec) -> JobConfig:
             data[key] = value
     if spec.HasField("max_round_retries"):
         data["max_round_retries"] = spec.max_round_retries
+    if spec.HasField("final_evaluation"):
+        data["final_evaluation"] = spec.final_evaluation
     if spec.HasField("params"):
         params = {k: getattr(spec.params, k) for k in ("local_epochs", "batch_size", "learning_rate", "seed")}
         data["params"] = {k: v for k, v in params.items() if v}

@@ -82,3 +82,6 @@ class ParticipantConfig:
     reconnect: ReconnectConfig = field(default_factory=ReconnectConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: RecordPrivacyConfig = field(default_factory=RecordPrivacyConfig)
+    # Stop the daemon (exit code 0) once the coordinator says the job it serves has finished: for benches and batch
+    # runs. A long-running site leaves it off and waits for the next job.
+    exit_after_job: bool = False

@@ -256,6 +256,8 @@ class ParticipantDaemon:
             log.info("job %s finished: %s", item.job_finished.job_id, item.job_finished.reason)
             if self._cache is not None and self._pending == set():
                 self._cache = None  # free the model until the next job needs one
+            if self.config.exit_after_job:
+                self._stop.set()  # run() then closes the daemon gracefully
 
     async def _decline(self, task: pb.TrainTask | pb.SecAggStep, reason: str) -> None:
         stub = self._stub
@@ -491,7 +493,7 @@ class ParticipantDaemon:
         if task.HasField("secagg"):
             failpoints.hit("participant.masked_sent", round=task.round)
         log.info(
-            "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.2fs, train %.2fs, upload %.2fs",
+            "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.3fs, train %.3fs, upload %.3fs",
             task.round,
             local.result.num_samples,
             local.result.loss,

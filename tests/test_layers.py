@@ -52,7 +52,9 @@ MODULES = _modules()
 def test_imports_respect_the_layers(module: str) -> None:
     package = module.split(".")[0]
     # Every import counts here, including those inside functions: a lazy import is still a dependency.
-    wrong = sorted(n for n in _imports(MODULES[module], top_level_only=False) if n.split(".")[0] not in ALLOWED[package])
+    wrong = sorted(
+        n for n in _imports(MODULES[module], top_level_only=False) if n.split(".")[0] not in ALLOWED[package]
+    )
     assert not wrong, f"{module} ({package}) may import only {sorted(ALLOWED[package])}, imports {wrong}"
 
 

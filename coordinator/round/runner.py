@@ -188,7 +188,8 @@ class JobRunner(Intake):
             if self._stop.is_set():
                 self._finish("stopped", self.detail or "stopped by an admin")
                 return
-            await self._final_evaluation()
+            if self.spec.final_evaluation:
+                await self._final_evaluation()
             self._finish("finished", f"completed {self.spec.rounds} rounds")
         except Exception as exc:
             log.exception("job %s crashed", self.job_id)

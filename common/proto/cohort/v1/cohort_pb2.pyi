@@ -1144,6 +1144,7 @@ class JobSpec(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     OVER_SELECTION_FIELD_NUMBER: _builtins.int
+    FINAL_EVALUATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -1162,6 +1163,8 @@ class JobSpec(_message.Message):
     """connected, eligible sites needed before a round starts (0: min_sites)"""
     over_selection: _builtins.float
     """ask ceil(k * (1 + x)) sites, close the round when k reported (0: off)"""
+    final_evaluation: _builtins.bool
+    """after the last round, evaluate on the sites' test splits (unset: true)"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -1185,13 +1188,19 @@ class JobSpec(_message.Message):
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
         privacy: Global___PrivacySpec | None = ...,
         over_selection: _builtins.float = ...,
+        final_evaluation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "max_round_retries", b"max_round_retries", "params", b"params", "privacy", b"privacy", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_final_evaluation", b"_final_evaluation", "_max_round_retries", b"_max_round_retries", "final_evaluation", b"final_evaluation", "max_round_retries", b"max_round_retries", "params", b"params", "privacy", b"privacy", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_evaluation", b"_final_evaluation", "_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__final_evaluation: _TypeAlias = _typing.Literal["final_evaluation"]  # noqa: Y015
+    _WhichOneofArgType__final_evaluation: _TypeAlias = _typing.Literal["_final_evaluation", b"_final_evaluation"]  # noqa: Y015
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
     _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__final_evaluation) -> _WhichOneofReturnType__final_evaluation | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_round_retries) -> _WhichOneofReturnType__max_round_retries | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
