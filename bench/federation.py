@@ -193,6 +193,7 @@ class Row:
     lo_ratio: float  # loopback bytes per round / payload
     retried: int  # round attempts that failed and were retried
     dropped: int  # sites dropped for silence (audit site_timed_out)
+    job: str  # "finished", or how the job ended otherwise
     floor_runs: str = ""  # each floor repetition, for the record
     round_runs: str = ""  # each measured round
 
@@ -339,9 +340,7 @@ def monitor(coord: Child, sites: list[Child], db_path: Path, timeout: float) -> 
                     samples.append(Sample(row["round"], cpu, lo))
                     last = row["round"]
             if job is not None and job["state"] != "running":
-                if job["state"] != "finished":
-                    raise RuntimeError(f"the job ended {job['state']}: {job['detail']}")
-                return samples
+                return samples  # finished, or failed (analyse() reports which, with the drops and retries)
             if coord.reap():
                 raise RuntimeError(f"the coordinator exited early:\n{coord.tail()}")
             time.sleep(POLL_S)
@@ -381,6 +380,7 @@ def analyse(fed: Federation, coord: Child, sites: list[Child], samples: list[Sam
         rounds = [dict(r) for r in conn.execute("SELECT * FROM rounds ORDER BY round, attempt").fetchall()]
         uploads = [dict(r) for r in conn.execute("SELECT * FROM uploads").fetchall()]
         dropped = conn.execute("SELECT COUNT(*) FROM audit WHERE kind = 'site_timed_out'").fetchone()[0]
+        job_row = conn.execute("SELECT state, detail FROM jobs").fetchone()
     finally:
         conn.close()
     completed = {r["round"]: r for r in rounds if r["state"] == "completed"}
@@ -415,6 +415,8 @@ def analyse(fed: Federation, coord: Child, sites: list[Child], samples: list[Sam
 
     site_names = [c.name for c in sites]
     lo = [by_round[k].lo - by_round[k - 1].lo for k in measured if k in by_round and k - 1 in by_round]
+    if not measured:
+        phases = {k: [float("nan")] for k in phases}
     d = param_count(p.params)
     upload_bytes = 4 * (d + 1) if p.secure else 4 * d  # 32-bit ring with a weight lane under secure aggregation
     payload = n * (4 * d + upload_bytes)
@@ -442,6 +444,7 @@ def analyse(fed: Federation, coord: Child, sites: list[Child], samples: list[Sam
         lo_ratio=round(median(lo) / payload, 3) if lo else float("nan"),
         retried=sum(1 for r in rounds if r["state"] == "failed"),
         dropped=int(dropped),
+        job=job_row["state"] if job_row["state"] == "finished" else f"{job_row['state']}: {job_row['detail']}",
         floor_runs=" ".join(f"{t:.3f}" for t in floor),
         round_runs=" ".join(f"{x:.3f}" for x in phases["round"]),
     )
@@ -588,6 +591,7 @@ COLUMNS = [
     ("lo / payload", "lo_ratio"),
     ("retried", "retried"),
     ("dropped", "dropped"),
+    ("job", "job"),
 ]
 
 

@@ -50,7 +50,7 @@ class CoordinatorDaemon:
         credentials = server_credentials(tls_files(cfg.server.tls))
         coordinator = Coordinator(cfg, progress=self._progress)
         server = grpc.aio.server(
-            options=keepalive_options(cfg.server.heartbeat_interval_s / 2)
+            options=keepalive_options(cfg.server.heartbeat_interval_s / 2, cfg.server.keepalive_timeout)
             + message_options(cfg.server.max_chunk_bytes + (64 << 10))
         )
         add_service(server, "Federation", FederationServicer(coordinator))

@@ -200,14 +200,24 @@ class ParticipantDaemon:
         stream = stub.WaitForWork(pb.WaitRequest(session_id=reply.session_id))
         window = 2 * reply.heartbeat_interval_s + 1.0
         beating = asyncio.create_task(self._heartbeats(stub, reply, stream), name="participant-heartbeat")
+        read: asyncio.Future[Any] | None = None
         try:
             while not self._stop.is_set():
+                read = read or asyncio.ensure_future(stream.read())
                 try:
-                    item = await asyncio.wait_for(stream.read(), timeout=window)
+                    # Shielded: cancelling a read would cancel the stream. While this site has a task in hand, a
+                    # silent stream is not given up (this site may just have been too busy to read it): the task's
+                    # transfers and HTTP/2 keepalive notice a dead coordinator.
+                    item = await asyncio.wait_for(asyncio.shield(read), timeout=window)
+                except TimeoutError:
+                    if self._pending:
+                        continue
+                    raise
                 except asyncio.CancelledError:
                     if beating.done() and not self._stop.is_set():
                         return  # _heartbeats ended the stream: the coordinator dropped this session
                     raise
+                read = None
                 if item is grpc.aio.EOF:
                     log.info("coordinator ended the work stream")
                     return
@@ -219,6 +229,8 @@ class ParticipantDaemon:
         finally:
             beating.cancel()
             stream.cancel()
+            if read is not None:
+                read.cancel()
 
     async def _heartbeats(self, stub: pb_grpc.FederationAsyncStub, reply: pb.JoinReply, stream: Any) -> None:
         """Tell the coordinator this site is alive, three times per heartbeat interval (it drops a site after one

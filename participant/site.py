@@ -6,14 +6,14 @@ aggregate metrics leave it.
 
 from __future__ import annotations
 
-import math
+import threading
 import time
 from dataclasses import dataclass, replace
 
 import torch
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
-from common.serde import EncodedTensors, encode, state_dict_float32
+from common.serde import EncodedTensors, UpdateBuffer, specs_of
 from common.tasks.base import EvalResult, RecordDP, SiteData, Task, TrainResult, TrainSettings
 
 
@@ -25,18 +25,38 @@ class LocalUpdate:
 
 
 class Site:
+    """One site's task and data, and the model object and update buffer it reuses from round to round.
+
+    Every round loads the global weights into the same model (``load_state_dict`` copies into its parameters)
+    instead of building a freshly initialised model only to overwrite it, and writes ``local - global`` straight
+    into the same update buffer, from which the upload streams. A task's model must therefore be fully described by
+    its state dict (what FedAvg averages anyway). Calls are serialized: the daemon runs one task at a time.
+    """
+
     def __init__(self, task: Task, data: SiteData) -> None:
         self.task = task
         self.data = data
+        self._net: torch.nn.Module | None = None
+        self._update: UpdateBuffer | None = None
+        self._lock = threading.Lock()
 
     @property
     def num_train_samples(self) -> int:
         return len(self.data.train)  # type: ignore[arg-type]
 
     def _model(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-        model = self.task.build_model(seed=0)
+        if self._net is None:
+            self._net = self.task.build_model(seed=0)
+        model = self._net
         model.load_state_dict(tensors, strict=True)
+        model.zero_grad(set_to_none=True)  # as a fresh model: no gradient left from the last round
         return model
+
+    def _update_buffer(self, global_tensors: dict[str, torch.Tensor]) -> UpdateBuffer:
+        if self._update is None or not self._update.fits(global_tensors):
+            self._update = None  # free the old buffer before allocating one of the new shape
+            self._update = UpdateBuffer(specs_of({k: v.float() for k, v in global_tensors.items()}))
+        return self._update
 
     def train(
         self,
@@ -49,30 +69,34 @@ class Site:
 
         ``clip_norm`` > 0 (site-level DP): the whole update is scaled down to L2 norm at most ``clip_norm`` before it
         leaves, so one site's influence on the sum is bounded whatever its data.
+
+        The update's buffer is reused by the next call: upload it before training again.
         """
-        started = time.perf_counter()
-        model = self._model(global_tensors)
-        settings = TrainSettings(
-            local_epochs=params.local_epochs,
-            batch_size=params.batch_size,
-            learning_rate=params.learning_rate,
-            seed=params.seed,
-            record_dp=record_dp,
-        )
-        result = self.task.train(model, self.data, settings)
-        local = state_dict_float32(model)
-        delta = {name: local[name] - global_tensors[name] for name in global_tensors}
-        if clip_norm > 0:
-            norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in delta.values()))
-            factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
-            # Scale in float64, then round down in magnitude by a hair so float32 rounding cannot push the norm
-            # above the bound the coordinator checks.
-            delta = {k: (t.double() * factor * (1 - 1e-6)).float() for k, t in delta.items()}
-            # Adaptive clipping: the coordinator learns one bit (was the norm within the bound?), never the norm.
-            result = replace(result, extra={**result.extra, "clip_bit": 1.0 if norm <= clip_norm else -1.0})
-        return LocalUpdate(encode(delta), result, time.perf_counter() - started)
+        with self._lock:
+            started = time.perf_counter()
+            model = self._model(global_tensors)
+            settings = TrainSettings(
+                local_epochs=params.local_epochs,
+                batch_size=params.batch_size,
+                learning_rate=params.learning_rate,
+                seed=params.seed,
+                record_dp=record_dp,
+            )
+            result = self.task.train(model, self.data, settings)
+            update = self._update_buffer(global_tensors)
+            update.write_delta(model.state_dict(), global_tensors)
+            if clip_norm > 0:
+                norm = update.l2_norm()
+                factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+                # Scale in float64, then round down in magnitude by a hair so float32 rounding cannot push the norm
+                # above the bound the coordinator checks.
+                update.scale(factor, 1 - 1e-6)
+                # Adaptive clipping: the coordinator learns one bit (was the norm within the bound?), never the norm.
+                result = replace(result, extra={**result.extra, "clip_bit": 1.0 if norm <= clip_norm else -1.0})
+            return LocalUpdate(update.encoded(), result, time.perf_counter() - started)
 
     def evaluate(self, global_tensors: dict[str, torch.Tensor], split: str) -> tuple[EvalResult, float]:
-        started = time.perf_counter()
-        result = self.task.evaluate(self._model(global_tensors), self.data.split(split))
-        return result, time.perf_counter() - started
+        with self._lock:
+            started = time.perf_counter()
+            result = self.task.evaluate(self._model(global_tensors), self.data.split(split))
+            return result, time.perf_counter() - started

@@ -41,7 +41,7 @@ def test_running_sum_is_the_weighted_mean(tmp_path: Path) -> None:
 def test_spool_refuses_tampering_and_leaves_nothing(tmp_path: Path) -> None:
     enc = encode({"w": torch.ones(1000)})
     spool = UpdateSpool(tmp_path / "x", enc.specs, len(enc.data), enc.sha256, max_chunk=4 << 20)
-    spool.write(enc.data[:-4] + b"\x00\x00\x80\x7f")  # last value replaced by +Inf
+    spool.write(bytes(enc.data[:-4]) + b"\x00\x00\x80\x7f")  # last value replaced by +Inf
     with pytest.raises(InvalidArgument, match="digest mismatch"):
         spool.finish()
     spool.discard()
@@ -49,10 +49,10 @@ def test_spool_refuses_tampering_and_leaves_nothing(tmp_path: Path) -> None:
 
     spool = UpdateSpool(tmp_path / "y", enc.specs, len(enc.data), enc.sha256, max_chunk=4 << 20)
     with pytest.raises(InvalidArgument, match="more than"):
-        spool.write(enc.data + b"1234")
+        spool.write(bytes(enc.data) + b"1234")
     spool.discard()
     spool = UpdateSpool(tmp_path / "z", enc.specs, len(enc.data), enc.sha256, max_chunk=4 << 20)
-    spool.write(enc.data[:100])
+    spool.write(bytes(enc.data[:100]))
     with pytest.raises(InvalidArgument, match="ended after"):
         spool.finish()
     spool.discard()

@@ -308,7 +308,7 @@ async def download(stub: pb_grpc.FederationAsyncStub, job_id: str, version: str)
 
 
 def upload(task: pb.TrainTask, enc: EncodedTensors, **header: object) -> tuple[pb.UpdateHeader, bytes]:
-    return update_header(task, enc, **({"train_seconds": 1.0} | header)), enc.data
+    return update_header(task, enc, **({"train_seconds": 1.0} | header)), bytes(enc.data)
 
 
 def encoded(specs: Sequence[Spec], data: bytes) -> EncodedTensors:
