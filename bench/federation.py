@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
@@ -308,9 +308,11 @@ def read_only(db: Path) -> sqlite3.Connection:
     return conn
 
 
-def monitor(coord: Child, sites: list[Child], db_path: Path, timeout: float) -> list[Sample]:
+def monitor(
+    coord: Child, sites: list[Child], db_path: Path, timeout: float, after_round_1: Callable[[], None] | None = None
+) -> list[Sample]:
     """Poll until the job ends; one :class:`Sample` (CPU ticks of every process, loopback bytes) per completed
-    round."""
+    round. ``after_round_1`` runs once round 1 (start-up included) has completed."""
     deadline = time.monotonic() + timeout
     while not db_path.exists():
         if coord.reap() or time.monotonic() > deadline:
@@ -339,6 +341,9 @@ def monitor(coord: Child, sites: list[Child], db_path: Path, timeout: float) -> 
                 for row in done:
                     samples.append(Sample(row["round"], cpu, lo))
                     last = row["round"]
+                if after_round_1 is not None:
+                    after_round_1()
+                    after_round_1 = None
             if job is not None and job["state"] != "running":
                 return samples  # finished, or failed (analyse() reports which, with the drops and retries)
             if coord.reap():
@@ -466,9 +471,8 @@ def run_point(
     fed = Federation(point, work, certs, rounds, heartbeat_s, sites_per_process)
     try:
         coord, sites = fed.start()
-        if profiler is not None:
-            profiler.attach(point, coord, sites)
-        samples = monitor(coord, sites, work / "state" / "coordinator.db", timeout=1800)
+        attach = (lambda: profiler.attach(point, coord, sites)) if profiler is not None else None
+        samples = monitor(coord, sites, work / "state" / "coordinator.db", timeout=1800, after_round_1=attach)
         deadline = time.monotonic() + 120
         for child in (*sites, coord):
             while not child.reap():
@@ -514,7 +518,8 @@ def import_baseline(work: Path, certs: Path) -> float:
 
 # -- profiling --------------------------------------------------------------------------------------------------
 class Profiler:
-    """py-spy on the coordinator and the first site of chosen grid points, from round 2 to the end of the job."""
+    """py-spy on the coordinator and the first site of chosen grid points, from the end of round 1 (start-up) to the
+    end of the job."""
 
     def __init__(self, py_spy: Path, out: Path, points: set[tuple[int, int]], native: bool) -> None:
         self.py_spy, self.out, self.points, self.native = py_spy, out, points, native
