@@ -39,6 +39,8 @@ bench: install
 	$(PY) bench/secagg.py
 	$(PY) bench/privacy_utility.py
 	$(PY) bench/soak.py
+	$(PY) bench/upload_path.py
+	$(PY) bench/federation.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

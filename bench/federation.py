@@ -532,9 +532,9 @@ class Profiler:
         stem = f"N{point.sites}-d{short(point.params)}-{point.mode}"
         for who, child in (("coordinator", coord), ("site", sites[0])):
             argv = [str(self.py_spy), "record", "--pid", str(child.pid), "--rate", "200", "--format", "raw"]
-            argv += ["--output", str(self.out / f"{stem}-{who}.txt"), "--nonblocking"]
-            if self.native:
-                argv.append("--native")
+            argv += ["--output", str(self.out / f"{stem}-{who}.txt")]
+            # --native unwinds C frames too (gRPC core, OpenSSL); it must pause the process for each sample.
+            argv.append("--native" if self.native else "--nonblocking")
             self._procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def finish(self) -> None:

@@ -88,7 +88,7 @@ class MlpTask:
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         accuracy = float((logits.argmax(dim=1) == y[batch]).float().mean())
-        return TrainResult(num_samples=len(x), loss=float(loss), accuracy=accuracy)
+        return TrainResult(num_samples=len(x), loss=float(loss.detach()), accuracy=accuracy)
 
     def evaluate(
         self,

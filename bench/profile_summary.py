@@ -32,10 +32,14 @@ CATEGORIES: list[tuple[str, str]] = [
     ("secure aggregation", r"secagg"),
     ("asyncio event loop", r"asyncio|base_events|selector"),
 ]
+# A thread waiting: for its queue or a lock, in epoll (the event loop, gRPC's poller), asleep. Tested on the last
+# frames of a stack (native stacks end in libc addresses below the wait).
 IDLE = re.compile(
-    r"epoll_wait|select \(|_run_once.*select|poll \(|wait \(threading|acquire|sleep|futex|pthread_cond|"
-    r"_worker \(concurrent|queue\.py|get \(queue|do_epoll|cq_next|completion_queue_next"
+    r"epoll_wait|select_epoll_poll|EpollSelector\.select|_queue_SimpleQueue_get|PyThread_acquire_lock|"
+    r"wait \(threading|Condition\.wait|acquire|sleep|futex|pthread_cond_wait|_worker \(concurrent[^;]*$|"
+    r"get \(queue|completion_queue_next|cq_next"
 )
+TAIL = 4  # frames from the top of the stack that decide whether a sample is idle
 
 
 def load(path: Path) -> list[tuple[list[str], int]]:
@@ -50,8 +54,8 @@ def load(path: Path) -> list[tuple[list[str], int]]:
 def summarise(path: Path, top: int) -> str:
     stacks = load(path)
     total = sum(c for _, c in stacks)
-    idle = sum(c for frames, c in stacks if IDLE.search(frames[-1]))
-    busy = [(f, c) for f, c in stacks if not IDLE.search(f[-1])]
+    idle = sum(c for frames, c in stacks if IDLE.search(";".join(frames[-TAIL:])))
+    busy = [(f, c) for f, c in stacks if not IDLE.search(";".join(f[-TAIL:]))]
     busy_total = max(1, total - idle)
     inclusive: collections.Counter[str] = collections.Counter()
     selfs: collections.Counter[str] = collections.Counter()
@@ -60,7 +64,7 @@ def summarise(path: Path, top: int) -> str:
         for name, pattern in CATEGORIES:
             if re.search(pattern, joined):
                 inclusive[name] += count
-        selfs[re.sub(r" \(.*", "", frames[-1]) + _where(frames[-1])] += count
+        selfs[_name(frames[-1])] += count
     lines = [f"## {path.name}: {total} samples, {idle} idle ({idle / max(1, total):.0%}), {busy_total} busy", ""]
     lines += ["| category (inclusive, of busy samples) | share |", "|---|---:|"]
     lines += [f"| {name} | {inclusive[name] / busy_total:.1%} |" for name, _ in CATEGORIES if inclusive[name]]
@@ -69,12 +73,13 @@ def summarise(path: Path, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _where(frame: str) -> str:
+def _name(frame: str) -> str:
+    """A frame without its address; unsymbolised addresses of one library count together."""
+    if frame.startswith("0x"):
+        return f"(unsymbolised code in {frame.split(' ', 1)[-1].strip('()')})"
     m = re.search(r"\(([^)]*)\)", frame)
-    if not m:
-        return ""
-    where = m.group(1)
-    return f" ({where.rsplit('/', 1)[-1]})"
+    where = f" ({m.group(1).rsplit('/', 1)[-1]})" if m else ""
+    return re.sub(r" \(.*", "", frame) + where
 
 
 def main() -> int:

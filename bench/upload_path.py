@@ -51,6 +51,7 @@ from bench.soak import machine  # noqa: E402
 from common.ca import init_federation  # noqa: E402
 from common.certs import Role, TlsFiles  # noqa: E402
 from common.proto.cohort.v1 import cohort_pb2 as pb  # noqa: E402
+from common.raw_chunks import data_message, data_of  # noqa: E402
 from common.serde import CHUNK_BYTES, Spec, new_hasher  # noqa: E402
 from common.tls import channel_credentials, message_options, server_credentials  # noqa: E402
 from coordinator.round.accumulator import FixedPointSum, Grid, UploadFold  # noqa: E402
@@ -58,7 +59,6 @@ from coordinator.round.aggregation import RunningSum, check_finite_file  # noqa:
 
 METHOD = "/bench.Upload/Send"
 STATS = "/bench.Upload/Stats"
-DATA_TAG = 0x12  # UpdateChunk.data: field 2, length-delimited
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -71,34 +71,6 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 # -- part 1: primitives ---------------------------------------------------------------------------------------------
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def raw_chunk(message: bytes) -> memoryview:
-    """The ``data`` bytes of a serialized UpdateChunk without the protobuf runtime: tag, varint length, payload (a
-    view into ``message``, no copy). Anything else (the header) goes to the protobuf parser."""
-    view = memoryview(message)
-    if not view or view[0] != DATA_TAG:
-        raise ValueError("not a data chunk")
-    length, shift, i = 0, 0, 1
-    while True:
-        byte = view[i]
-        length |= (byte & 0x7F) << shift
-        i += 1
-        if not byte & 0x80:
-            break
-        shift += 7
-    if i + length != len(view):
-        raise ValueError("truncated or trailing bytes")
-    return view[i:]
-
-
 def primitives(d: int, repeats: int, work: Path) -> list[tuple[str, float, float]]:
     """(what, seconds for d*4 bytes, GB/s) for each primitive."""
     rng = np.random.default_rng(0)
@@ -152,7 +124,7 @@ def primitives(d: int, repeats: int, work: Path) -> list[tuple[str, float, float
     per_chunk = nbytes / len(chunks[0])
     t = timed(lambda: [pb.UpdateChunk.FromString(message).data for _ in range(int(per_chunk))], repeats)
     out.append(("protobuf parse of 1 MiB data chunks", t, nbytes / t / 1e9))
-    t = timed(lambda: [raw_chunk(message) for _ in range(int(per_chunk))], repeats)
+    t = timed(lambda: [data_of(message) for _ in range(int(per_chunk))], repeats)
     out.append(("raw-bytes parse of 1 MiB data chunks (zero copy)", t, nbytes / t / 1e9))
 
     def hash_chunks() -> None:  # the digest as the spool computes it, chunk by chunk
@@ -263,10 +235,11 @@ class Server:
 
     def parse(self, message: Any) -> bytes | memoryview:
         if self.variant.raw:
-            if message[0] != DATA_TAG:
+            data = data_of(message)
+            if data is None:
                 pb.UpdateChunk.FromString(message)  # the header
                 return b""
-            return raw_chunk(message)
+            return data
         chunk = message
         return chunk.data if chunk.WhichOneof("kind") == "data" else b""
 
@@ -387,10 +360,10 @@ async def send_all(address: str, certs: Path, sites: int, d: int, chunk: int) ->
     rng = np.random.default_rng(2)
     payload = (rng.standard_normal(chunk // 4) * 1e-3).astype(np.float32).tobytes()
     header = pb.UpdateChunk(header=pb.UpdateHeader(job_id="bench", round=1)).SerializeToString()
-    data_msg = bytes([DATA_TAG]) + varint(len(payload)) + payload
+    data_msg = data_message(payload)
     total = 4 * d
     last = total % chunk
-    last_msg = bytes([DATA_TAG]) + varint(last) + payload[:last] if last else b""
+    last_msg = data_message(payload[:last]) if last else b""
     names = sorted(p.name for p in (certs / "sites").iterdir())[:sites]
     channels = []
     for name in names:
