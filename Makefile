@@ -6,7 +6,7 @@ PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed
 RUN_DIR ?= runs/demo
 
-.PHONY: install proto proto-check lint test demo bench clean
+.PHONY: install proto proto-check lint test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: install
 test: install lint
 	$(BIN)/pytest
 
+# The unit lane for daily work: everything not marked slow (no federations, subprocesses, crash or fuzz runs).
+test-fast: install
+	$(BIN)/pytest -m "not slow" -q
+
 demo: install
 	$(BIN)/cohort demo --run-dir $(RUN_DIR)
 
@@ -39,6 +43,7 @@ bench: install
 	$(PY) bench/secagg.py
 	$(PY) bench/privacy_utility.py
 	$(PY) bench/soak.py
+	$(PY) bench/handshake_log.py
 	$(PY) bench/upload_path.py
 	$(PY) bench/federation.py
 

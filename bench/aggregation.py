@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common.serde import CHUNK_BYTES, encode, new_hasher
-from coordinator.round.aggregation import RunningSum, UpdateSpool, check_finite_file
+from coordinator.round.aggregation import Float32Values, RunningSum, UpdateSpool
 
 
 def run(params: int, sites: int, workdir: Path) -> tuple[float, float, float]:
@@ -35,11 +35,10 @@ def run(params: int, sites: int, workdir: Path) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     running = RunningSum(specs)
     for i in range(sites):
-        spool = UpdateSpool(workdir / f"u{i}", specs, params * 4, sha, max_chunk=4 << 20)
+        spool = UpdateSpool(workdir / f"u{i}", specs, params * 4, sha, 4 << 20, Float32Values())
         for p in parts:
-            spool.write(p)
+            spool.write(p)  # size, finiteness, L2 norm and digest in one pass
         path = spool.finish()
-        check_finite_file(path)
         running.add_file(path, 1.0)
         path.unlink()
     seconds = time.perf_counter() - t0

@@ -24,15 +24,15 @@ sys.path.insert(0, str(ROOT / "tests"))  # the test-only large-model task lives 
 from common.ca import init_federation  # noqa: E402
 from common.certs import TlsFiles  # noqa: E402
 from common.datasets import load_source, split_sites, write_site_folders  # noqa: E402
-from common.settings import TlsConfig, TrainParamsConfig  # noqa: E402
+from common.settings import TrainParamsConfig  # noqa: E402
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig  # noqa: E402
 from coordinator.daemon import CoordinatorDaemon  # noqa: E402
 from participant.config import CoordinatorEndpoint, ParticipantConfig  # noqa: E402
 from participant.daemon import ParticipantDaemon  # noqa: E402
 
 
-def tls(f: TlsFiles) -> TlsConfig:
-    return TlsConfig(ca=f.ca, cert=f.cert, key=f.key)
+def tls(f: TlsFiles) -> TlsFiles:
+    return TlsFiles(ca=f.ca, cert=f.cert, key=f.key)
 
 
 async def federation_round(tmp: Path, sites: int, rounds: int) -> tuple[list[float], int]:
@@ -65,7 +65,7 @@ async def federation_round(tmp: Path, sites: int, rounds: int) -> tuple[list[flo
     runner = coord.coordinator.runner
     assert runner is not None
     model_bytes = len(runner.global_model.data)
-    await coord.coordinator.wait_job()
+    await coord.coordinator.jobs.wait()
     rows = [r for r in coord.coordinator.store.rounds(runner.job_id) if r.state == "completed"]
     for p in parts:
         await p.close()

@@ -158,8 +158,8 @@ def prepare(work: Path, s: Settings) -> Path:
 async def host_participants(spec: dict[str, Any], address: str) -> int:
     """Run every site in ``spec`` (participants.json) as a :class:`ParticipantDaemon` in this process until
     SIGTERM."""
+    from common.certs import TlsFiles
     from common.lifecycle import install_stop_handlers
-    from common.settings import TlsConfig
     from participant.config import CoordinatorEndpoint, ParticipantConfig
     from participant.daemon import ParticipantDaemon
 
@@ -168,7 +168,7 @@ async def host_participants(spec: dict[str, Any], address: str) -> int:
     daemons = [
         ParticipantDaemon(
             ParticipantConfig(
-                tls=TlsConfig(**{k: Path(v) for k, v in site["tls"].items()}),
+                tls=TlsFiles(**{k: Path(v) for k, v in site["tls"].items()}),
                 data_dir=Path(site["data_dir"]),
                 task=spec["task"],
                 coordinator=CoordinatorEndpoint(address=address),

@@ -3,9 +3,9 @@ byte costs, and which gRPC settings keep the receive path fast and its memory fl
 
 Part 1, primitives (one thread, in this process, a d-parameter float32 update, median of ``--repeats``): memcpy
 (reference), digests (SHA-256, BLAKE2b, BLAKE2s, MD5, CRC-32), writing the update to a spool file (page cache) with
-and without fsync, reading it back, today's finite-check and fold passes (coordinator/round/aggregation.py), the
-fixed-point fold with its checks (coordinator/round/accumulator.py), the protobuf parse of a 1 MiB chunk against a
-raw-bytes parse, and masking an update for secure aggregation.
+and without fsync, reading it back, today's finite check (in the spool pass) and fold at close
+(coordinator/round/aggregation.py), the fixed-point fold with its checks (coordinator/round/accumulator.py), the
+protobuf parse of a 1 MiB chunk against a raw-bytes parse, and masking an update for secure aggregation.
 
 Part 2, the gRPC receive path: a server process (grpc.aio or the sync server, mutual TLS on 127.0.0.1, the
 federation's certificates) takes N concurrent client-streaming uploads of d*4 bytes each, from N channels (one
@@ -55,7 +55,7 @@ from common.raw_chunks import data_message, data_of  # noqa: E402
 from common.serde import CHUNK_BYTES, Spec, new_hasher  # noqa: E402
 from common.tls import channel_credentials, message_options, server_credentials  # noqa: E402
 from coordinator.round.accumulator import FixedPointSum, Grid, UploadFold  # noqa: E402
-from coordinator.round.aggregation import RunningSum, check_finite_file  # noqa: E402
+from coordinator.round.aggregation import Float32Values, RunningSum  # noqa: E402
 
 METHOD = "/bench.Upload/Send"
 STATS = "/bench.Upload/Stats"
@@ -110,7 +110,14 @@ def primitives(d: int, repeats: int, work: Path) -> list[tuple[str, float, float
                 pass
 
     add("spool read back (page cache)", read_back)
-    add("today: finite check (reads the spool)", lambda: check_finite_file(spool))
+
+    def finite_check() -> None:  # today's finite check and L2 norm, in the spool's pass over the chunks
+        values = Float32Values()
+        for c in chunks:
+            values.feed(c)
+        values.finish()
+
+    add("today: finite check + L2 norm (in the spool pass, from chunks)", finite_check)
     add("today: float32 fold at close (reads the spool)", lambda: RunningSum(specs).add_file(spool, 3.0))
 
     def fixed_fold() -> None:
@@ -200,6 +207,7 @@ class Sink:
             new_hasher([Spec("w", pb.DTYPE_FLOAT32, (d,))]) if kind in ("today", "fold", "fold-inline") else None
         )
         self.file = spool.open("wb") if kind != "discard" else None
+        self.values = Float32Values() if kind == "today" else None
         self.fold = UploadFold(total, 3) if total is not None and kind.startswith("fold") else None
         self.bytes = 0
 
@@ -207,6 +215,8 @@ class Sink:
         self.bytes += len(data)
         if self.hasher is not None:
             self.hasher.update(data)
+        if self.values is not None:
+            self.values.feed(data if isinstance(data, bytes) else bytes(data))
         if self.file is not None:
             self.file.write(data)
         if self.fold is not None:
@@ -218,8 +228,8 @@ class Sink:
             if self.kind == "today":
                 os.fsync(self.file.fileno())
             self.file.close()
-        if self.kind == "today":
-            check_finite_file(self.spool)  # today's second pass; the fold at close is a third (part 1 times it)
+        if self.values is not None:
+            self.values.finish()  # checked in the same pass; the fold at close reads the spool again (part 1 times it)
         if self.fold is not None:
             self.fold.commit()
         self.spool.unlink(missing_ok=True)

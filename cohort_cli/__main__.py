@@ -1,5 +1,5 @@
 """``python -m cohort_cli``: the ``cohort`` command."""
 
-from cohort_cli.main import main
+from cohort_cli.entry import main
 
 raise SystemExit(main())

@@ -62,6 +62,14 @@ async def stop_job(endpoint: AdminEndpoint, job_id: str, reason: str) -> pb.JobS
         return reply
 
 
+async def clear_suspension(endpoint: AdminEndpoint, job_id: str, site: str) -> pb.JobStatus:
+    async with endpoint.channel() as channel:
+        reply: pb.JobStatus = await pb_grpc.AdminStub(channel).ClearSuspension(
+            pb.ClearSuspensionRequest(job_id=job_id, site=site), timeout=endpoint.timeout_s
+        )
+        return reply
+
+
 def to_json(message: Any) -> str:
     return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
@@ -87,6 +95,13 @@ def format_status(reply: pb.StatusReply) -> str:
                 f"  privacy: {job.privacy_unit} level, epsilon {job.epsilon:.3f} at delta {job.delta:g}"
                 + (f" (sites: {per_site})" if per_site else "")
             )
+        spec = job.spec.secure_aggregation
+        lines.append(
+            "  secure aggregation: "
+            + (f"on (SecAgg+, {spec.bits}-bit ring); the coordinator sees sums only" if spec.enabled else "off")
+        )
+        for site, why in sorted(job.suspended_sites.items()):
+            lines.append(f"  suspended: {site}: {why} (`cohort job clear-site {job.job_id} {site}`)")
         if job.detail:
             lines.append(f"  {job.detail}")
         if job.state == "finished":

@@ -95,7 +95,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_job_start(args: argparse.Namespace) -> int:
     from cohort_cli.admin_client import AdminEndpoint, start_job, to_json
     from coordinator.config import JobConfig
-    from coordinator.job_proto import job_spec_to_proto
+    from coordinator.jobspec import to_proto as job_spec_to_proto
 
     spec = config_loader.load(JobConfig, args.job, overrides=args.overrides)
     ep = _endpoint(args)
@@ -117,6 +117,16 @@ def _cmd_job_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_job_clear_site(args: argparse.Namespace) -> int:
+    from cohort_cli.admin_client import AdminEndpoint, clear_suspension, to_json
+
+    ep = _endpoint(args)
+    assert isinstance(ep, AdminEndpoint)
+    reply = asyncio.run(clear_suspension(ep, args.job_id, args.site))
+    print(to_json(reply) if args.json else f"job {reply.job_id}: site {args.site} may take part again")
+    return 0
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from coordinator.state.audit import verify_database
 
@@ -126,6 +136,20 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     status = "intact" if report.ok else "TAMPERED"
     print(f"audit log {status}: {report.count} events, head {report.head}")
     return 0 if report.ok else 1
+
+
+def _cmd_audit_list(args: argparse.Namespace) -> int:
+    import json
+
+    from coordinator.state.audit import format_event, read_events
+
+    events = read_events(args.state_dir / "coordinator.db", args.kind, args.last)
+    if args.json:
+        print(json.dumps(events, indent=1))
+    else:
+        for event in events:
+            print(format_event(event))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -175,12 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_admin_args(p)
     p.set_defaults(func=_cmd_status)
 
-    audit = sub.add_parser("audit", help="check the coordinator's hash-chained audit log")
+    audit = sub.add_parser("audit", help="read and check the coordinator's hash-chained audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     p = audit_sub.add_parser("verify", help="detect edited, removed or reordered audit events")
     p.add_argument("--state-dir", type=Path, default=Path("state/coordinator"), help="the coordinator's state_dir")
     p.add_argument("--head", default=None, help="head hash recorded earlier, to detect a truncated log as well")
     p.set_defaults(func=_cmd_audit_verify)
+    p = audit_sub.add_parser("list", help="print audit events (refused calls and handshakes, joins, jobs ...)")
+    p.add_argument("--state-dir", type=Path, default=Path("state/coordinator"), help="the coordinator's state_dir")
+    p.add_argument("--kind", action="append", default=[], metavar="KIND", help="only this kind (repeatable)")
+    p.add_argument("--last", type=int, default=50, metavar="N", help="the last N events (default 50; 0: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_audit_list)
 
     job = sub.add_parser("job", help="start or stop a job (admin certificate)")
     job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
@@ -194,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="")
     _add_admin_args(p)
     p.set_defaults(func=_cmd_job_stop)
+    p = job_sub.add_parser("clear-site", help="let a site suspended for secure-aggregation aborts back in")
+    p.add_argument("job_id")
+    p.add_argument("site")
+    _add_admin_args(p)
+    p.set_defaults(func=_cmd_job_clear_site)
     return parser
 
 

@@ -4,15 +4,14 @@ One CA per federation; every leaf certificate carries the identity :mod:`common.
 the role, ``CN`` the name, ``O`` the federation) and an ECDSA P-256 key. A site can keep its private key at
 home with :func:`create_csr` (at the site) and :func:`sign_csr` (at the operator).
 
-Files are written as PEM with :func:`write_pem`: private keys unencrypted PKCS#8 with mode 0600, the rest 0644.
+Files are written as PEM with :func:`write_pem`: private keys unencrypted PKCS#8 with mode 0600, the rest 0644, into
+directories that only their owner may write (created 0700; see :func:`write_pem` for existing ones).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +36,7 @@ from common.certs import (
     validate_name,
 )
 from common.errors import CertificateError, ConfigError
+from common.files import OWNER_FILE, check_not_shared, private_dir, write_atomic
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -174,25 +174,16 @@ def issue_certificate(
 
 
 def write_pem(path: Path, data: bytes, private: bool) -> None:
-    """Write ``data`` to ``path`` atomically, mode 0600 for a private key and 0644 otherwise.
+    """Write ``data`` to ``path`` atomically (:func:`common.files.write_atomic`), 0600 for a key and 0644 otherwise.
 
-    ``mkstemp`` creates the temporary file with ``os.open(..., 0o600)``, so a key is never readable by others,
-    not even briefly; ``os.replace`` then swaps it in, so a crash never leaves half a file and an old file
-    with looser permissions is replaced, not reused.
+    The directory is created owner-only (0700) if missing. An existing one that group or others may write is
+    refused: whoever can write there can swap the key, the certificate or ``ca.crt`` (and so choose whom this
+    identity trusts), before or after this command, and tightening it now would not undo that. An existing one they
+    may only read is tightened to 0700 when it receives a private key (nothing else in it changes); a directory that
+    receives only certificates, which are public, is left as it is.
     """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o755)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if not private:
-                os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    private_dir(path.parent, "output directory", tighten=private)
+    write_atomic(path, data, OWNER_FILE if private else 0o644)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -321,6 +312,9 @@ def init_federation(
     plan += [(f"site:{s}", out_dir / "sites" / s, Role.PARTICIPANT, s) for s in sites]
     plan += [(f"admin:{a}", out_dir / "admins" / a, Role.ADMIN, a) for a in admins]
     ca_dir = out_dir / "ca"
+    # Before any file is written: no directory on the way may be writable by others (write_pem checks each again).
+    for directory in (out_dir, out_dir / "sites", out_dir / "admins", ca_dir, *(d for _, d, _, _ in plan)):
+        check_not_shared(directory, "--out")
     if not force:
         _refuse_existing(
             [ca_dir / "ca.key", ca_dir / "ca.crt", *(directory / "tls.key" for _, directory, _, _ in plan)],
@@ -330,7 +324,7 @@ def init_federation(
         )
     ca = create_ca(federation, ca_days)
     # The CA directory holds the one key that can mint identities: owner-only, like the key file itself.
-    ca_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(ca_dir, "CA directory")
     write_pem(ca_dir / "ca.key", _key_pem(ca[1]), private=True)
     write_pem(ca_dir / "ca.crt", _cert_pem(ca[0]), private=False)
     result: dict[str, TlsFiles] = {}
@@ -391,7 +385,9 @@ def sign_csr(
     except CertificateError as exc:
         raise CertificateError(f"{csr_path}: {exc}") from None
     if identity.role is not role:
-        raise CertificateError(f"{csr_path}: the request is for a {identity.role} but {role} was asked for")
+        raise CertificateError(
+            f"{csr_path}: the request is for {identity.role.with_article()} but {role.with_article()} was asked for"
+        )
     ca = load_ca(ca_dir)
     cert = _issue_leaf(ca, identity.name, role, public_key, days, dns_names)
     write_pem(out_path, _cert_pem(cert), private=False)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,11 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import NameOID
 
 from common.errors import CertificateError, ConfigError
+from common.names import RULE, is_name
 
 log = logging.getLogger(__name__)
-
-# Names become directory names and log fields: lower case, no path separators, no leading dot.
-_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
 
 class Role(enum.StrEnum):
@@ -41,6 +38,10 @@ class Role(enum.StrEnum):
     PARTICIPANT = "participant"
     ADMIN = "admin"
     COORDINATOR = "coordinator"
+
+    def with_article(self) -> str:
+        """``"a participant"``, ``"an admin"``, ``"a coordinator"``: for messages."""
+        return f"{'an' if self.value[0] in 'aeiou' else 'a'} {self.value}"
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,8 @@ class TlsFiles:
 
 def validate_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is a valid site id or admin name, else raise :class:`ConfigError`."""
-    # fullmatch, not a ``$`` anchor: ``$`` also matches before a trailing newline.
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ConfigError(f"{what} {name!r}: use 1-63 of a-z 0-9 . _ - and start with a letter or digit")
+    if not is_name(name):
+        raise ConfigError(f"{what} {name!r}: use {RULE}")
     return name
 
 
@@ -97,9 +97,25 @@ def subject_identity(subject: x509.Name) -> PeerIdentity:
     if ou not in {r.value for r in Role}:
         raise CertificateError(f"role (OU) {ou!r} is not one of {', '.join(Role)}")
     name = subject_attribute(subject, NameOID.COMMON_NAME, "name (CN)")
-    if not _NAME_RE.fullmatch(name):
+    if not is_name(name):
         raise CertificateError(f"name (CN) {name!r} is not a valid Cohort name")
     return PeerIdentity(role=Role(ou), name=name)
+
+
+def federation_of(cert: x509.Certificate) -> str | None:
+    """The federation a certificate was issued for (Subject ``O``), or None when it names none or several."""
+    values = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return values[0].value if len(values) == 1 and isinstance(values[0].value, str) else None
+
+
+def check_federation(cert: x509.Certificate, path: Path, federation: str) -> None:
+    """Raise :class:`CertificateError` unless ``cert`` (read from ``path``) names ``federation`` in its O."""
+    named = federation_of(cert)
+    if named != federation:
+        raise CertificateError(
+            f"{path}: this certificate is for federation {named!r} (its O), but federation.name is {federation!r}; "
+            f"set federation.name to the federation of its CA, or use a certificate issued for {federation!r}"
+        )
 
 
 def identity_of(cert: x509.Certificate) -> PeerIdentity:
@@ -209,8 +225,8 @@ def check_tls_files(files: TlsFiles, *, expect_role: Role | None = None, now: da
         raise CertificateError(f"{files.cert}: {exc}") from None
     if expect_role is not None and identity.role is not expect_role:
         raise CertificateError(
-            f"{files.cert}: this is a {identity.role} certificate for {identity.name!r}, "
-            f"but this process needs a {expect_role} certificate"
+            f"{files.cert}: this is {identity.role.with_article()} certificate for {identity.name!r}, "
+            f"but this process needs {expect_role.with_article()} certificate"
         )
     # Only a warning: Kubernetes mounts secrets 0644 unless told otherwise; refusing to start would not help.
     if files.key.stat().st_mode & 0o077:

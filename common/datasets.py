@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.errors import ConfigError, DataError
+from common.names import RULE, is_name
 from common.tasks.base import SPLITS, DataSchema, EvalResult, SiteData, Task, TrainSettings, load_task, round_seed
 from common.tasks.csv_split import FloatArray, LabelArray
 
@@ -45,7 +46,6 @@ SOURCES = ("breast_cancer", "digits")
 DEFAULT_MIN_PER_SITE = 10
 # Enough redraws for any setting with a realistic chance of success; beyond that the request is infeasible.
 MAX_DIRICHLET_DRAWS = 10_000
-SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MANIFEST = "manifest.json"
 
 
@@ -82,8 +82,8 @@ def check_site_names(sites: Sequence[str]) -> None:
     if not sites:
         raise ConfigError("sites: at least one site is needed")
     for site in sites:
-        if not SITE_NAME.fullmatch(site):
-            raise ConfigError(f"sites: {site!r} is not a valid site name (letters, digits, '.', '_', '-'; up to 64)")
+        if not is_name(site):
+            raise ConfigError(f"sites: {site!r} is not a valid site name ({RULE})")
     if len(set(sites)) != len(sites):
         raise ConfigError("sites: site names must be unique")
 

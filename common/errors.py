@@ -10,6 +10,7 @@
     └── RpcError                     errors that cross the wire; each maps to one gRPC status
         ├── InvalidArgument          malformed request, wrong tensor names/shapes/dtypes, digest mismatch
         ├── Unauthenticated          no usable peer certificate
+        │   └── ForeignFederation    the certificate names another federation (its O)
         ├── PermissionDenied         the certificate's site or role may not do this
         │   └── CertificateRevoked   the certificate, or its site, is on the coordinator's deny-list
         ├── NotFound                 unknown job, round or model version
@@ -62,6 +63,13 @@ class InvalidArgument(RpcError):
 
 class Unauthenticated(RpcError):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ForeignFederation(Unauthenticated):
+    """The caller's certificate chains to a trusted CA but names another federation in its O.
+
+    Like a revoked certificate, its holder can repeat the call at will, so the refusal is audited once per window.
+    """
 
 
 class PermissionDenied(RpcError):

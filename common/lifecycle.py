@@ -1,4 +1,4 @@
-"""Daemon lifecycle helpers: status enum and signal handling that only sets an event."""
+"""Daemon lifecycle: the status enum, the lifecycle both daemons share, and signal handling that only sets an event."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import enum
 import logging
 import os
 import signal
+from types import TracebackType
+from typing import Self
 
 log = logging.getLogger("cohort.lifecycle")
 
@@ -39,3 +41,53 @@ def install_stop_handlers(stop: asyncio.Event) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, first, sig)
+
+
+class Lifecycle:
+    """The lifecycle both daemons share: a :class:`Status`, an idempotent ``start()`` that returns the bound address
+    (empty for a daemon that does not listen), ``close(reason)`` that runs once (later callers wait for it), and
+    ``async with``. Subclasses implement :meth:`_start` and :meth:`_close`."""
+
+    def __init__(self) -> None:
+        self.status = Status.INIT
+        self.address = ""
+        self._closed = asyncio.Event()
+
+    async def _start(self) -> str:
+        raise NotImplementedError
+
+    async def _close(self, reason: str) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> str:
+        if self.status is not Status.INIT:
+            return self.address
+        self.status = Status.STARTING
+        self.address = await self._start()
+        if self.status is Status.STARTING:
+            self.status = Status.RUNNING
+        return self.address
+
+    async def close(self, reason: str = "shutdown") -> None:
+        if self.status in (Status.CLOSING, Status.CLOSED):
+            await self._closed.wait()
+            return
+        self.status = Status.CLOSING
+        log.info("%s closing: %s", type(self).__name__, reason)
+        try:
+            await self._close(reason)
+        finally:
+            self.status = Status.CLOSED
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close("context exit")

@@ -5,9 +5,12 @@ Field for field copies; the library checks content (signatures, lengths, stages)
 
 from __future__ import annotations
 
+import json
+
 from common.errors import InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.encoding import EncodingParams
+from common.secagg.lanes import LaneLayout
 from common.secagg.protocol import (
     Advertisement,
     EncryptedShare,
@@ -22,34 +25,61 @@ from common.secagg.protocol import (
 MASKED_TENSOR = "secagg.masked"
 
 
-def secagg_round_no(round_no: int, attempt: int) -> int:
-    """The round number signed and bound into every key: distinct for each attempt of a round, so nothing from a
-    failed attempt can be replayed into its retry."""
-    return round_no * 1000 + attempt
+MAX_ATTEMPTS = 500  # training attempts of a round (the job's max_round_retries is below)
+MAX_EVAL_INSTANCES = 250  # secure evaluation instances of one round and split
 
 
-def setup_to_proto(params: RoundParams, enc: EncodingParams, weight_cap: int) -> pb.SecAggSetup:
-    return pb.SecAggSetup(
+def secagg_round_no(round_no: int, attempt: int, split: str = "") -> int:
+    """The instance number signed and bound into every key: distinct for each training attempt of a round and for each
+    secure evaluation instance of it (``split`` "val"/"test", ``attempt`` the instance), so nothing from one instance
+    can be replayed into another."""
+    if split == "":
+        if not 0 <= attempt < MAX_ATTEMPTS:
+            raise InvalidArgument(f"attempt {attempt} is out of range")
+        return round_no * 1000 + attempt
+    if split not in ("val", "test") or not 0 <= attempt < MAX_EVAL_INSTANCES:
+        raise InvalidArgument(f"no secure evaluation instance {split!r}/{attempt}")
+    return round_no * 1000 + MAX_ATTEMPTS + 2 * attempt + (split == "test")
+
+
+def setup_to_proto(
+    params: RoundParams, enc: EncodingParams | None, weight_cap: int, lanes: LaneLayout | None = None
+) -> pb.SecAggSetup:
+    setup = pb.SecAggSetup(
         cohort=list(params.cohort),
         k=params.k,
         t=params.t,
         bits=params.bits,
         dim=params.dim,
-        clip=enc.clip,
-        max_n=enc.max_n,
-        levels=enc.levels,
         weight_cap=weight_cap,
     )
+    if enc is not None:
+        setup.clip, setup.max_n, setup.levels = enc.clip, enc.max_n, enc.levels
+    if lanes is not None:
+        setup.lanes_json = json.dumps(lanes.to_dict(), sort_keys=True)
+    return setup
 
 
-def setup_from_proto(job_id: str, round_no: int, attempt: int, s: pb.SecAggSetup) -> tuple[RoundParams, EncodingParams]:
-    if s.bits != 0 and s.weight_cap < 1:
-        raise InvalidArgument("secure aggregation setup has no weight cap")
+def setup_from_proto(
+    job_id: str, round_no: int, attempt: int, s: pb.SecAggSetup, split: str = ""
+) -> tuple[RoundParams, EncodingParams | None, LaneLayout | None]:
+    """The instance's public parameters: ring and graph, the update's encoding (None for an evaluation, which sums
+    lanes only) and the metadata lanes (None when the setup has none)."""
     params = RoundParams(
-        job_id, secagg_round_no(round_no, attempt), tuple(s.cohort), int(s.k), int(s.t), int(s.bits), int(s.dim)
+        job_id, secagg_round_no(round_no, attempt, split), tuple(s.cohort), int(s.k), int(s.t), int(s.bits), int(s.dim)
     )
-    enc = EncodingParams(bits=int(s.bits), clip=float(s.clip), max_n=int(s.max_n), levels=int(s.levels))
-    return params, enc
+    enc = None
+    if split == "":
+        if s.bits != 0 and s.weight_cap < 1:
+            raise InvalidArgument("secure aggregation setup has no weight cap")
+        enc = EncodingParams(bits=int(s.bits), clip=float(s.clip), max_n=int(s.max_n), levels=int(s.levels))
+    lanes = None
+    if s.lanes_json:
+        try:
+            lanes = LaneLayout.from_dict(json.loads(s.lanes_json))
+        except ValueError as exc:
+            raise InvalidArgument(f"secure aggregation setup: bad lane layout ({exc})") from None
+    return params, enc, lanes
 
 
 def ad_to_proto(a: Advertisement) -> pb.SecAggAdvertisement:

@@ -3,18 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from common.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """This process's mutual-TLS identity: the federation CA, its own certificate and private key."""
-
-    ca: Path
-    cert: Path
-    key: Path
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,18 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from common.certs import PeerIdentity, Role, TlsFiles, check_tls_files, identity_from_pem, identity_of
-from common.errors import CertificateError, PermissionDenied, Unauthenticated
-from common.settings import TlsConfig
+from common.certs import (
+    Role,
+    TlsFiles,
+    check_federation,
+    check_tls_files,
+    federation_of,
+    identity_of,
+    load_certificates,
+)
+from common.errors import CertificateError, ForeignFederation, Unauthenticated
 
 MiB = 1 << 20
-
-
-def tls_files(cfg: TlsConfig) -> TlsFiles:
-    return TlsFiles(ca=cfg.ca, cert=cfg.cert, key=cfg.key)
 
 
 def _read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
@@ -32,9 +35,15 @@ def _read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
         raise CertificateError(f"cannot read {exc.filename}: {exc.strerror}") from exc
 
 
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """Server credentials that require and verify a client certificate from the federation CA."""
+def server_credentials(files: TlsFiles, federation: str | None = None) -> grpc.ServerCredentials:
+    """Server credentials that require and verify a client certificate from the federation CA.
+
+    With ``federation``, the server's own certificate must name it (O): peers are held to the same rule, so a
+    mismatch here would refuse every one of them; better to stop at start-up and say why.
+    """
     check_tls_files(files, expect_role=Role.COORDINATOR)
+    if federation is not None:
+        check_federation(load_certificates(files.cert, "certificate")[0], files.cert, federation)
     ca, cert, key = _read(files)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
@@ -68,11 +77,6 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-@functools.lru_cache(maxsize=1024)
-def _identity_cached(pem: bytes) -> PeerIdentity:
-    return identity_from_pem(pem)
-
-
 def peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     """The caller's certificate (PEM) from the TLS session; the handshake already verified its chain."""
     auth = context.auth_context()
@@ -83,38 +87,35 @@ def peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     return bytes(first)
 
 
-def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> PeerIdentity:
-    """The verified identity of the caller. The TLS stack already checked the chain to the federation CA."""
-    pem = peer_pem(context)
-    try:
-        return _identity_cached(pem)
-    except CertificateError as exc:
-        raise Unauthenticated(f"client certificate is not a Cohort certificate: {exc}") from None
-
-
-def require_role(context: grpc.aio.ServicerContext[Any, Any], role: Role) -> PeerIdentity:
-    identity = peer_identity(context)
-    if identity.role is not role:
-        raise PermissionDenied(
-            f"this call needs a {role.value} certificate; the caller presented a {identity.role.value} "
-            f"certificate for {identity.name!r}"
-        )
-    return identity
-
-
 @dataclass(frozen=True)
 class CertRef:
-    """A caller's verified certificate: role and name (OU, CN), serial number and SHA-256 fingerprint (hex)."""
+    """A caller's verified certificate, read once per call: role and name (OU, CN), the federation it was issued for
+    (O), serial number and SHA-256 fingerprint (hex)."""
 
     role: Role
     name: str
     serial: int
     fingerprint: str
+    federation: str | None = None
 
     @classmethod
     def of(cls, cert: x509.Certificate) -> CertRef:
         identity = identity_of(cert)
-        return cls(identity.role, identity.name, cert.serial_number, cert.fingerprint(hashes.SHA256()).hex())
+        fingerprint = cert.fingerprint(hashes.SHA256()).hex()
+        return cls(identity.role, identity.name, cert.serial_number, fingerprint, federation_of(cert))
+
+    def require_federation(self, federation: str) -> None:
+        """Refuse (UNAUTHENTICATED) a certificate whose O names another federation.
+
+        The TLS handshake only proves the certificate chains to a CA in ``ca.crt``; a CA bundle may trust several
+        federations' CAs (or one CA may serve several), so the federation the certificate was issued for is checked
+        too."""
+        if self.federation != federation:
+            raise ForeignFederation(
+                f"the certificate of {self.name!r} was issued for federation {self.federation!r} (its O), but this "
+                f"coordinator serves federation {federation!r}; connect with a certificate issued for {federation!r} "
+                "(`cohort certs show tls.crt` prints a certificate's federation)"
+            )
 
 
 @functools.lru_cache(maxsize=1024)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.certs import TlsFiles
 from common.errors import ConfigError
-from common.settings import TlsConfig, TrainParamsConfig, parse_address
+from common.names import RULE, is_name
+from common.settings import TrainParamsConfig, parse_address
 
 ENV_PREFIX = "COHORT_COORDINATOR_"
-_SITE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# A round's attempts number its secure-aggregation instances (common/secagg_wire.py secagg_round_no).
+MAX_ROUND_RETRIES = 499
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,8 @@ class FederationConfig:
     def check(self, path: str) -> None:
         where = path or "federation"
         for i, site in enumerate(self.sites):
-            if not _SITE_ID.match(site):
-                raise ConfigError(f"{where}.sites[{i}]: {site!r} is not a valid site id (a-z, 0-9, '.', '_', '-')")
+            if not is_name(site):
+                raise ConfigError(f"{where}.sites[{i}]: {site!r} is not a valid site id ({RULE})")
         if len(set(self.sites)) != len(self.sites):
             raise ConfigError(f"{where}.sites: a site id is listed twice")
         if not self.sites:
@@ -52,7 +54,7 @@ class ServerConfig:
     """
 
     listen: str = "127.0.0.1:50051"
-    tls: TlsConfig | None = None
+    tls: TlsFiles | None = None
     heartbeat_interval_s: float = 5.0
     # HTTP/2 keepalive: the coordinator pings every half heartbeat interval and closes a connection whose ping is not
     # answered within this many seconds (None: two heartbeat intervals). This, not a late heartbeat, is what drops a
@@ -105,7 +107,9 @@ class SecureAggregationConfig:
     ``clip`` bounds every coordinate of a site's update before it is encoded (the encoding's range); ``weight_cap``
     bounds a site's FedAvg weight (sample counts above it count as the cap). ``dropout_rate`` and
     ``corruption_rate`` choose the neighbour count k and threshold t for large cohorts (see common/secagg/graph.py);
-    up to ``full_graph_max`` sites every site is every site's neighbour (classic SecAgg).
+    up to ``full_graph_max`` sites every site is every site's neighbour (classic SecAgg). A site that aborts
+    ``max_site_aborts`` secure rounds of a job (each abort makes it a dropout of that round; docs/SECURITY.md) is
+    suspended from the job's cohorts until an admin clears it (0: never suspend).
     """
 
     enabled: bool = False
@@ -116,6 +120,7 @@ class SecureAggregationConfig:
     corruption_rate: float = 0.0
     stage_timeout_s: float = 60.0
     full_graph_max: int = 64
+    max_site_aborts: int = 3
 
     def check(self, path: str) -> None:
         where = path or "secure_aggregation"
@@ -129,6 +134,8 @@ class SecureAggregationConfig:
             raise ConfigError(f"{where}.dropout_rate and corruption_rate: must be in [0, 1)")
         if self.stage_timeout_s <= 0 or self.full_graph_max < 2:
             raise ConfigError(f"{where}.stage_timeout_s must be > 0 and full_graph_max >= 2")
+        if not 0 <= self.max_site_aborts <= 1000:
+            raise ConfigError(f"{where}.max_site_aborts: must be between 0 (never suspend) and 1000")
 
 
 @dataclass(frozen=True)
@@ -212,8 +219,10 @@ class JobConfig:
             raise ConfigError(f"{where}.min_available_sites: must be >= 0")
         if self.round_timeout_s <= 0 or self.wait_for_sites_s <= 0:
             raise ConfigError(f"{where}.round_timeout_s and wait_for_sites_s must be > 0")
-        if self.evaluate_every < 0 or self.max_round_retries < 0:
-            raise ConfigError(f"{where}.evaluate_every and max_round_retries must be >= 0")
+        if self.evaluate_every < 0 or not 0 <= self.max_round_retries <= MAX_ROUND_RETRIES:
+            raise ConfigError(
+                f"{where}.evaluate_every must be >= 0 and max_round_retries between 0 and {MAX_ROUND_RETRIES}"
+            )
         if not 0 <= self.over_selection <= 1:
             raise ConfigError(f"{where}.over_selection: must be between 0 (off) and 1 (twice the sites a round needs)")
 

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.certs import TlsFiles
 from common.errors import ConfigError
-from common.settings import TlsConfig, parse_address
+from common.settings import parse_address
 
 ENV_PREFIX = "COHORT_PARTICIPANT_"
 
@@ -75,7 +76,7 @@ class RecordPrivacyConfig:
 
 @dataclass(frozen=True)
 class ParticipantConfig:
-    tls: TlsConfig
+    tls: TlsFiles
     data_dir: Path
     task: str
     coordinator: CoordinatorEndpoint = field(default_factory=CoordinatorEndpoint)

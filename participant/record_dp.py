@@ -10,8 +10,9 @@ accountant (Mironov, Talwar and Zhang 2019), with the same conversion to (epsilo
 
 The budget belongs to the site, not to the coordinator: the site refuses to train when one more round would take
 its epsilon past its own target, whatever the job asks. The events are written to ``state_path`` after every round
-(atomically: temp file, fsync, rename), and read back when the participant starts, so a restart never forgets what
-was spent. An unreadable state file is an error, never a fresh budget.
+(owner-only, atomically: temp file, fsync, rename), and read back when the participant starts, so a restart never
+forgets what was spent. An unreadable state file is an error, never a fresh budget; so is one that group or others may
+write (or that lies in a folder they may write), since whoever can write it can reset the budget.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +27,15 @@ from typing import Any
 import dp_accounting
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from common import files
 from common.errors import ConfigError
 
 # dp-accounting's default RDP orders: 1.1 to 10.9 by 0.1, 11 to 63, and 128 to 1024. A superset of Opacus's
 # defaults apart from order 11 and the large orders, which only make epsilon tighter (it is a minimum over orders).
 ORDERS: tuple[float, ...] = tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
 STATE_VERSION = 1
+WHAT = "privacy.state_file"
+WHAT_DIR = "privacy.state_file's directory"
 
 
 @dataclass(frozen=True)
@@ -146,25 +149,17 @@ class SiteBudget:
 
 
 def save_events(path: Path, events: list[LocalTraining]) -> None:
-    """Write ``events`` as JSON, atomically: a temp file beside ``path``, fsync, rename, fsync of the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``events`` as JSON, owner-only and atomically (:func:`common.files.write_atomic`)."""
+    files.private_dir(path.parent, WHAT_DIR, tighten=False)
     text = json.dumps({"version": STATE_VERSION, "events": [asdict(e) for e in events]}, indent=1)
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # The rename itself is durable only once the folder is synced.
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    files.write_atomic(path, (text + "\n").encode())
 
 
 def load_events(path: Path) -> list[LocalTraining]:
     """The events saved at ``path``; ``[]`` when it does not exist. Raises ConfigError when it cannot be trusted."""
+    # Whoever can write the ledger or its folder can reset this site's budget: refuse that, never trust it.
+    files.check_not_shared(path.parent, WHAT_DIR)
+    files.private_file(path, WHAT)
     if not path.exists():
         return []
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,11 +19,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.certs import TlsFiles
-from common.errors import CertificateError
+from common.errors import CertificateError, InvalidArgument
 from common.privacy.skellam import SkellamParams, privatize
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg import protocol as sa
 from common.secagg.encoding import EncodingParams, encode, weight_of, with_weight_lane
+from common.secagg.lanes import LaneLayout
+from common.secagg.prg import U32Array
 from common.secagg_wire import (
     MASKED_TENSOR,
     ad_from_proto,
@@ -55,23 +58,38 @@ class SiteKeys:
 
 @dataclass(eq=False)
 class SecAggSession:
-    task: pb.TrainTask
+    """One secure-aggregation instance at a site: a round's training (a TrainTask) or a secure evaluation (an
+    EvaluateTask, ``split`` "val"/"test")."""
+
+    task: pb.TrainTask | pb.EvaluateTask
     params: sa.RoundParams
-    enc: EncodingParams
+    enc: EncodingParams | None
+    lanes: LaneLayout | None
     weight_cap: int
     client: sa.SecAggClient
     shares_ready: asyncio.Event = field(default_factory=asyncio.Event)
     aborted: str | None = None
 
+    @property
+    def split(self) -> str:
+        return self.task.split if isinstance(self.task, pb.EvaluateTask) else ""
+
     @classmethod
-    def start(cls, task: pb.TrainTask, site: str, keys: SiteKeys) -> SecAggSession:
-        params, enc = setup_from_proto(task.job_id, task.round, task.attempt, task.secagg)
+    def start(cls, task: pb.TrainTask | pb.EvaluateTask, site: str, keys: SiteKeys) -> SecAggSession:
+        split = task.split if isinstance(task, pb.EvaluateTask) else ""
+        params, enc, lanes = setup_from_proto(task.job_id, task.round, task.attempt, task.secagg, split)
         client = sa.SecAggClient(params, site, keys.key, keys.cert_pem, keys.ca_certs)
-        return cls(task, params, enc, int(task.secagg.weight_cap), client)
+        return cls(task, params, enc, lanes, int(task.secagg.weight_cap), client)
 
     def message(self, **stage: object) -> pb.SecAggMessage:
         t = self.task
-        return pb.SecAggMessage(job_id=t.job_id, round=t.round, attempt=t.attempt, **stage)  # type: ignore[arg-type]
+        return pb.SecAggMessage(
+            job_id=t.job_id,
+            round=t.round,
+            attempt=t.attempt,
+            split=self.split,
+            **stage,  # type: ignore[arg-type]
+        )
 
     def advertise(self) -> pb.SecAggMessage:
         return self.message(advertisement=ad_to_proto(self.client.advertise()))
@@ -94,8 +112,12 @@ class SecAggSession:
             return self.message(unmask=unmask_to_proto(unmask))
         return None
 
-    def masked_update(self, update: EncodedTensors, num_samples: int) -> EncodedTensors:
-        """The update, clipped, weighted, encoded, masked and bit-packed: one uint8 tensor for the upload."""
+    def masked_update(
+        self, update: EncodedTensors, num_samples: int, lane_values: Mapping[str, float] | None = None
+    ) -> EncodedTensors:
+        """The update, clipped, weighted, encoded, then the metadata lanes; masked and bit-packed: one uint8 tensor."""
+        assert isinstance(self.task, pb.TrainTask)
+        assert self.enc is not None
         flat = np.frombuffer(update.data, dtype="<f4")
         privacy = self.task.privacy
         if privacy.mode == "distributed":
@@ -105,7 +127,21 @@ class SecAggSession:
             encoded = privatize(flat.astype(np.float64), params, privacy.rotation_seed)
         else:
             encoded = encode(with_weight_lane(flat, self.enc), self.enc, weight_of(num_samples, self.weight_cap))
-        data = self.client.masked_input(encoded).data
+        return self._masked(np.concatenate([encoded, self._lanes(lane_values or {})]))
+
+    def masked_lanes(self, lane_values: Mapping[str, float]) -> EncodedTensors:
+        """A secure evaluation's input: its lanes only, masked and bit-packed."""
+        return self._masked(self._lanes(lane_values))
+
+    def _lanes(self, values: Mapping[str, float]) -> U32Array:
+        if self.lanes is None:
+            return np.zeros(0, dtype=np.uint32)
+        return self.lanes.encode(values)
+
+    def _masked(self, encoded: U32Array) -> EncodedTensors:
+        if len(encoded) != self.params.dim:
+            raise InvalidArgument(f"the input has {len(encoded)} elements; the round sums {self.params.dim}")
+        data = self.client.masked_input(encoded.astype(np.uint32)).data
         spec = Spec(MASKED_TENSOR, pb.DTYPE_UINT8, (len(data),))
         h = new_hasher([spec])
         h.update(data)

@@ -19,6 +19,13 @@ from participant.config import ParticipantConfig
 from participant.daemon import ParticipantDaemon
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts real daemons (coordinator or participants) is a federation test: slow lane."""
+    for item in items:
+        if {"coordinator_factory", "participant_factory"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")

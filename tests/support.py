@@ -14,8 +14,9 @@ import torch
 from common.ca import write_pem
 from common.certs import TlsFiles
 from common.proto.cohort.v1 import cohort_pb2 as pb
-from common.serde import EncodedTensors, encode
-from common.settings import TlsConfig, TrainParamsConfig
+from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
+from common.serde import Assembler, EncodedTensors, encode
+from common.settings import TrainParamsConfig
 from common.tasks.base import load_task, task_digest
 from coordinator.config import CoordinatorConfig, FederationConfig, JobConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
@@ -48,8 +49,8 @@ class Pki:
         return self.ids["admin:admin"]
 
 
-def tls(files: TlsFiles) -> TlsConfig:
-    return TlsConfig(ca=files.ca, cert=files.cert, key=files.key)
+def tls(files: TlsFiles) -> TlsFiles:
+    return TlsFiles(ca=files.ca, cert=files.cert, key=files.key)
 
 
 def write_identity(directory: Path, ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> TlsFiles:
@@ -161,7 +162,6 @@ def join_request(**overrides: object) -> pb.JoinRequest:
         "task_digest": task_digest(task),
         "schema_fingerprint": task.schema.fingerprint(),
         "software_version": "test",
-        "num_train_samples": 10,
     }
     fields.update(overrides)
     return pb.JoinRequest(**fields)  # type: ignore[arg-type]
@@ -177,6 +177,21 @@ def channel(address: str, files: TlsFiles | None, ca: Path) -> grpc.aio.Channel:
             certificate_chain=files.cert.read_bytes(),
         )
     return grpc.aio.secure_channel(address, creds)
+
+
+async def download_model(
+    stub: pb_grpc.FederationAsyncStub, job_id: str, version: str, timeout: float = 10.0
+) -> dict[str, torch.Tensor]:
+    """Stream a model down (manifest, then chunks) and return its tensors; the assembler checks the digest."""
+    asm = None
+    async for chunk in stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version), timeout=timeout):
+        if chunk.WhichOneof("kind") == "manifest":
+            asm = Assembler(chunk.manifest)
+        else:
+            assert asm is not None
+            asm.add(chunk.data)
+    assert asm is not None
+    return asm.finish()
 
 
 def update_header(task: pb.TrainTask, enc: EncodedTensors, **header: object) -> pb.UpdateHeader:

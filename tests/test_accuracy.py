@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from support import (
     CoordinatorFactory,
     ParticipantFactory,
@@ -20,6 +21,8 @@ from common.datasets import centralized_baseline, load_source, split_sites, writ
 from common.settings import TrainParamsConfig
 from common.tasks import breast_cancer
 from common.tasks.base import TrainSettings
+
+pytestmark = pytest.mark.slow
 
 HOSPITALS = ("site-a", "site-b", "site-c", "site-d", "site-e")
 

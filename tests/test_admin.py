@@ -39,9 +39,14 @@ async def test_start_status_stop(
 
     # A bad spec is refused with a message naming the key; nothing is created.
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await start_job(ep, pb.JobSpec(task="breast_cancer", rounds=0, fraction=3.0))
+        await start_job(ep, pb.JobSpec(task="breast_cancer", fraction=3.0))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "job.fraction" in (info.value.details() or "")
+    # An explicit zero is a value, not "unset" (every JobSpec scalar has presence): rounds=0 is refused by name.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await start_job(ep, pb.JobSpec(task="breast_cancer", rounds=0))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "job.rounds" in (info.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await start_job(ep, pb.JobSpec(task="no_such_task", rounds=1))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

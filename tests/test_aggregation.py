@@ -11,7 +11,7 @@ import torch
 
 from common.errors import InvalidArgument
 from common.serde import CHUNK_BYTES, encode, new_hasher
-from coordinator.round.aggregation import RunningSum, UpdateSpool, check_finite_file
+from coordinator.round.aggregation import Float32Values, RunningSum, UpdateSpool
 
 
 def _spool(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
@@ -59,10 +59,27 @@ def test_spool_refuses_tampering_and_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_non_finite_updates_are_refused(tmp_path: Path) -> None:
-    path = _spool(tmp_path, "nan", {"w": torch.tensor([1.0, float("nan"), 2.0])})
+def test_non_finite_updates_are_refused_while_spooling(tmp_path: Path) -> None:
+    enc = encode({"w": torch.tensor([1.0, 3.0, float("nan"), 2.0])})
+    spool = UpdateSpool(tmp_path / "nan", enc.specs, len(enc.data), enc.sha256, 4 << 20, Float32Values())
+    spool.write(bytes(enc.data[:6]))  # the NaN is split across two chunks
     with pytest.raises(InvalidArgument, match="NaN or Inf"):
-        check_finite_file(path)
+        spool.write(bytes(enc.data[6:]))
+    spool.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_values_are_checked_in_the_same_pass_as_the_digest(tmp_path: Path) -> None:
+    """Finite check and L2 norm come from the bytes as they stream in, whatever the chunk boundaries."""
+    x = torch.randn(1001)
+    enc = encode({"w": x})
+    for cut in (1, 3, 4, 7, 2000):
+        values = Float32Values()
+        spool = UpdateSpool(tmp_path / f"u{cut}", enc.specs, len(enc.data), enc.sha256, 4 << 20, values)
+        for i in range(0, len(enc.data), cut):
+            spool.write(bytes(enc.data[i : i + cut]))
+        spool.finish()
+        assert values.l2_norm == pytest.approx(float(x.double().norm()), rel=1e-12)
 
 
 def _block(upload: int, start: int, numel: int) -> np.ndarray:
@@ -71,6 +88,7 @@ def _block(upload: int, start: int, numel: int) -> np.ndarray:
     return np.random.default_rng([upload, start]).standard_normal(n, dtype=np.float32)
 
 
+@pytest.mark.slow
 def test_aggregator_memory_is_one_running_sum_not_the_list_of_updates(tmp_path: Path) -> None:
     """50 uploads of a 1M-parameter model through the real spool + fold path: peak traced memory < 3x one update."""
     numel = 1_000_000

@@ -10,14 +10,16 @@ from pathlib import Path
 import pytest
 
 from coordinator.state.audit import verify_database
-from coordinator.state.store import Store
+from coordinator.state.store import SqliteStore
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
-    store = Store(tmp_path / "coordinator.db")
+    store = SqliteStore(tmp_path / "coordinator.db")
     store.audit("join", "site-a", task="breast_cancer")
     store.audit("join_refused", "site-z", reason="not on the allow-list")
     store.audit("job_started", "coordinator", job_id="j1")

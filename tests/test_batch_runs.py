@@ -23,7 +23,7 @@ from support import (
 from common import config as loader
 from common.errors import ConfigError
 from coordinator.config import JobConfig
-from coordinator.job_proto import job_config_from_proto, job_spec_to_proto
+from coordinator.jobspec import from_proto, to_proto
 from participant.config import ParticipantConfig
 
 
@@ -34,12 +34,12 @@ def test_final_evaluation_is_a_validated_job_key_that_crosses_the_admin_wire() -
     with pytest.raises(ConfigError, match=r"job\.final_evaluation"):
         loader.build(JobConfig, {"task": "breast_cancer", "final_evaluation": "no"}, "job")
     for value in (False, True):
-        spec = job_spec_to_proto(replace(job, final_evaluation=value))
+        spec = to_proto(replace(job, final_evaluation=value))
         assert spec.HasField("final_evaluation")
-        assert job_config_from_proto(spec).final_evaluation is value
-    unset = job_spec_to_proto(job)
+        assert from_proto(spec).final_evaluation is value
+    unset = to_proto(job)
     unset.ClearField("final_evaluation")  # an older admin client: the default, evaluate
-    assert job_config_from_proto(unset).final_evaluation is True
+    assert from_proto(unset).final_evaluation is True
 
 
 def test_exit_after_job_comes_from_the_file_or_the_command_line(tmp_path: Path, pki: Pki) -> None:

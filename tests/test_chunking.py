@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from big_task import STEP, WIDTH
 from support import (
@@ -19,6 +20,8 @@ from support import (
 )
 
 from common.serde import CHUNK_BYTES
+
+pytestmark = pytest.mark.slow
 
 
 async def test_large_model_round_trip_through_chunked_streams(

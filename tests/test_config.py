@@ -109,7 +109,8 @@ def test_every_shipped_config_loads() -> None:
 
 def test_job_spec_survives_the_admin_wire() -> None:
     """`cohort job start` sends a JobConfig as a JobSpec; the coordinator must rebuild the same job."""
-    from coordinator.job_proto import job_config_from_proto, job_spec_to_proto
+    from coordinator.jobspec import from_proto as job_config_from_proto
+    from coordinator.jobspec import to_proto as job_spec_to_proto
 
     demo = loader.load(CoordinatorConfig, DEPLOY / "demo" / "coordinator.yaml")
     assert demo.job is not None

@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from coordinator.daemon import CoordinatorDaemon
 from coordinator.state.model_store import ModelStore
 from coordinator.state.resume import RESTART_DETAIL
 from participant.daemon import ParticipantDaemon
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 SITES = ("site-a", "site-b", "site-c")
@@ -52,6 +54,7 @@ class Run:
     directory: Path
     port: int
     config: Path
+    trainings: dict[str, int] = field(default_factory=dict)  # local trainings per site, over every coordinator life
 
     @property
     def state(self) -> Path:
@@ -98,7 +101,7 @@ def make_run(directory: Path, pki: Pki, job: dict[str, Any]) -> Run:
         "params": {"local_epochs": 1, "batch_size": 16, "learning_rate": 0.05, "seed": 3},
     } | job
     config = {
-        "federation": {"name": "crash", "sites": list(SITES)},
+        "federation": {"name": "test", "sites": list(SITES)},
         "server": {
             "listen": f"127.0.0.1:{port}",
             "tls": {"ca": str(coord.ca), "cert": str(coord.cert), "key": str(coord.key)},
@@ -153,8 +156,9 @@ async def federate(
     """Run the job to its end; each entry of ``crashes`` arms one failpoint for one coordinator life."""
     address = f"127.0.0.1:{run.port}"
     sites = [ParticipantDaemon(participant_config(pki.site(s), address, site_data[s])) for s in SITES]
-    for daemon in sites:
+    for name, daemon in zip(SITES, sites, strict=True):
         await daemon.start()
+        count_trainings(run, daemon, name)
     try:
         await _lives(run, crashes, between)
     finally:
@@ -173,6 +177,19 @@ async def _lives(run: Run, crashes: tuple[str, ...], between: Callable[[Run], No
     proc = await coordinator_process(run, None)
     code = await wait_exit(proc, run)
     assert code == 0, (run.directory / "coordinator.log").read_text()[-4000:]
+
+
+def count_trainings(run: Run, daemon: ParticipantDaemon, name: str) -> None:
+    """Count each local training of ``daemon``'s site in ``run.trainings`` (a retrain after a restart shows)."""
+    site = daemon.site
+    assert site is not None
+    train = site.train
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        run.trainings[name] = run.trainings.get(name, 0) + 1
+        return train(*args, **kwargs)
+
+    site.train = counted  # type: ignore[method-assign]
 
 
 _baselines: dict[str, Run] = {}
@@ -235,6 +252,53 @@ async def test_plaintext_round_resumes_to_the_same_model(
     assert_each_round_counted_once(run)
     assert job["test_accuracy"] == pytest.approx(want.job()["test_accuracy"])
     assert not list((run.state / "models").glob("*.tmp"))  # a torn checkpoint write leaves nothing behind
+    # Every round's validation evaluation is there, as in the uninterrupted run (one the crash cut off ran again).
+    assert evaluations(run) == evaluations(want)
+
+
+def evaluations(run: Run) -> list[tuple[int, int | None, float | None]]:
+    return [(r["round"], r["val_samples"], r["val_accuracy"]) for r in run.rounds() if r["state"] == "completed"]
+
+
+async def test_uploads_in_flight_at_a_crash_are_taken_by_the_reopened_round_without_retraining(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, pki: Pki, site_data: dict[str, Path]
+) -> None:
+    """Restart gap a): the coordinator dies while round 2's first upload streams in. The sites retry the uploads
+    they finished; the reopened round takes them at once (it does not wait for the federation first), so no site
+    trains a round twice (with record-level DP a retrain would spend its budget twice)."""
+    want = await baseline("plain", tmp_path_factory, pki, site_data)
+    run = make_run(tmp_path / "run", pki, PLAIN)
+    await federate(run, pki, site_data, crashes=("coordinator.upload_receiving@2",))
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    assert run.trainings == dict.fromkeys(SITES, ROUNDS)
+    assert job["model_version"] == want.job()["model_version"]
+    assert_each_round_counted_once(run)
+
+
+async def test_an_evaluation_after_a_damaged_checkpoint_counts_the_reports_it_had(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, pki: Pki, site_data: dict[str, Path]
+) -> None:
+    """Restart gap c): the coordinator dies after the first report of round 2's evaluation, and round 2's checkpoint
+    is found damaged. Round 2 runs again from round 1's model and yields the same model; its evaluation counts the
+    report recorded before the crash (that site will not evaluate the same model twice) and asks the others, so it
+    completes with every site instead of waiting out the round deadline with a partial score."""
+    want = await baseline("plain", tmp_path_factory, pki, site_data)
+    run = make_run(tmp_path / "run", pki, PLAIN)
+
+    def damage_latest(r: Run) -> None:
+        path = ModelStore(r.state / "models").path_for(r.job()["model_version"])
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    await federate(run, pki, site_data, crashes=("coordinator.evaluation_recorded@2",), between=damage_latest)
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    states = [(r["round"], r["attempt"], r["state"]) for r in run.rounds()]
+    assert states == [(1, 0, "completed"), (2, 0, "discarded"), (2, 1, "completed")]
+    assert job["model_version"] == want.job()["model_version"]
+    assert evaluations(run) == evaluations(want)
 
 
 @pytest.mark.parametrize(

@@ -119,3 +119,32 @@ async def test_round_survives_a_dropout_and_the_site_rejoins(
     assert sorted(rounds[2].cohort) == [a, b, c]
     assert sorted(rounds[2].reported) == [a, b]
     assert sorted(rounds[3].reported) == [a, b, c]
+
+
+async def test_each_upload_is_read_from_disk_once_by_the_fold(
+    pki: Pki,
+    site_data: dict[str, Path],
+    tmp_path: Path,
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+    monkeypatch: Any,
+) -> None:
+    """The spool checks size, digest, finiteness and norm while it writes; only the fold reads the update back."""
+    reads: dict[str, int] = {}
+    real_open = Path.open
+
+    def counting_open(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if self.suffix == ".update" and "r" in mode:
+            reads[str(self)] = reads.get(str(self), 0) + 1
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    job = job_config(rounds=1, min_sites=3, evaluate_every=0)
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
+    for site in SITES[:3]:
+        await participant_factory(participant_config(pki.site(site), coord.address, site_data[site]))
+    runner = runner_of(coord)
+    await poll_until(lambda: runner.state != "running", timeout=120, what="the job to finish")
+    assert runner.state == "finished", runner.detail
+    assert sorted(Path(p).name for p in reads) == [f"{s}.update" for s in SITES[:3]]
+    assert set(reads.values()) == {1}

@@ -33,6 +33,7 @@ from support import (
     Pki,
     channel,
     coordinator_config,
+    download_model,
     job_config,
     join_request,
     poll_until,
@@ -52,11 +53,14 @@ from test_fuzz_decoders import (
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from common.serde import Assembler, EncodedTensors, Spec, encode, new_hasher
+from common.secagg.lanes import train_lane_values
+from common.serde import EncodedTensors, Spec, encode, new_hasher
 from coordinator.config import CoordinatorConfig, JobConfig, SecureAggregationConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.state.audit import verify_database
 from participant.secagg_session import SecAggSession, SiteKeys
+
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 M = TypeVar("M", pb.WaitRequest, pb.HeartbeatRequest)
@@ -258,13 +262,13 @@ def coordinator_state(coord: CoordinatorDaemon) -> dict[str, object]:
                 rnd.weight_sum,
                 list(rnd.clip_bits),
                 rnd.uploads_open,
-                rnd.done.is_set(),
-                snapshot(rnd.running),
+                runner.machine.phase,
             )
             if rnd.secagg is not None:
                 sa = rnd.secagg
-                state["secagg"] = (sorted(sa.expected), sorted(sa.answered), sa.site_abort, snapshot(sa.server))
-        ev = runner._eval
+                aborted = dict(rnd.secure.aborted) if rnd.secure is not None else {}
+                state["secagg"] = (sorted(sa.expected), sorted(sa.answered), aborted, snapshot(sa.server))
+        ev = runner.machine.evaluation
         if ev is not None:
             state["evaluation"] = (ev.number, ev.split, ev.version, sorted(ev.expected), dict(ev.reports))
     return state
@@ -296,19 +300,19 @@ async def in_thread(h: Harness, fuzz: Callable[[], None]) -> None:
 
 
 async def download(stub: pb_grpc.FederationAsyncStub, job_id: str, version: str) -> dict[str, torch.Tensor]:
-    asm = None
-    async for chunk in stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version), timeout=CALL_TIMEOUT):
-        if chunk.WhichOneof("kind") == "manifest":
-            asm = Assembler(chunk.manifest)
-        else:
-            assert asm is not None
-            asm.add(chunk.data)
-    assert asm is not None
-    return asm.finish()
+    return await download_model(stub, job_id, version, timeout=CALL_TIMEOUT)
 
 
 def upload(task: pb.TrainTask, enc: EncodedTensors, **header: object) -> tuple[pb.UpdateHeader, bytes]:
     return update_header(task, enc, **({"train_seconds": 1.0} | header)), bytes(enc.data)
+
+
+def secure_upload(task: pb.TrainTask, enc: EncodedTensors) -> tuple[pb.UpdateHeader, bytes]:
+    """A masked input's header: no count, metrics or timing in the clear (they travel as lanes)."""
+    header = update_header(task, enc)
+    header.num_samples, header.train_seconds = 0, 0.0
+    header.metrics.clear()
+    return header, bytes(enc.data)
 
 
 def encoded(specs: Sequence[Spec], data: bytes) -> EncodedTensors:
@@ -561,7 +565,7 @@ async def test_fuzz_evaluation_reports(
             msgs = [pb.UpdateChunk(header=header), pb.UpdateChunk(data=data)]
             await h.sites[s].stub.UploadUpdate(_iterate(msgs), timeout=CALL_TIMEOUT)
         ev = (await h.sites[A].next("evaluate")).evaluate
-        await poll_until(lambda: runner_of(h.coord)._eval is not None, what="the evaluation to open")
+        await poll_until(lambda: runner_of(h.coord).machine.evaluation is not None, what="the evaluation to open")
         report = pb.EvaluationReport(
             job_id=ev.job_id,
             round=ev.round,
@@ -582,7 +586,7 @@ async def test_fuzz_evaluation_reports(
             h.check("ReportEvaluation", lambda: h.federation(who).ReportEvaluation(msg, timeout=CALL_TIMEOUT))
 
         await in_thread(h, fuzz)
-        assert runner_of(h.coord)._eval is not None  # c never reported: still open
+        assert runner_of(h.coord).machine.evaluation is not None  # c never reported: still open
     finally:
         await h.close()
     assert_clean_log(caplog)
@@ -659,7 +663,8 @@ async def test_fuzz_secure_aggregation(
         await poll_until(lambda: rnd.uploads_open, what="the masked inputs to open")
         base_model = await download(h.sites[A].stub, task.job_id, task.model_version)
         update = encode({k: torch.zeros_like(v) for k, v in base_model.items()})
-        masked = {s: upload(tasks[s], sessions[s].masked_update(update, 10)) for s in (A, B)}
+        lanes = train_lane_values(10, 0.5, 0.5, 1)
+        masked = {s: secure_upload(tasks[s], sessions[s].masked_update(update, 10, lanes)) for s in (A, B)}
 
         @fuzz_settings(100)
         @given(st.data())
@@ -709,7 +714,7 @@ async def test_fuzz_admin_calls(
     async def stop_all() -> None:
         for runner in list(coordinator.runners.values()):
             if runner.state == "running":
-                runner.stop("fuzz")
+                await runner.stop("fuzz")
         await poll_until(lambda: all(r.state != "running" for r in coordinator.runners.values()), what="jobs to stop")
 
     @fuzz_settings(150)

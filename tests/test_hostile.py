@@ -27,6 +27,7 @@ from support import (
     Pki,
     channel,
     coordinator_config,
+    download_model,
     job_config,
     join_request,
     participant_config,
@@ -41,14 +42,13 @@ from common.errors import RETRY_AFTER_KEY, ConfigError, RateLimited
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
-from common.serde import Assembler
 from coordinator.config import CoordinatorConfig, ServerConfig
 from coordinator.daemon import CoordinatorDaemon
 from coordinator.round.runner import JobRunner
 from coordinator.rpc.denylist import DenyList, parse_deny_list
 from coordinator.rpc.ratelimit import AuditThrottle, JoinLimiter
 from participant.config import ReconnectConfig
-from participant.daemon import retry_after_s
+from participant.connection import retry_after_s
 
 A, B, C = SITES[:3]
 CODE = grpc.StatusCode
@@ -83,15 +83,7 @@ async def hand_site(stack: contextlib.AsyncExitStack, address: str, pki: Pki, na
 
 
 async def download(site: HandSite, task: pb.TrainTask) -> dict[str, torch.Tensor]:
-    asm = None
-    async for chunk in site.stub.DownloadModel(pb.ModelRequest(job_id=task.job_id, model_version=task.model_version)):
-        if chunk.WhichOneof("kind") == "manifest":
-            asm = Assembler(chunk.manifest)
-        else:
-            assert asm is not None
-            asm.add(chunk.data)
-    assert asm is not None
-    return asm.finish()
+    return await download_model(site.stub, task.job_id, task.model_version)
 
 
 async def sent(
@@ -259,7 +251,7 @@ async def test_revoked_site_is_dropped_mid_round_and_refused_everywhere(
         [row] = store.rounds(runner.job_id)
         assert (row.state, row.reported, row.cohort) == ("completed", [A, B], [A, B, C]), row.detail
         assert sorted(u["site"] for u in store.uploads(runner.job_id, 1, 0)) == [A, B]
-        runner.stop("test over")  # (the final evaluation would wait for these hand-driven sites)
+        await runner.stop("test over")  # (the final evaluation would wait for these hand-driven sites)
 
         # Lifting the revocation lets c join again.
         write_deny_list(deny, "sites: []\n")
@@ -462,7 +454,7 @@ async def test_replayed_upload_for_a_closed_round_is_refused(
             assert store.uploads(runner.job_id, 2, 0) == []
             assert_round_untouched(runner, text, number=2)
         # ... and once the job is over.
-        runner.stop("test over")
+        await runner.stop("test over")
         await poll_until(lambda: runner.state != "running", what="job stop")
         await refused(
             a.stub.UploadUpdate(sent(round1, release=release), timeout=10), CODE.FAILED_PRECONDITION, "is not running"

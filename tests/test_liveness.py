@@ -72,7 +72,7 @@ WIDE = WideTask()
 def test_silence_drops_an_idle_site_but_not_one_with_a_task_in_hand() -> None:
     now = [1000.0]
     registry = Registry(clock=lambda: now[0])
-    decl = Declaration("t", "d", "s", "v", 10)
+    decl = Declaration("t", "d", "s", "v")
     for site in ("idle", "busy", "done"):
         session = registry.join(site, decl)
         assert registry.attach(site, session.session_id) is session

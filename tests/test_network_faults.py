@@ -49,9 +49,10 @@ from support import UNLISTED, Pki, poll_until
 log = logging.getLogger("tests.network_faults")
 
 PROBE = probe()
-pytestmark = pytest.mark.skipif(
-    PROBE.backend is None, reason=f"network namespaces are not possible here: {PROBE.reason}"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(PROBE.backend is None, reason=f"network namespaces are not possible here: {PROBE.reason}"),
+]
 
 LINK = LinkSpec(delay_s=0.050, loss=0.01, rate_bps=1_000_000)
 SITES3 = ("site-a", "site-b", "site-c")

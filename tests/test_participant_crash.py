@@ -38,7 +38,7 @@ from support import (
     runner_of,
 )
 
-import coordinator.round.intake
+import coordinator.round.runner
 from common.failpoints import ENV as FAILPOINTS_ENV
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.encoding import EncodingParams, weight_of
@@ -50,6 +50,8 @@ from coordinator.daemon import CoordinatorDaemon
 from coordinator.round.aggregation import UpdateSpool
 from coordinator.state.store import RoundRow
 from participant.site import LocalUpdate, Site
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 VICTIM = SITES[2]
@@ -145,7 +147,7 @@ def spools(monkeypatch: pytest.MonkeyPatch) -> list[SpoolRecord]:
             super().discard()
             self.record.discarded = True
 
-    monkeypatch.setattr(coordinator.round.intake, "UpdateSpool", RecordingSpool)
+    monkeypatch.setattr(coordinator.round.runner, "UpdateSpool", RecordingSpool)
     return records
 
 
@@ -343,7 +345,7 @@ async def test_site_killed_mid_round_round_completes_and_site_rejoins(
             )
             accepted = [f"{VICTIM}.update"] if phase.counted else []
             await poll_until(
-                lambda: victim_files(rnd.spool_dir) == accepted,
+                lambda: victim_files(runner.spool_of(rnd.number, rnd.attempt)) == accepted,
                 timeout=10,
                 what=f"the spool of round {KILL_ROUND} to hold {accepted} of the dead site",
             )

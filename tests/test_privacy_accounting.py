@@ -123,6 +123,7 @@ def test_plan_rdp_is_smallest_sigma() -> None:
     assert epsilon_for(sigma * (1 - 2e-3), DELTA, 1000, "poisson", 0.01, "rdp") > 2.101
 
 
+@pytest.mark.slow
 def test_plan_pld_exact_gaussian_and_fixed() -> None:
     assert plan_noise_multiplier(4.377, DELTA, 1, "full", 1.0, "pld") == pytest.approx(1.0, rel=2e-3)
     sigma = plan_noise_multiplier(3.0, DELTA, 50, "fixed", 0.2, "rdp", population=50)

@@ -129,7 +129,7 @@ async def test_distributed_site_level_dp_over_many_sites_with_secure_aggregation
         secure_aggregation=secagg,
     )
     config = CoordinatorConfig(
-        federation=FederationConfig(name="many", sites=names),
+        federation=FederationConfig(name="cohort", sites=names),  # init_federation's default federation
         server=ServerConfig(listen="127.0.0.1:0", tls=tls(ids["coordinator"]), heartbeat_interval_s=2.0),
         state_dir=tmp_path / "state",
         job=job,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.round.machine import (
+from coordinator.round.rules import (
     CloseRound,
     DeadlinePassed,
-    Phase,
+    RoundPhase,
     RoundState,
     SiteBack,
     SiteLost,
@@ -26,7 +26,7 @@ def test_closes_when_every_site_reported() -> None:
     assert r.handle(UploadAccepted("s1")) == []
     [action] = r.handle(UploadAccepted("s2"))
     assert action == CloseRound(True, "3 of 3 sites reported")
-    assert r.phase is Phase.SUCCEEDED
+    assert r.phase is RoundPhase.SUCCEEDED
     assert r.handle(UploadAccepted("s2")) == []  # closed rounds ignore further events
 
 

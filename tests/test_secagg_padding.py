@@ -10,8 +10,11 @@ from test_secagg_protocol import JOB, federation, make_round, site_names
 
 from common.errors import InvalidArgument
 from common.secagg.encoding import EncodingParams, packed_len
+from common.secagg.lanes import LaneLayout
 from common.secagg.protocol import RoundParams, ServerStage
+from common.serde import new_hasher
 from coordinator.config import SecureAggregationConfig
+from coordinator.round.aggregation import MaskedPadding, UpdateSpool
 from coordinator.round.secagg import SecAggRound
 
 
@@ -23,7 +26,8 @@ def test_masked_input_with_padding_bits_is_refused_and_the_round_still_sums(tmp_
     rng = np.random.default_rng(0)
     encoded = {s: rng.integers(0, 1 << bits, dim, dtype=np.uint32) for s in params.cohort}
     enc = EncodingParams.choose(len(params.cohort), 0.5, bits)
-    rnd = SecAggRound(JOB, 1, 0, params, enc, SecureAggregationConfig(enabled=True, bits=bits), server)
+    config = SecureAggregationConfig(enabled=True, bits=bits)
+    rnd = SecAggRound(JOB, 1, 0, params, enc, config, server, LaneLayout((), bits, len(params.cohort)))
     sites = params.cohort
     for s in sites:
         server.receive_advertisement(s, clients[s].advertise())
@@ -39,10 +43,16 @@ def test_masked_input_with_padding_bits_is_refused_and_the_round_still_sums(tmp_
         assert len(masked[s]) == packed_len(dim, bits)
     bad = bytearray(masked[sites[0]])
     bad[-1] |= 0x80
-    path = tmp_path / "bad.update"
-    path.write_bytes(bytes(bad))
+    # The coordinator checks the padding while it spools the upload, before anything is folded.
+    specs = (rnd.masked_spec,)
+    hasher = new_hasher(specs)
+    hasher.update(bytes(bad))
+    spool = UpdateSpool(tmp_path / "bad.update", specs, len(bad), hasher.hexdigest(), 4 << 20, MaskedPadding(dim, bits))
+    spool.write(bytes(bad))
     with pytest.raises(InvalidArgument, match="padding"):
-        rnd.fold_masked_file(sites[0], path)
+        spool.finish()
+    spool.discard()
+    assert not list(tmp_path.iterdir())
     assert server.stage is ServerStage.MASKED_INPUT  # not aborted: the refusal changed nothing
 
     for s in sites:

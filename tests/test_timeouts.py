@@ -38,7 +38,7 @@ from common.errors import ConfigError
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from coordinator.config import JobConfig, SecureAggregationConfig
-from coordinator.round.machine import DeadlinePassed, RoundState, UploadAccepted
+from coordinator.round.rules import DeadlinePassed, RoundState, UploadAccepted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ async def silent_site(address: str, pki: Pki, site: str) -> AsyncIterator[None]:
     """A site that joins, heartbeats and holds its work stream open, but never does the work it is given."""
     ch = channel(address, pki.site(site), pki.coordinator.ca)
     stub = pb_grpc.FederationStub(ch)
-    reply = await stub.Join(join_request(num_train_samples=50))
+    reply = await stub.Join(join_request())
     stream = stub.WaitForWork(pb.WaitRequest(session_id=reply.session_id))
 
     async def drain() -> None:

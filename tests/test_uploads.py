@@ -17,6 +17,7 @@ from support import (
     Pki,
     channel,
     coordinator_config,
+    download_model,
     job_config,
     join_request,
     runner_of,
@@ -25,7 +26,6 @@ from support import (
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from common.serde import Assembler
 from coordinator.daemon import CoordinatorDaemon
 
 
@@ -56,16 +56,7 @@ async def test_upload_validation_and_idempotence(
                 task = item.train
                 break
         assert task is not None
-        chunks = stub.DownloadModel(pb.ModelRequest(job_id=task.job_id, model_version=task.model_version))
-        asm = None
-        async for chunk in chunks:
-            if chunk.WhichOneof("kind") == "manifest":
-                asm = Assembler(chunk.manifest)
-            else:
-                assert asm is not None
-                asm.add(chunk.data)
-        assert asm is not None
-        base = asm.finish()
+        base = await download_model(stub, task.job_id, task.model_version)
         zeros = {k: torch.zeros_like(v) for k, v in base.items()}
         first = next(iter(base))
 

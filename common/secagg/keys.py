@@ -184,7 +184,7 @@ def verify_site_certificate(
     except CertificateError as exc:
         raise fail(f"is not a Cohort certificate ({exc})") from None
     if identity.role is not Role.PARTICIPANT:
-        raise fail(f"is a {identity.role} certificate, not a participant certificate")
+        raise fail(f"is {identity.role.with_article()} certificate, not a participant certificate")
     if identity.name != site:
         raise fail(f"belongs to {identity.name!r}")
     key = cert.public_key()

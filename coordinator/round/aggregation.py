@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import files
 from common.errors import InvalidArgument
+from common.secagg.encoding import check_padding
 from common.serde import CHUNK_BYTES, Spec, new_hasher
 
 _BLOCK_ELEMS = 1 << 16  # scratch of 256 KiB: the fold never allocates per chunk
@@ -102,38 +104,78 @@ def apply_flat(base: dict[str, torch.Tensor], specs: Sequence[Spec], delta: np.n
     return out
 
 
-def l2_norm_file(path: Path) -> float:
-    """L2 norm of a spooled float32 update, block by block."""
-    total = 0.0
-    with path.open("rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            values = np.frombuffer(block, dtype="<f4", count=len(block) // 4).astype(np.float64)
-            total += float(values @ values)
-    return float(np.sqrt(total))
+class Float32Values:
+    """Checks a plaintext update's values as its bytes stream in: every value finite, and its L2 norm.
+
+    The stream is cut at arbitrary byte offsets, so a value split across two chunks is carried over. One pass over
+    the bytes while they are spooled: the file is never read back for these checks.
+    """
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self.sum_squares = 0.0
+
+    def feed(self, data: bytes) -> None:
+        if self._carry:
+            data = self._carry + data
+        usable = len(data) - len(data) % 4
+        self._carry = bytes(data[usable:])
+        values = np.frombuffer(data, dtype="<f4", count=usable // 4)
+        if not np.isfinite(values).all():
+            raise InvalidArgument("update contains NaN or Inf values; nothing was aggregated")
+        wide = values.astype(np.float64)
+        self.sum_squares += float(wide @ wide)
+
+    def finish(self) -> None:
+        if self._carry:
+            raise InvalidArgument("update length is not a whole number of float32 values")
+
+    @property
+    def l2_norm(self) -> float:
+        return float(np.sqrt(self.sum_squares))
 
 
-def check_finite_file(path: Path) -> None:
-    """Refuse an update with NaN or Inf anywhere (it would poison the global model)."""
-    with path.open("rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            values = np.frombuffer(block, dtype="<f4", count=len(block) // 4)
-            if not np.isfinite(values).all():
-                raise InvalidArgument("update contains NaN or Inf values; nothing was aggregated")
+class MaskedPadding:
+    """Checks the padding bits of a bit-packed masked input as it streams in (only the last byte carries them)."""
+
+    def __init__(self, dim: int, bits: int) -> None:
+        self.dim, self.bits = dim, bits
+        self._last = -1
+
+    def feed(self, data: bytes) -> None:
+        self._last = data[-1]
+
+    def finish(self) -> None:
+        if self._last >= 0:
+            check_padding(self._last, self.dim, self.bits)
+
+
+ValueCheck = Float32Values | MaskedPadding
 
 
 class UpdateSpool:
-    """Writes an incoming update stream to ``path.part``, checking size as it goes and the digest at the end."""
+    """Writes an incoming update stream to ``path.part``: size and values (``values``) checked as it goes, the digest
+    at the end, in one pass over the bytes."""
 
-    def __init__(self, path: Path, specs: Sequence[Spec], total_bytes: int, sha256: str, max_chunk: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        specs: Sequence[Spec],
+        total_bytes: int,
+        sha256: str,
+        max_chunk: int,
+        values: ValueCheck | None = None,
+    ) -> None:
         self.final_path = path
+        self.values = values
         self.part_path = path.with_name(path.name + ".part")
         self.total_bytes = total_bytes
         self.expected = sha256
         self.max_chunk = max_chunk
         self.received = 0
         self._hasher: hashlib._Hash = new_hasher(specs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.part_path.open("wb")
+        files.private_dir(path.parent, "state_dir/spool")
+        self._file = files.open_private(self.part_path)
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -142,6 +184,8 @@ class UpdateSpool:
             raise InvalidArgument(f"chunk of {len(data)} bytes exceeds the limit of {self.max_chunk} bytes")
         if self.received + len(data) > self.total_bytes:
             raise InvalidArgument(f"upload carries more than the {self.total_bytes} bytes its manifest announced")
+        if self.values is not None:
+            self.values.feed(data)
         self._file.write(data)
         self._hasher.update(data)
         self.received += len(data)
@@ -152,6 +196,8 @@ class UpdateSpool:
             raise InvalidArgument(f"upload ended after {self.received} of {self.total_bytes} bytes")
         if self._hasher.hexdigest() != self.expected:
             raise InvalidArgument("digest mismatch: the uploaded bytes do not hash to the manifest's sha256")
+        if self.values is not None:
+            self.values.finish()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -33,6 +33,7 @@ import yaml
 
 from common.certs import Role
 from common.errors import CertificateRevoked, ConfigError
+from common.names import RULE, is_name
 from common.tls import CertRef
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cohort.coordinator.rpc.denylist")
 
-_SITE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _HEX = re.compile(r"[0-9a-f]+")
 _KEYS = ("sites", "serials", "fingerprints")
 MAX_ENTRIES = 100_000
@@ -109,8 +109,8 @@ def parse_deny_list(data: Any, source: str) -> DenyList:
         lists[key] = value
     sites: set[str] = set()
     for i, site in enumerate(lists["sites"]):
-        if not isinstance(site, str) or not _SITE_ID.fullmatch(site):
-            raise ConfigError(f"{source}: sites[{i}]: {site!r} is not a valid site id (a-z, 0-9, '.', '_', '-')")
+        if not isinstance(site, str) or not is_name(site):
+            raise ConfigError(f"{source}: sites[{i}]: {site!r} is not a valid site id ({RULE})")
         sites.add(site)
     serials = {int(_hex_entry(v, f"{source}: serials[{i}]", "serial"), 16) for i, v in enumerate(lists["serials"])}
     fingerprints: set[str] = set()

@@ -1,4 +1,4 @@
-"""Thin gRPC servicers: check the caller's certificate role and revocation, call a domain method, convert the result.
+"""Thin gRPC servicers: read the caller's certificate once (role, revocation), call a handler, convert the result.
 
 Errors are translated once, in :func:`translated` / :func:`translated_stream`: a :class:`CohortError` becomes its
 status code and message; anything else becomes INTERNAL with a generic message and a logged traceback. Every refusal
@@ -21,13 +21,24 @@ import grpc
 
 from common import failpoints
 from common.certs import Role
-from common.errors import RETRY_AFTER_KEY, CertificateRevoked, InvalidArgument, RateLimited, RpcError, status_for
+from common.errors import (
+    RETRY_AFTER_KEY,
+    CertificateRevoked,
+    ForeignFederation,
+    InvalidArgument,
+    PermissionDenied,
+    RateLimited,
+    RpcError,
+    status_for,
+)
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from common.tls import CertRef, cert_ref, peer_identity, require_role
+from common.tls import CertRef, cert_ref
+from coordinator.federation import Federation
+from coordinator.handlers import admin as admin_handlers
+from coordinator.handlers import participant as handlers
 from coordinator.rpc.upload_guard import GuardedStream, StreamLimits
 from coordinator.rpc.wire import refuse_undecodable
-from coordinator.service import Coordinator
 
 log = logging.getLogger("cohort.coordinator.rpc")
 
@@ -52,7 +63,7 @@ async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -
 def _audit_refusal(servicer: Any, context: Ctx, method: str, exc: RpcError, code: str, message: str) -> None:
     """Every refused request is an audit event (who, which call, which status, why); never its payload."""
     kind = exc.audit_kind if isinstance(exc, RateLimited) else "rpc_refused"
-    throttled = isinstance(exc, RateLimited | CertificateRevoked)  # repeatable at will: once per window, counted
+    throttled = isinstance(exc, RateLimited | CertificateRevoked | ForeignFederation)  # repeatable at will: counted
     _audit(servicer, context, kind, throttled, method=method, code=code, message=message[:300])
 
 
@@ -61,7 +72,7 @@ def _audit(servicer: Any, context: Ctx, kind: str, throttled: bool, **detail: An
     if coordinator is None:
         return
     try:
-        actor = peer_identity(context).name
+        actor = cert_ref(context).name
     except RpcError:
         actor = "unauthenticated"
     if throttled:
@@ -109,10 +120,23 @@ def translated_stream(
     return wrapper
 
 
+def caller(context: Ctx, role: Role, state: Federation) -> CertRef:
+    """The caller's certificate, read once per call: issued for this federation, with ``role``, not revoked."""
+    ref = cert_ref(context)
+    ref.require_federation(state.config.federation.name)
+    if ref.role is not role:
+        raise PermissionDenied(
+            f"this call needs {role.with_article()} certificate; the caller presented "
+            f"{ref.role.with_article()} certificate for {ref.name!r}"
+        )
+    state.revocations.check(ref)
+    return ref
+
+
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.c = coordinator
-        server = coordinator.config.server
+    def __init__(self, state: Federation) -> None:
+        self.c = state
+        server = state.config.server
         self.upload_limits = StreamLimits(
             idle_timeout_s=server.upload_idle_timeout_s,
             deadline_s=server.upload_deadline_s,
@@ -122,34 +146,28 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def _site(self, context: Ctx) -> CertRef:
         """The calling site's certificate: a participant certificate that is not revoked."""
-        require_role(context, Role.PARTICIPANT)
-        ref = cert_ref(context)
-        self.c.revocations.check(ref)
-        return ref
+        return caller(context, Role.PARTICIPANT, self.c)
 
     @translated
     async def Join(self, request: pb.JoinRequest, context: Ctx) -> pb.JoinReply:
-        ref = self._site(context)
-        return self.c.join(ref.name, request, cert=ref)
+        return handlers.join(self._site(context), request, self.c)
 
     @translated_stream
     async def WaitForWork(self, request: pb.WaitRequest, context: Ctx) -> AsyncIterator[pb.WorkItem]:
         ref = self._site(context)
-        async for item in self.c.work_stream(ref.name, request.session_id):
+        async for item in handlers.work_stream(ref, request, self.c):
             yield item
         self.c.revocations.check(ref)  # a revoked site's stream ends with PERMISSION_DENIED, not a clean end
 
     @translated
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: Ctx) -> pb.Ack:
-        ref = self._site(context)
-        self.c.heartbeat(ref.name, request.session_id)
-        return pb.Ack()
+        return handlers.heartbeat(self._site(context), request, self.c)
 
     @translated_stream
     async def DownloadModel(self, request: pb.ModelRequest, context: Ctx) -> AsyncIterator[pb.ModelChunk]:
         ref = self._site(context)
         with self.c.revocations.watch(ref) as revoked:
-            model = self.c.model_for(ref.name, request)
+            model = handlers.download_model(ref, request, self.c)
             yield pb.ModelChunk(manifest=model.manifest())
             for i, chunk in enumerate(model.chunks()):
                 if revoked.is_set():
@@ -172,10 +190,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                     raise InvalidArgument("empty upload: the first message must be the update header") from None
                 if first.WhichOneof("kind") != "header":
                     raise InvalidArgument("the first message of an upload must be its header")
-                return await self.c.receive_upload(ref.name, first.header, stream)
+                return await handlers.upload(ref, first.header, stream, self.c)
             except asyncio.CancelledError:
                 # gRPC cancels the handler when the client goes away or the transport refuses a message (one over
-                # the size limit): the intake has discarded the spool; record that a transfer broke off.
+                # the size limit): the runner has discarded the spool; record that a transfer broke off.
                 _audit(self, context, "upload_cancelled", True, method="UploadUpdate", messages=stream.messages)
                 raise
             finally:
@@ -183,45 +201,37 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     @translated
     async def SecAgg(self, request: pb.SecAggMessage, context: Ctx) -> pb.Ack:
-        site = self._site(context).name
-        self.c.receive_secagg(site, request)
-        return pb.Ack()
+        return await handlers.secagg(self._site(context), request, self.c)
 
     @translated
     async def Decline(self, request: pb.DeclineRequest, context: Ctx) -> pb.Ack:
-        site = self._site(context).name
-        self.c.receive_decline(site, request)
-        return pb.Ack()
+        return await handlers.decline(self._site(context), request, self.c)
 
     @translated
     async def ReportEvaluation(self, request: pb.EvaluationReport, context: Ctx) -> pb.Ack:
-        site = self._site(context).name
-        self.c.receive_evaluation(site, request)
-        return pb.Ack()
+        return await handlers.report_evaluation(self._site(context), request, self.c)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
-        self.c = coordinator
+    def __init__(self, state: Federation) -> None:
+        self.c = state
 
     def _admin(self, context: Ctx) -> str:
         """The calling admin's name: an admin certificate that is not revoked (by serial or fingerprint)."""
-        require_role(context, Role.ADMIN)
-        ref = cert_ref(context)
-        self.c.revocations.check(ref)
-        return ref.name
+        return caller(context, Role.ADMIN, self.c).name
 
     @translated
     async def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.JobStatus:
-        admin = self._admin(context)
-        return self.c.start_job_from_proto(request.spec, actor=admin)
+        return await admin_handlers.start_job(self._admin(context), request, self.c)
 
     @translated
     async def StopJob(self, request: pb.StopJobRequest, context: Ctx) -> pb.JobStatus:
-        admin = self._admin(context)
-        return self.c.stop_job(request.job_id, request.reason or f"stopped by admin {admin}", actor=admin)
+        return await admin_handlers.stop_job(self._admin(context), request, self.c)
 
     @translated
     async def GetStatus(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusReply:
-        self._admin(context)
-        return self.c.status()
+        return admin_handlers.status(self._admin(context), request, self.c)
+
+    @translated
+    async def ClearSuspension(self, request: pb.ClearSuspensionRequest, context: Ctx) -> pb.JobStatus:
+        return await admin_handlers.clear_suspension(self._admin(context), request, self.c)

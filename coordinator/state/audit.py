@@ -12,9 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from common.errors import ConfigError
 
 GENESIS = "0" * 64
 
@@ -58,13 +62,39 @@ def verify_rows(rows: list[dict[str, Any]], head: str | None = None) -> AuditRep
     return report
 
 
-def verify_database(path: Path, head: str | None = None) -> AuditReport:
+def _read_only(path: Path) -> sqlite3.Connection:
     if not path.exists():
-        raise FileNotFoundError(f"no coordinator database at {path}")
+        raise ConfigError(f"no coordinator database at {path}; pass the coordinator's state_dir with --state-dir")
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
+    return db
+
+
+def verify_database(path: Path, head: str | None = None) -> AuditReport:
+    db = _read_only(path)
     try:
         rows = [dict(r) for r in db.execute("SELECT * FROM audit ORDER BY seq")]
     finally:
         db.close()
     return verify_rows(rows, head)
+
+
+def read_events(path: Path, kinds: Sequence[str] = (), last: int = 0) -> list[dict[str, Any]]:
+    """The audit events in ``path`` (oldest first): only of ``kinds`` if given, only the ``last`` ones if > 0."""
+    where = f"WHERE kind IN ({', '.join('?' * len(kinds))})" if kinds else ""
+    limit = "LIMIT ?" if last > 0 else ""
+    query = f"SELECT seq, ts, kind, actor, detail FROM audit {where} ORDER BY seq DESC {limit}"  # noqa: S608
+    db = _read_only(path)
+    try:
+        rows = [dict(r) for r in db.execute(query, (*kinds, *([last] if last > 0 else [])))]
+    finally:
+        db.close()
+    return [r | {"detail": json.loads(r["detail"])} for r in reversed(rows)]
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One line: sequence number, UTC time, kind, actor, then the detail as key=value pairs."""
+    when = datetime.fromtimestamp(event["ts"], UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    detail = event["detail"]
+    pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted(detail.items())) if isinstance(detail, dict) else ""
+    return f"{event['seq']:>6}  {when}  {event['kind']:<22} {event['actor']:<16} {pairs}".rstrip()

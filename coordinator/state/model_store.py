@@ -1,4 +1,4 @@
-"""Global models as safetensors files named by their Cohort digest (``models/<hex>.safetensors``)."""
+"""Global models as safetensors files named by their Cohort digest (``models/<hex>.safetensors``), owner-only."""
 
 from __future__ import annotations
 
@@ -10,23 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common import failpoints
+from common import failpoints, files
 from common.serde import EncodedTensors, encode
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX: the directory entry lives in the directory's own blocks)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        files.private_dir(root, "state_dir/models")
         for stale in root.glob("*.tmp"):  # a write cut short by a crash; the model it held was never committed
             stale.unlink(missing_ok=True)
 
@@ -41,7 +32,7 @@ class ModelStore:
         encoded = encode(tensors)
         path = self.path_for(encoded.version)
         if not path.exists() or not self._intact(encoded.version):
-            tmp = path.with_suffix(".tmp")
+            tmp = files.create_private(path.with_suffix(".tmp"))  # 0600 before a byte is written; save_file keeps it
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
                 str(tmp),
@@ -55,7 +46,7 @@ class ModelStore:
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            fsync_dir(self.root)
+            files.fsync_dir(self.root)
         return encoded
 
     def _intact(self, version: str) -> bool:

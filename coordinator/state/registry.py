@@ -26,7 +26,6 @@ class Declaration:
     task_digest: str
     schema_fingerprint: str
     software_version: str
-    num_train_samples: int
 
 
 @dataclass(eq=False)

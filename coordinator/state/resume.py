@@ -15,12 +15,16 @@ rules:
   routed, the masked sum) died with the process, and the sites will not reveal anything twice. It is recorded as
   failed and the round is retried with fresh keys, as after any failed secure round. Masked inputs alone reveal
   nothing and are deleted.
+- A validation evaluation that the crash cut off (its round is the newest completed one, it was due, none of its
+  results is recorded and no later round started) is run again before the next round. Evaluation reports recorded
+  before the crash count again wherever the same model is evaluated (a site does not evaluate one model twice).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,23 +43,43 @@ RESTART_DETAIL = "interrupted by a coordinator restart"
 
 
 @dataclass(frozen=True)
-class ResumePoint:
-    """Where a job continues: round ``number``, attempt ``attempt``, on ``model``."""
+class ResumePlan:
+    """Where the job's state machine continues: round ``number``, attempt ``attempt``."""
 
     number: int
     attempt: int
+    completed: int  # rounds the restored model reflects
+    reopen_cohort: tuple[str, ...] | None = None  # the open plaintext attempt to continue
+    uploads: tuple[Mapping[str, Any], ...] = ()  # its accepted uploads (site, sha256, num_samples, metrics)
+    evaluate: tuple[int, int] | None = None  # (round, attempt) whose validation evaluation a crash cut off
+    # (round, split, model version) -> site -> (n, loss, accuracy): reports that arrived before the restart. A site
+    # does not evaluate the same model twice, so they count again (a re-run round that yields the same model).
+    stored_evaluations: Mapping[tuple[int, str, str], Mapping[str, tuple[int, float, float]]] = field(
+        default_factory=dict
+    )
+    notes: tuple[str, ...] = ()  # what was found and done, for the operator's log
+    generation: int = 1  # how many times the job has been resumed (numbers its new secure evaluation instances)
+    aborts: Mapping[str, int] = field(default_factory=dict)  # secure-aggregation aborts per site so far
+    suspended: Mapping[str, str] = field(default_factory=dict)  # sites kept out of the cohorts, and why
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The model a job continues from, and the plan for its state machine."""
+
     tensors: dict[str, torch.Tensor]
     model: EncodedTensors
-    reopen: RoundRow | None = None  # the open plaintext attempt to continue, with its accepted uploads below
-    uploads: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # what was found and done, for the operator's log
+    plan: ResumePlan
 
 
 class CannotResume(Exception):
     """The job's state on disk does not allow it to continue (reason in the message)."""
 
 
-def spool_dir(spool_root: Path, job_id: str, number: int, attempt: int) -> Path:
+def spool_dir(spool_root: Path, job_id: str, number: int, attempt: int, split: str = "") -> Path:
+    """Where a round attempt's uploads are spooled (and, briefly, a secure evaluation's masked inputs)."""
+    if split:
+        return spool_root / job_id / f"eval-{number}-{split}-{attempt}"
     return spool_root / job_id / f"round-{number}-{attempt}"
 
 
@@ -113,6 +137,9 @@ def plan_resume(
     number = base_round + 1
     attempts = [r.attempt for r in rounds if r.round == number]
     attempt = max(attempts) + 1 if attempts else 0
+    evaluate = _cut_off_evaluation(spec, rounds, base_round)
+    if evaluate is not None:
+        notes.append(f"the validation evaluation of round {base_round} was cut off; it runs again")
     reopen: RoundRow | None = None
     uploads: list[dict[str, Any]] = []
     for r in rounds:
@@ -129,7 +156,38 @@ def plan_resume(
             store.abandon_round(job_id, r.round, r.attempt, RESTART_DETAIL)
             shutil.rmtree(spool_dir(spool_root, job_id, r.round, r.attempt), ignore_errors=True)
             notes.append(f"round {r.round} attempt {r.attempt} recorded as failed ({RESTART_DETAIL}); it is retried")
-    return ResumePoint(number, attempt, tensors, model, reopen, uploads, notes)
+    stored: dict[tuple[int, str, str], dict[str, tuple[int, float, float]]] = {}
+    for e in store.evaluation_rows(job_id):
+        key = (int(e["round"]), str(e["split"]), str(e["model_version"]))
+        stored.setdefault(key, {})[str(e["site"])] = (int(e["num_samples"]), float(e["loss"]), float(e["accuracy"]))
+    resumed_before = sum(1 for e in store.audit_events("job_resumed") if e["detail"].get("job_id") == job_id)
+    abort_state = (store.job(job_id) or {}).get("site_aborts") or {}
+    plan = ResumePlan(
+        number=number,
+        attempt=attempt,
+        completed=base_round,
+        reopen_cohort=tuple(reopen.cohort) if reopen is not None else None,
+        uploads=tuple(uploads),
+        evaluate=evaluate,
+        stored_evaluations=stored,
+        notes=tuple(notes),
+        generation=resumed_before + 1,
+        aborts={str(k): int(v) for k, v in dict(abort_state.get("aborts", {})).items()},
+        suspended={str(k): str(v) for k, v in dict(abort_state.get("suspended", {})).items()},
+    )
+    return ResumePoint(tensors, model, plan)
+
+
+def _cut_off_evaluation(spec: JobConfig, rounds: list[RoundRow], base_round: int) -> tuple[int, int] | None:
+    """The (round, attempt) whose due validation evaluation never completed, if the crash cut it off."""
+    if base_round < 1 or not spec.evaluate_every or base_round % spec.evaluate_every:
+        return None
+    if any(r.round > base_round for r in rounds):
+        return None  # a later round started, so the evaluation had ended (possibly with no report)
+    row = next((r for r in rounds if r.round == base_round and r.state == "completed"), None)
+    if row is None or row.val_samples is not None:
+        return None
+    return base_round, row.attempt
 
 
 def _load_verified(

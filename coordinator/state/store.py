@@ -1,7 +1,9 @@
-"""Durable coordinator state in SQLite (WAL mode, one writer: the coordinator's event loop).
+"""Durable coordinator state: the :class:`Store` interface and its SQLite implementation.
 
-Tables: jobs, rounds (one row per attempt), uploads (accepted updates: digest, weight, metrics; never tensors),
-evaluations (per-site federated evaluation results: counts, loss, accuracy) and audit (security-relevant events).
+SQLite runs in WAL mode with one writer (the coordinator's event loop). Tables: jobs, rounds (one row per attempt),
+uploads (accepted updates: digest, weight, metrics; never tensors), evaluations (per-site federated evaluation
+results: counts, loss, accuracy) and audit (security-relevant events, hash-chained). An in-memory implementation
+with the same contract is in :mod:`coordinator.state.memory_store` (tests/test_store.py runs both).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from common import files
 from coordinator.state.audit import GENESIS, chain_hash
 
 SCHEMA = """
@@ -33,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     test_samples INTEGER,
     epsilon REAL NOT NULL DEFAULT 0,
     site_epsilon TEXT NOT NULL DEFAULT '{}',
-    privacy_state TEXT NOT NULL DEFAULT '{}'
+    privacy_state TEXT NOT NULL DEFAULT '{}',
+    site_aborts TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL,
@@ -92,6 +96,23 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+JOB_FIELDS = frozenset(
+    {
+        "state",
+        "current_round",
+        "model_version",
+        "detail",
+        "test_loss",
+        "test_accuracy",
+        "test_samples",
+        "epsilon",
+        "site_epsilon",
+        "privacy_state",
+        "site_aborts",
+    }
+)
+
+
 @dataclass(frozen=True)
 class RoundRow:
     job_id: str
@@ -114,11 +135,65 @@ class RoundRow:
     epsilon: float | None
 
 
-class Store:
-    """A small typed facade over the SQLite file; all writes are committed before the call returns."""
+class Store(Protocol):
+    """What the coordinator keeps durably. Every write is committed before the call returns."""
+
+    def close(self) -> None: ...
+    def create_job(self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str) -> None: ...
+    def update_job(self, job_id: str, **fields: Any) -> None: ...
+    def jobs(self) -> list[dict[str, Any]]: ...
+    def job(self, job_id: str) -> dict[str, Any] | None: ...
+    def start_round(self, job_id: str, rnd: int, attempt: int, cohort: list[str], base_version: str) -> None: ...
+    def finish_round(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        *,
+        state: str,
+        reported: list[str],
+        model_version: str = "",
+        train_loss: float | None = None,
+        train_samples: int | None = None,
+        timings: Mapping[str, float] | None = None,
+        detail: str = "",
+        epsilon: float | None = None,
+        privacy_state: Mapping[str, Any] | None = None,
+    ) -> None: ...
+    def abandon_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
+    def discard_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
+    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None: ...
+    def rounds(self, job_id: str) -> list[RoundRow]: ...
+    def record_upload(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        site: str,
+        *,
+        sha256: str,
+        num_samples: int,
+        metrics: Mapping[str, float],
+        train_seconds: float,
+    ) -> None: ...
+    def uploads(self, job_id: str, rnd: int, attempt: int) -> list[dict[str, Any]]: ...
+    def forget_upload(self, job_id: str, rnd: int, attempt: int, site: str) -> None: ...
+    def record_evaluation(
+        self, job_id: str, rnd: int, split: str, site: str, model_version: str, n: int, loss: float, acc: float
+    ) -> None: ...
+    def evaluations(self, job_id: str, rnd: int, split: str) -> list[dict[str, Any]]: ...
+    def evaluation_rows(self, job_id: str) -> list[dict[str, Any]]: ...
+    def audit(self, kind: str, actor: str, **detail: Any) -> None: ...
+    def audit_events(self, kind: str | None = None) -> list[dict[str, Any]]: ...
+
+
+class SqliteStore:
+    """The SQLite implementation of :class:`Store`; all writes are committed before the call returns."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        files.private_dir(path.parent, "state_dir")
+        # SQLite creates -wal and -shm with the database file's mode, so a 0600 database keeps all three private.
+        files.create_private(path)
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
@@ -133,6 +208,8 @@ class Store:
         have = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
         if "privacy_state" not in have:
             self._db.execute("ALTER TABLE jobs ADD COLUMN privacy_state TEXT NOT NULL DEFAULT '{}'")
+        if "site_aborts" not in have:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN site_aborts TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -158,19 +235,7 @@ class Store:
             )
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        allowed = {
-            "state",
-            "current_round",
-            "model_version",
-            "detail",
-            "test_loss",
-            "test_accuracy",
-            "test_samples",
-            "epsilon",
-            "site_epsilon",
-            "privacy_state",
-        }
-        bad = set(fields) - allowed
+        bad = set(fields) - JOB_FIELDS
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         cols = ", ".join(f"{k} = ?" for k in fields)
@@ -187,6 +252,7 @@ class Store:
             d = dict(r)
             d["spec"] = json.loads(d["spec"])
             d["privacy_state"] = json.loads(d["privacy_state"])
+            d["site_aborts"] = json.loads(d["site_aborts"])
             out.append(d)
         return out
 
@@ -355,6 +421,12 @@ class Store:
         rows = self._db.execute(
             "SELECT * FROM evaluations WHERE job_id = ? AND round = ? AND split = ? ORDER BY site",
             (job_id, rnd, split),
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def evaluation_rows(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM evaluations WHERE job_id = ? ORDER BY round, split, site", (job_id,)
         ).fetchall()
         return [dict(r) for r in rows]
 

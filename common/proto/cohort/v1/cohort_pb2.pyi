@@ -125,15 +125,12 @@ class JoinRequest(_message.Message):
     TASK_DIGEST_FIELD_NUMBER: _builtins.int
     SCHEMA_FINGERPRINT_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
-    NUM_TRAIN_SAMPLES_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     task_digest: _builtins.str
     """"sha256:<hex>" of the task code installed at the site"""
     schema_fingerprint: _builtins.str
     """"sha256:<hex>" of the task's declared data schema"""
     software_version: _builtins.str
-    num_train_samples: _builtins.int
-    """a count only; never records"""
     def __init__(
         self,
         *,
@@ -141,11 +138,10 @@ class JoinRequest(_message.Message):
         task_digest: _builtins.str = ...,
         schema_fingerprint: _builtins.str = ...,
         software_version: _builtins.str = ...,
-        num_train_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_train_samples", b"num_train_samples", "schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_digest", b"task_digest", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_digest", b"task_digest", "task_name", b"task_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,6 +346,7 @@ class SecAggSetup(_message.Message):
     MAX_N_FIELD_NUMBER: _builtins.int
     LEVELS_FIELD_NUMBER: _builtins.int
     WEIGHT_CAP_FIELD_NUMBER: _builtins.int
+    LANES_JSON_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """neighbours per site (cohort size - 1: full graph)"""
     t: _builtins.int
@@ -366,6 +363,11 @@ class SecAggSetup(_message.Message):
     """integer levels per unit of clip"""
     weight_cap: _builtins.int
     """sample counts are capped here and normalised to [0, 1]"""
+    lanes_json: _builtins.str
+    """The metadata lanes summed with the input (common/secagg/lanes.py LaneLayout, JSON): counts and metric sums the
+    coordinator learns only as totals. Their limbs follow the encoded update (or are the whole input of an
+    evaluation).
+    """
     @_builtins.property
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """sorted; a site's Shamir point is its 1-based position"""
@@ -382,10 +384,11 @@ class SecAggSetup(_message.Message):
         max_n: _builtins.int = ...,
         levels: _builtins.int = ...,
         weight_cap: _builtins.int = ...,
+        lanes_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "cohort", b"cohort", "dim", b"dim", "k", b"k", "levels", b"levels", "max_n", b"max_n", "t", b"t", "weight_cap", b"weight_cap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "cohort", b"cohort", "dim", b"dim", "k", b"k", "lanes_json", b"lanes_json", "levels", b"levels", "max_n", b"max_n", "t", b"t", "weight_cap", b"weight_cap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,11 +581,14 @@ class SecAggMessage(_message.Message):
     SURVIVOR_SIGNATURE_FIELD_NUMBER: _builtins.int
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_REASON_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
     abort_reason: _builtins.str
     """the site found tampering and aborts the round"""
+    split: _builtins.str
+    """"": the round's training; "val"/"test": that evaluation of the round"""
     @_builtins.property
     def advertisement(self) -> Global___SecAggAdvertisement: ...
     @_builtins.property
@@ -602,10 +608,11 @@ class SecAggMessage(_message.Message):
         survivor_signature: Global___SecAggSignature | None = ...,
         unmask: Global___SecAggUnmask | None = ...,
         abort_reason: _builtins.str = ...,
+        split: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "share_keys", b"share_keys", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "attempt", b"attempt", "job_id", b"job_id", "round", b"round", "share_keys", b"share_keys", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "attempt", b"attempt", "job_id", b"job_id", "round", b"round", "share_keys", b"share_keys", "split", b"split", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_stage: _TypeAlias = _typing.Literal["advertisement", "share_keys", "survivor_signature", "unmask", "abort_reason"]  # noqa: Y015
     _WhichOneofArgType_stage: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
@@ -706,9 +713,12 @@ class SecAggStep(_message.Message):
     SHARES_FIELD_NUMBER: _builtins.int
     SURVIVORS_FIELD_NUMBER: _builtins.int
     SIGNATURES_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
+    split: _builtins.str
+    """as in SecAggMessage"""
     @_builtins.property
     def advertisements(self) -> Global___SecAggAdvertisements:
         """the neighbours' keys (after stage 0)"""
@@ -735,10 +745,11 @@ class SecAggStep(_message.Message):
         shares: Global___SecAggShares | None = ...,
         survivors: Global___SecAggSurvivors | None = ...,
         signatures: Global___SecAggSignatures | None = ...,
+        split: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["advertisements", b"advertisements", "shares", b"shares", "signatures", b"signatures", "stage", b"stage", "survivors", b"survivors"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertisements", b"advertisements", "attempt", b"attempt", "job_id", b"job_id", "round", b"round", "shares", b"shares", "signatures", b"signatures", "stage", b"stage", "survivors", b"survivors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advertisements", b"advertisements", "attempt", b"attempt", "job_id", b"job_id", "round", b"round", "shares", b"shares", "signatures", b"signatures", "split", b"split", "stage", b"stage", "survivors", b"survivors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_stage: _TypeAlias = _typing.Literal["advertisements", "shares", "survivors", "signatures"]  # noqa: Y015
     _WhichOneofArgType_stage: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
@@ -761,16 +772,31 @@ class TrainParams(_message.Message):
     def __init__(
         self,
         *,
-        local_epochs: _builtins.int = ...,
-        batch_size: _builtins.int = ...,
-        learning_rate: _builtins.float = ...,
-        seed: _builtins.int = ...,
+        local_epochs: _builtins.int | None = ...,
+        batch_size: _builtins.int | None = ...,
+        learning_rate: _builtins.float | None = ...,
+        seed: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
+    _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
+    _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___TrainParams: _TypeAlias = TrainParams  # noqa: Y015
 
@@ -783,12 +809,20 @@ class EvaluateTask(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
+    SECAGG_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
     split: _builtins.str
     """"val" or "test" """
     deadline_unix: _builtins.float
+    attempt: _builtins.int
+    """the secure evaluation instance (a new one after a coordinator restart)"""
+    @_builtins.property
+    def secagg(self) -> Global___SecAggSetup:
+        """set when the evaluation's results are summed securely"""
+
     def __init__(
         self,
         *,
@@ -797,10 +831,12 @@ class EvaluateTask(_message.Message):
         model_version: _builtins.str = ...,
         split: _builtins.str = ...,
         deadline_unix: _builtins.float = ...,
+        secagg: Global___SecAggSetup | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "secagg", b"secagg", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -947,6 +983,7 @@ class UpdateHeader(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     TRAIN_SECONDS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     base_model_version: _builtins.str
@@ -955,6 +992,11 @@ class UpdateHeader(_message.Message):
     """FedAvg weight"""
     train_seconds: _builtins.float
     attempt: _builtins.int
+    split: _builtins.str
+    """"": a training update; "val"/"test": the masked input of that secure evaluation of the round. Under secure
+    aggregation num_samples, metrics (but a site's own dp_epsilon/dp_delta) and train_seconds are empty: they
+    travel masked, as lanes.
+    """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """aggregate training metrics only (loss, accuracy); never records"""
@@ -974,10 +1016,11 @@ class UpdateHeader(_message.Message):
         manifest: Global___Manifest | None = ...,
         train_seconds: _builtins.float = ...,
         attempt: _builtins.int = ...,
+        split: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_model_version", b"base_model_version", "job_id", b"job_id", "manifest", b"manifest", "metrics", b"metrics", "num_samples", b"num_samples", "round", b"round", "train_seconds", b"train_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_model_version", b"base_model_version", "job_id", b"job_id", "manifest", b"manifest", "metrics", b"metrics", "num_samples", b"num_samples", "round", b"round", "split", b"split", "train_seconds", b"train_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1101,10 +1144,13 @@ class DeclineRequest(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
     reason: _builtins.str
+    split: _builtins.str
+    """as in SecAggMessage"""
     def __init__(
         self,
         *,
@@ -1112,10 +1158,11 @@ class DeclineRequest(_message.Message):
         round: _builtins.int = ...,
         attempt: _builtins.int = ...,
         reason: _builtins.str = ...,
+        split: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "reason", b"reason", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "reason", b"reason", "round", b"round", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1126,6 +1173,10 @@ class JobSpec(_message.Message):
     """---------------------------------------------------------------------------------------------------------------
     Admin surface (requires a certificate with the admin role)
     ---------------------------------------------------------------------------------------------------------------
+
+    Job specification, one field per key of the job configuration (coordinator/config.py JobConfig; converted by
+    coordinator/jobspec.py, which a test holds to that table). Every scalar has presence, so an explicit zero
+    (evaluate_every: 0, "never") is told apart from an unset field (the default).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1174,34 +1225,74 @@ class JobSpec(_message.Message):
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        task: _builtins.str = ...,
-        rounds: _builtins.int = ...,
-        fraction: _builtins.float = ...,
-        min_sites: _builtins.int = ...,
-        round_timeout_s: _builtins.float = ...,
+        name: _builtins.str | None = ...,
+        task: _builtins.str | None = ...,
+        rounds: _builtins.int | None = ...,
+        fraction: _builtins.float | None = ...,
+        min_sites: _builtins.int | None = ...,
+        round_timeout_s: _builtins.float | None = ...,
         params: Global___TrainParams | None = ...,
-        evaluate_every: _builtins.int = ...,
-        wait_for_sites_s: _builtins.float = ...,
+        evaluate_every: _builtins.int | None = ...,
+        wait_for_sites_s: _builtins.float | None = ...,
         max_round_retries: _builtins.int | None = ...,
-        min_available_sites: _builtins.int = ...,
+        min_available_sites: _builtins.int | None = ...,
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
         privacy: Global___PrivacySpec | None = ...,
-        over_selection: _builtins.float = ...,
+        over_selection: _builtins.float | None = ...,
         final_evaluation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_final_evaluation", b"_final_evaluation", "_max_round_retries", b"_max_round_retries", "final_evaluation", b"final_evaluation", "max_round_retries", b"max_round_retries", "params", b"params", "privacy", b"privacy", "secure_aggregation", b"secure_aggregation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_evaluation", b"_final_evaluation", "_max_round_retries", b"_max_round_retries", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__evaluate_every: _TypeAlias = _typing.Literal["evaluate_every"]  # noqa: Y015
+    _WhichOneofArgType__evaluate_every: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every"]  # noqa: Y015
     _WhichOneofReturnType__final_evaluation: _TypeAlias = _typing.Literal["final_evaluation"]  # noqa: Y015
     _WhichOneofArgType__final_evaluation: _TypeAlias = _typing.Literal["_final_evaluation", b"_final_evaluation"]  # noqa: Y015
+    _WhichOneofReturnType__fraction: _TypeAlias = _typing.Literal["fraction"]  # noqa: Y015
+    _WhichOneofArgType__fraction: _TypeAlias = _typing.Literal["_fraction", b"_fraction"]  # noqa: Y015
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
     _WhichOneofArgType__max_round_retries: _TypeAlias = _typing.Literal["_max_round_retries", b"_max_round_retries"]  # noqa: Y015
+    _WhichOneofReturnType__min_available_sites: _TypeAlias = _typing.Literal["min_available_sites"]  # noqa: Y015
+    _WhichOneofArgType__min_available_sites: _TypeAlias = _typing.Literal["_min_available_sites", b"_min_available_sites"]  # noqa: Y015
+    _WhichOneofReturnType__min_sites: _TypeAlias = _typing.Literal["min_sites"]  # noqa: Y015
+    _WhichOneofArgType__min_sites: _TypeAlias = _typing.Literal["_min_sites", b"_min_sites"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__over_selection: _TypeAlias = _typing.Literal["over_selection"]  # noqa: Y015
+    _WhichOneofArgType__over_selection: _TypeAlias = _typing.Literal["_over_selection", b"_over_selection"]  # noqa: Y015
+    _WhichOneofReturnType__round_timeout_s: _TypeAlias = _typing.Literal["round_timeout_s"]  # noqa: Y015
+    _WhichOneofArgType__round_timeout_s: _TypeAlias = _typing.Literal["_round_timeout_s", b"_round_timeout_s"]  # noqa: Y015
+    _WhichOneofReturnType__rounds: _TypeAlias = _typing.Literal["rounds"]  # noqa: Y015
+    _WhichOneofArgType__rounds: _TypeAlias = _typing.Literal["_rounds", b"_rounds"]  # noqa: Y015
+    _WhichOneofReturnType__task: _TypeAlias = _typing.Literal["task"]  # noqa: Y015
+    _WhichOneofArgType__task: _TypeAlias = _typing.Literal["_task", b"_task"]  # noqa: Y015
+    _WhichOneofReturnType__wait_for_sites_s: _TypeAlias = _typing.Literal["wait_for_sites_s"]  # noqa: Y015
+    _WhichOneofArgType__wait_for_sites_s: _TypeAlias = _typing.Literal["_wait_for_sites_s", b"_wait_for_sites_s"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__evaluate_every) -> _WhichOneofReturnType__evaluate_every | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__final_evaluation) -> _WhichOneofReturnType__final_evaluation | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fraction) -> _WhichOneofReturnType__fraction | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_round_retries) -> _WhichOneofReturnType__max_round_retries | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_available_sites) -> _WhichOneofReturnType__min_available_sites | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_sites) -> _WhichOneofReturnType__min_sites | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__over_selection) -> _WhichOneofReturnType__over_selection | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__round_timeout_s) -> _WhichOneofReturnType__round_timeout_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rounds) -> _WhichOneofReturnType__rounds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__task) -> _WhichOneofReturnType__task | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_for_sites_s) -> _WhichOneofReturnType__wait_for_sites_s | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 
@@ -1234,25 +1325,66 @@ class PrivacySpec(_message.Message):
     def __init__(
         self,
         *,
-        unit: _builtins.str = ...,
-        target_epsilon: _builtins.float = ...,
-        delta: _builtins.float = ...,
-        accountant: _builtins.str = ...,
-        noise_multiplier: _builtins.float = ...,
-        clip_norm: _builtins.float = ...,
+        unit: _builtins.str | None = ...,
+        target_epsilon: _builtins.float | None = ...,
+        delta: _builtins.float | None = ...,
+        accountant: _builtins.str | None = ...,
+        noise_multiplier: _builtins.float | None = ...,
+        clip_norm: _builtins.float | None = ...,
         refuse_over_budget: _builtins.bool | None = ...,
-        adaptive_clipping: _builtins.bool = ...,
-        target_quantile: _builtins.float = ...,
-        clip_learning_rate: _builtins.float = ...,
-        count_noise_std: _builtins.float = ...,
+        adaptive_clipping: _builtins.bool | None = ...,
+        target_quantile: _builtins.float | None = ...,
+        clip_learning_rate: _builtins.float | None = ...,
+        count_noise_std: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget", "refuse_over_budget", b"refuse_over_budget"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_accountant", b"_accountant", "_adaptive_clipping", b"_adaptive_clipping", "_clip_learning_rate", b"_clip_learning_rate", "_clip_norm", b"_clip_norm", "_count_noise_std", b"_count_noise_std", "_delta", b"_delta", "_noise_multiplier", b"_noise_multiplier", "_refuse_over_budget", b"_refuse_over_budget", "_target_epsilon", b"_target_epsilon", "_target_quantile", b"_target_quantile", "_unit", b"_unit", "accountant", b"accountant", "adaptive_clipping", b"adaptive_clipping", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "count_noise_std", b"count_noise_std", "delta", b"delta", "noise_multiplier", b"noise_multiplier", "refuse_over_budget", b"refuse_over_budget", "target_epsilon", b"target_epsilon", "target_quantile", b"target_quantile", "unit", b"unit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget", "accountant", b"accountant", "adaptive_clipping", b"adaptive_clipping", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "count_noise_std", b"count_noise_std", "delta", b"delta", "noise_multiplier", b"noise_multiplier", "refuse_over_budget", b"refuse_over_budget", "target_epsilon", b"target_epsilon", "target_quantile", b"target_quantile", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_accountant", b"_accountant", "_adaptive_clipping", b"_adaptive_clipping", "_clip_learning_rate", b"_clip_learning_rate", "_clip_norm", b"_clip_norm", "_count_noise_std", b"_count_noise_std", "_delta", b"_delta", "_noise_multiplier", b"_noise_multiplier", "_refuse_over_budget", b"_refuse_over_budget", "_target_epsilon", b"_target_epsilon", "_target_quantile", b"_target_quantile", "_unit", b"_unit", "accountant", b"accountant", "adaptive_clipping", b"adaptive_clipping", "clip_learning_rate", b"clip_learning_rate", "clip_norm", b"clip_norm", "count_noise_std", b"count_noise_std", "delta", b"delta", "noise_multiplier", b"noise_multiplier", "refuse_over_budget", b"refuse_over_budget", "target_epsilon", b"target_epsilon", "target_quantile", b"target_quantile", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__accountant: _TypeAlias = _typing.Literal["accountant"]  # noqa: Y015
+    _WhichOneofArgType__accountant: _TypeAlias = _typing.Literal["_accountant", b"_accountant"]  # noqa: Y015
+    _WhichOneofReturnType__adaptive_clipping: _TypeAlias = _typing.Literal["adaptive_clipping"]  # noqa: Y015
+    _WhichOneofArgType__adaptive_clipping: _TypeAlias = _typing.Literal["_adaptive_clipping", b"_adaptive_clipping"]  # noqa: Y015
+    _WhichOneofReturnType__clip_learning_rate: _TypeAlias = _typing.Literal["clip_learning_rate"]  # noqa: Y015
+    _WhichOneofArgType__clip_learning_rate: _TypeAlias = _typing.Literal["_clip_learning_rate", b"_clip_learning_rate"]  # noqa: Y015
+    _WhichOneofReturnType__clip_norm: _TypeAlias = _typing.Literal["clip_norm"]  # noqa: Y015
+    _WhichOneofArgType__clip_norm: _TypeAlias = _typing.Literal["_clip_norm", b"_clip_norm"]  # noqa: Y015
+    _WhichOneofReturnType__count_noise_std: _TypeAlias = _typing.Literal["count_noise_std"]  # noqa: Y015
+    _WhichOneofArgType__count_noise_std: _TypeAlias = _typing.Literal["_count_noise_std", b"_count_noise_std"]  # noqa: Y015
+    _WhichOneofReturnType__delta: _TypeAlias = _typing.Literal["delta"]  # noqa: Y015
+    _WhichOneofArgType__delta: _TypeAlias = _typing.Literal["_delta", b"_delta"]  # noqa: Y015
+    _WhichOneofReturnType__noise_multiplier: _TypeAlias = _typing.Literal["noise_multiplier"]  # noqa: Y015
+    _WhichOneofArgType__noise_multiplier: _TypeAlias = _typing.Literal["_noise_multiplier", b"_noise_multiplier"]  # noqa: Y015
     _WhichOneofReturnType__refuse_over_budget: _TypeAlias = _typing.Literal["refuse_over_budget"]  # noqa: Y015
     _WhichOneofArgType__refuse_over_budget: _TypeAlias = _typing.Literal["_refuse_over_budget", b"_refuse_over_budget"]  # noqa: Y015
+    _WhichOneofReturnType__target_epsilon: _TypeAlias = _typing.Literal["target_epsilon"]  # noqa: Y015
+    _WhichOneofArgType__target_epsilon: _TypeAlias = _typing.Literal["_target_epsilon", b"_target_epsilon"]  # noqa: Y015
+    _WhichOneofReturnType__target_quantile: _TypeAlias = _typing.Literal["target_quantile"]  # noqa: Y015
+    _WhichOneofArgType__target_quantile: _TypeAlias = _typing.Literal["_target_quantile", b"_target_quantile"]  # noqa: Y015
+    _WhichOneofReturnType__unit: _TypeAlias = _typing.Literal["unit"]  # noqa: Y015
+    _WhichOneofArgType__unit: _TypeAlias = _typing.Literal["_unit", b"_unit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__accountant) -> _WhichOneofReturnType__accountant | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adaptive_clipping) -> _WhichOneofReturnType__adaptive_clipping | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clip_learning_rate) -> _WhichOneofReturnType__clip_learning_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clip_norm) -> _WhichOneofReturnType__clip_norm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count_noise_std) -> _WhichOneofReturnType__count_noise_std | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__delta) -> _WhichOneofReturnType__delta | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__noise_multiplier) -> _WhichOneofReturnType__noise_multiplier | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__refuse_over_budget) -> _WhichOneofReturnType__refuse_over_budget | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_epsilon) -> _WhichOneofReturnType__target_epsilon | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_quantile) -> _WhichOneofReturnType__target_quantile | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__unit) -> _WhichOneofReturnType__unit | None: ...
 
 Global___PrivacySpec: _TypeAlias = PrivacySpec  # noqa: Y015
 
@@ -1267,6 +1399,8 @@ class SecureAggregationSpec(_message.Message):
     DROPOUT_RATE_FIELD_NUMBER: _builtins.int
     CORRUPTION_RATE_FIELD_NUMBER: _builtins.int
     STAGE_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    FULL_GRAPH_MAX_FIELD_NUMBER: _builtins.int
+    MAX_SITE_ABORTS_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     bits: _builtins.int
     clip: _builtins.float
@@ -1274,22 +1408,61 @@ class SecureAggregationSpec(_message.Message):
     dropout_rate: _builtins.float
     corruption_rate: _builtins.float
     stage_timeout_s: _builtins.float
+    full_graph_max: _builtins.int
+    max_site_aborts: _builtins.int
     def __init__(
         self,
         *,
-        enabled: _builtins.bool = ...,
-        bits: _builtins.int = ...,
-        clip: _builtins.float = ...,
-        weight_cap: _builtins.int = ...,
-        dropout_rate: _builtins.float = ...,
-        corruption_rate: _builtins.float = ...,
-        stage_timeout_s: _builtins.float = ...,
+        enabled: _builtins.bool | None = ...,
+        bits: _builtins.int | None = ...,
+        clip: _builtins.float | None = ...,
+        weight_cap: _builtins.int | None = ...,
+        dropout_rate: _builtins.float | None = ...,
+        corruption_rate: _builtins.float | None = ...,
+        stage_timeout_s: _builtins.float | None = ...,
+        full_graph_max: _builtins.int | None = ...,
+        max_site_aborts: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_clip", b"_clip", "_corruption_rate", b"_corruption_rate", "_dropout_rate", b"_dropout_rate", "_enabled", b"_enabled", "_full_graph_max", b"_full_graph_max", "_max_site_aborts", b"_max_site_aborts", "_stage_timeout_s", b"_stage_timeout_s", "_weight_cap", b"_weight_cap", "bits", b"bits", "clip", b"clip", "corruption_rate", b"corruption_rate", "dropout_rate", b"dropout_rate", "enabled", b"enabled", "full_graph_max", b"full_graph_max", "max_site_aborts", b"max_site_aborts", "stage_timeout_s", b"stage_timeout_s", "weight_cap", b"weight_cap"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bits", b"bits", "clip", b"clip", "corruption_rate", b"corruption_rate", "dropout_rate", b"dropout_rate", "enabled", b"enabled", "stage_timeout_s", b"stage_timeout_s", "weight_cap", b"weight_cap"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_bits", b"_bits", "_clip", b"_clip", "_corruption_rate", b"_corruption_rate", "_dropout_rate", b"_dropout_rate", "_enabled", b"_enabled", "_full_graph_max", b"_full_graph_max", "_max_site_aborts", b"_max_site_aborts", "_stage_timeout_s", b"_stage_timeout_s", "_weight_cap", b"_weight_cap", "bits", b"bits", "clip", b"clip", "corruption_rate", b"corruption_rate", "dropout_rate", b"dropout_rate", "enabled", b"enabled", "full_graph_max", b"full_graph_max", "max_site_aborts", b"max_site_aborts", "stage_timeout_s", b"stage_timeout_s", "weight_cap", b"weight_cap"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__bits: _TypeAlias = _typing.Literal["bits"]  # noqa: Y015
+    _WhichOneofArgType__bits: _TypeAlias = _typing.Literal["_bits", b"_bits"]  # noqa: Y015
+    _WhichOneofReturnType__clip: _TypeAlias = _typing.Literal["clip"]  # noqa: Y015
+    _WhichOneofArgType__clip: _TypeAlias = _typing.Literal["_clip", b"_clip"]  # noqa: Y015
+    _WhichOneofReturnType__corruption_rate: _TypeAlias = _typing.Literal["corruption_rate"]  # noqa: Y015
+    _WhichOneofArgType__corruption_rate: _TypeAlias = _typing.Literal["_corruption_rate", b"_corruption_rate"]  # noqa: Y015
+    _WhichOneofReturnType__dropout_rate: _TypeAlias = _typing.Literal["dropout_rate"]  # noqa: Y015
+    _WhichOneofArgType__dropout_rate: _TypeAlias = _typing.Literal["_dropout_rate", b"_dropout_rate"]  # noqa: Y015
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__full_graph_max: _TypeAlias = _typing.Literal["full_graph_max"]  # noqa: Y015
+    _WhichOneofArgType__full_graph_max: _TypeAlias = _typing.Literal["_full_graph_max", b"_full_graph_max"]  # noqa: Y015
+    _WhichOneofReturnType__max_site_aborts: _TypeAlias = _typing.Literal["max_site_aborts"]  # noqa: Y015
+    _WhichOneofArgType__max_site_aborts: _TypeAlias = _typing.Literal["_max_site_aborts", b"_max_site_aborts"]  # noqa: Y015
+    _WhichOneofReturnType__stage_timeout_s: _TypeAlias = _typing.Literal["stage_timeout_s"]  # noqa: Y015
+    _WhichOneofArgType__stage_timeout_s: _TypeAlias = _typing.Literal["_stage_timeout_s", b"_stage_timeout_s"]  # noqa: Y015
+    _WhichOneofReturnType__weight_cap: _TypeAlias = _typing.Literal["weight_cap"]  # noqa: Y015
+    _WhichOneofArgType__weight_cap: _TypeAlias = _typing.Literal["_weight_cap", b"_weight_cap"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__bits) -> _WhichOneofReturnType__bits | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clip) -> _WhichOneofReturnType__clip | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__corruption_rate) -> _WhichOneofReturnType__corruption_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dropout_rate) -> _WhichOneofReturnType__dropout_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__full_graph_max) -> _WhichOneofReturnType__full_graph_max | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_site_aborts) -> _WhichOneofReturnType__max_site_aborts | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stage_timeout_s) -> _WhichOneofReturnType__stage_timeout_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_cap) -> _WhichOneofReturnType__weight_cap | None: ...
 
 Global___SecureAggregationSpec: _TypeAlias = SecureAggregationSpec  # noqa: Y015
 
@@ -1312,6 +1485,30 @@ class StartJobRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartJobRequest: _TypeAlias = StartJobRequest  # noqa: Y015
+
+@_typing.final
+class ClearSuspensionRequest(_message.Message):
+    """Let a site the job suspended (repeated secure-aggregation aborts) take part again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    site: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        site: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "site", b"site"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearSuspensionRequest: _TypeAlias = ClearSuspensionRequest  # noqa: Y015
 
 @_typing.final
 class StopJobRequest(_message.Message):
@@ -1458,6 +1655,46 @@ class JobStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SuspendedSitesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class SiteAbortsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -1471,6 +1708,8 @@ class JobStatus(_message.Message):
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     SITE_EPSILON_FIELD_NUMBER: _builtins.int
+    SUSPENDED_SITES_FIELD_NUMBER: _builtins.int
+    SITE_ABORTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _builtins.str
     """pending, running, finished, stopped, failed"""
@@ -1491,6 +1730,14 @@ class JobStatus(_message.Message):
     def site_epsilon(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """record-level DP: each site's own epsilon, as the site reports it"""
 
+    @_builtins.property
+    def suspended_sites(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """site -> why it is kept out of the job's cohorts"""
+
+    @_builtins.property
+    def site_aborts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """secure-aggregation aborts (and evidence of tampering) per site"""
+
     def __init__(
         self,
         *,
@@ -1507,10 +1754,12 @@ class JobStatus(_message.Message):
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
         site_epsilon: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        suspended_sites: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        site_aborts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_aborts", b"site_aborts", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "suspended_sites", b"suspended_sites", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

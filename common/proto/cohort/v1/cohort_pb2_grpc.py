@@ -426,6 +426,11 @@ class AdminStub:
                 request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.StatusRequest.SerializeToString,
                 response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.ClearSuspension = channel.unary_unary(
+                '/cohort.v1.Admin/ClearSuspension',
+                request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ClearSuspensionRequest.SerializeToString,
+                response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -449,6 +454,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClearSuspension(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -466,6 +477,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.StatusRequest.FromString,
                     response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.StatusReply.SerializeToString,
+            ),
+            'ClearSuspension': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearSuspension,
+                    request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ClearSuspensionRequest.FromString,
+                    response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -549,6 +565,33 @@ class Admin:
             '/cohort.v1.Admin/GetStatus',
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.StatusRequest.SerializeToString,
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearSuspension(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohort.v1.Admin/ClearSuspension',
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ClearSuspensionRequest.SerializeToString,
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,

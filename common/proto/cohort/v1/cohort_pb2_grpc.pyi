@@ -142,6 +142,7 @@ class AdminStub:
     StartJob: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.StartJobRequest, _cohort_pb2.JobStatus]
     StopJob: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.StopJobRequest, _cohort_pb2.JobStatus]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.StatusRequest, _cohort_pb2.StatusReply]
+    ClearSuspension: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.ClearSuspensionRequest, _cohort_pb2.JobStatus]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -149,6 +150,7 @@ class AdminAsyncStub(AdminStub):
     StartJob: _aio.UnaryUnaryMultiCallable[_cohort_pb2.StartJobRequest, _cohort_pb2.JobStatus]  # type: ignore[assignment]
     StopJob: _aio.UnaryUnaryMultiCallable[_cohort_pb2.StopJobRequest, _cohort_pb2.JobStatus]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_cohort_pb2.StatusRequest, _cohort_pb2.StatusReply]  # type: ignore[assignment]
+    ClearSuspension: _aio.UnaryUnaryMultiCallable[_cohort_pb2.ClearSuspensionRequest, _cohort_pb2.JobStatus]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -171,5 +173,12 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _cohort_pb2.StatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cohort_pb2.StatusReply, _abc.Awaitable[_cohort_pb2.StatusReply]]: ...
+
+    @_abc_1.abstractmethod
+    def ClearSuspension(
+        self,
+        request: _cohort_pb2.ClearSuspensionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cohort_pb2.JobStatus, _abc.Awaitable[_cohort_pb2.JobStatus]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

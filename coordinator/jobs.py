@@ -1,0 +1,200 @@
+"""Starting, resuming and stopping jobs: builds each job's state machine and runner. One job runs at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from dataclasses import asdict
+from typing import Any
+
+from cryptography import x509
+
+from common import config as config_loader
+from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TaskError
+from common.serde import Limits, state_dict_float32
+from common.tasks.base import Task, load_task
+from coordinator.config import JobConfig
+from coordinator.round.events import JobState
+from coordinator.round.identity import JobIdentity
+from coordinator.round.machine import JobMachine, JobSetup
+from coordinator.round.privacy import JobPrivacy
+from coordinator.round.runner import JobRunner, ProgressHook
+from coordinator.state.model_store import ModelStore
+from coordinator.state.registry import Registry
+from coordinator.state.resume import CannotResume, ResumePoint, plan_resume
+from coordinator.state.store import Store
+
+log = logging.getLogger("cohort.coordinator.jobs")
+
+
+class Jobs:
+    def __init__(
+        self,
+        *,
+        allowed: frozenset[str],
+        store: Store,
+        models: ModelStore,
+        registry: Registry,
+        spool_root: Any,
+        limits: Limits,
+        ca_certs: list[x509.Certificate],
+        progress: ProgressHook | None = None,
+    ) -> None:
+        self.allowed = allowed
+        self.store, self.models, self.registry = store, models, registry
+        self.spool_root, self.limits, self.ca_certs = spool_root, limits, ca_certs
+        self.progress = progress
+        self.current: JobRunner | None = None
+        self.runners: dict[str, JobRunner] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def running(self) -> JobRunner | None:
+        runner = self.current
+        return runner if runner is not None and runner.state is JobState.RUNNING else None
+
+    def active(self, job_id: str) -> JobRunner:
+        """The running job ``job_id`` (what sites' calls address)."""
+        runner = self.runners.get(job_id)
+        if runner is None or runner.state is not JobState.RUNNING:
+            raise FailedPrecondition(f"job {job_id!r} is not running")
+        return runner
+
+    # -- start --------------------------------------------------------------------------------------------------
+    def start(self, spec: JobConfig, actor: str = "coordinator") -> JobRunner:
+        running = self.running()
+        if running is not None:
+            raise FailedPrecondition(f"job {running.job_id} is still running; stop it first")
+        if max(spec.min_sites, spec.min_available_sites) > len(self.allowed):
+            raise InvalidArgument(f"min_sites/min_available_sites exceed the {len(self.allowed)} allowed sites")
+        expected_cohort = min(len(self.allowed), max(spec.min_sites, math.ceil(spec.fraction * len(self.allowed))))
+        JobPrivacy(spec.privacy, len(self.allowed), spec.fraction).check_plan(spec.rounds, expected_cohort)
+        if spec.privacy.adaptive_clipping and spec.secure_aggregation.enabled:
+            raise FailedPrecondition(
+                "adaptive clipping needs each site's clip bit; with secure aggregation that count lane is not wired "
+                "yet: turn off privacy.adaptive_clipping or secure_aggregation"
+            )
+        if spec.privacy.unit == "site" and spec.secure_aggregation.enabled and spec.fraction < 1:
+            raise FailedPrecondition(
+                "site-level DP with secure aggregation (distributed Skellam noise) is accounted for full "
+                "participation only; set fraction: 1.0"
+            )
+        try:
+            task = load_task(spec.task)
+        except (ValueError, TaskError) as exc:
+            raise FailedPrecondition(f"task {spec.task!r} cannot be loaded on the coordinator: {exc}") from None
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        tensors = state_dict_float32(task.build_model(seed=spec.params.seed))
+        model = self.models.save(tensors, {"job": job_id, "round": "0"})
+        identity = JobIdentity.of(task)
+        self.store.create_job(job_id, spec.name, asdict(spec) | {"identity": asdict(identity)}, model.version)
+        self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
+        machine = JobMachine(self._setup(job_id, spec, task, identity, model.specs), model.version, self._privacy(spec))
+        return self._launch(JobRunner(machine, tensors=tensors, model=model, **self._io()))
+
+    def resume(self) -> JobRunner | None:
+        """At start-up: continue the job a crash or a shutdown interrupted, from its last verified checkpoint."""
+        rows = [j for j in self.store.jobs() if j["state"] in ("running", "interrupted")]
+        for stale in rows[:-1]:  # only one job runs at a time; an older unfinished one cannot be continued
+            self.store.update_job(stale["job_id"], state="failed", detail="superseded by a later job")
+        if not rows:
+            return None
+        row = rows[-1]
+        job_id = row["job_id"]
+        try:
+            runner = self._resumed(row)
+        except (CannotResume, ConfigError, TaskError, ValueError) as exc:
+            detail = f"cannot resume after a restart: {exc}"
+            self.store.update_job(job_id, state="failed", detail=detail)
+            self.store.audit("job_failed", "coordinator", job_id=job_id, detail=detail)
+            log.error("job %s %s", job_id, detail)
+            return None
+        return self._launch(runner)
+
+    def _resumed(self, row: dict[str, Any]) -> JobRunner:
+        job_id = row["job_id"]
+        stored = dict(row["spec"])
+        recorded_identity = stored.pop("identity", {})
+        spec = config_loader.build(JobConfig, stored, "job")
+        task = load_task(spec.task)
+        identity = JobIdentity.of(task)
+        if asdict(identity) != recorded_identity:
+            raise CannotResume(
+                f"the installed task {spec.task!r} is not the one the job started with (code or schema changed)"
+            )
+        rounds = self.store.rounds(job_id)
+        first = [r.base_version for r in rounds if r.round == 1]
+        initial = first[0] if first else row["model_version"]
+        point: ResumePoint = plan_resume(
+            job_id,
+            spec,
+            task,
+            store=self.store,
+            models=self.models,
+            spool_root=self.spool_root,
+            initial_version=initial,
+        )
+        privacy = self._privacy(spec)
+        privacy.restore(row["privacy_state"] or {})
+        setup = self._setup(job_id, spec, task, identity, point.model.specs)
+        machine = JobMachine(setup, point.model.version, privacy, resume=point.plan)
+        return JobRunner(machine, tensors=point.tensors, model=point.model, **self._io())
+
+    def _setup(self, job_id: str, spec: JobConfig, task: Task, identity: JobIdentity, specs: Any) -> JobSetup:
+        return JobSetup(job_id, spec, identity, tuple(specs), len(self.allowed), tuple(self.ca_certs), task.name)
+
+    def _privacy(self, spec: JobConfig) -> JobPrivacy:
+        return JobPrivacy(
+            spec.privacy,
+            max(1, len(self.allowed)),
+            spec.fraction,
+            secure_aggregation=spec.secure_aggregation,
+            min_survivors=spec.min_sites,
+        )
+
+    def _io(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "models": self.models,
+            "registry": self.registry,
+            "spool_root": self.spool_root,
+            "limits": self.limits,
+            "progress": self.progress,
+        }
+
+    def _launch(self, runner: JobRunner) -> JobRunner:
+        runner.machine.privacy.model_numel = sum(s.numel for s in runner.global_specs)
+        self.current = runner
+        self.runners[runner.job_id] = runner
+        self._task = asyncio.get_running_loop().create_task(runner.run(), name=f"job-{runner.job_id}")
+        return runner
+
+    # -- stop, wait, drain ----------------------------------------------------------------------------------------
+    async def stop(self, job_id: str, reason: str, actor: str) -> JobRunner:
+        runner = self.runners.get(job_id)
+        if runner is None:
+            raise NotFound(f"unknown job {job_id!r}; `cohort status` lists the jobs")
+        if runner.state is not JobState.RUNNING:
+            raise FailedPrecondition(f"job {job_id} is already {runner.state.value}")
+        self.store.audit("job_stop_requested", actor, job_id=job_id, reason=reason)
+        await runner.stop(reason)
+        return runner
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def drain(self) -> None:
+        """Interrupt the running job, resumable at the next start (its open round and spool stay on disk)."""
+        runner = self.running()
+        if runner is not None:
+            rnd = runner.current_round
+            number = rnd.number if rnd is not None else 0
+            await runner.suspend(
+                f"coordinator shut down during round {number}; it resumes when the coordinator restarts"
+            )
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

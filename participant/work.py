@@ -1,0 +1,298 @@
+"""A site's work: the queue of train and evaluate tasks, one at a time, off the event loop.
+
+Each task downloads the global model (digest-checked, cached by digest: the round's training and the evaluation that
+follows share one download), trains or evaluates in a worker thread (:class:`participant.site.Site`), and reports
+back. Record-level DP is decided here: a site whose budget a round would pass declines it instead of training. A
+task the coordinator re-sends (it does after a reconnect) is done once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Literal
+
+import grpc
+import torch
+
+from common import failpoints
+from common.errors import InvalidArgument
+from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.secagg.lanes import eval_lane_values, train_lane_values
+from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
+from common.tasks.base import RecordDP
+from participant.config import ParticipantConfig
+from participant.connection import Connection
+from participant.record_dp import SiteBudget, planned_training
+from participant.secagg_client import SecAggSessions
+from participant.site import Site
+
+log = logging.getLogger("cohort.participant")
+
+WorkKey = tuple[str, ...]
+
+
+class Work:
+    def __init__(
+        self,
+        config: ParticipantConfig,
+        site: Site,
+        connection: Connection,
+        secagg: SecAggSessions,
+        budget: SiteBudget | None,
+    ) -> None:
+        self.config = config
+        self.site = site
+        self._conn = connection
+        self.secagg = secagg
+        self._budget = budget
+        self.completed: collections.deque[WorkKey] = collections.deque(maxlen=64)
+        self._queue: asyncio.Queue[pb.WorkItem] = asyncio.Queue()
+        self._pending: set[WorkKey] = set()
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._side: set[asyncio.Task[None]] = set()
+
+    @property
+    def busy(self) -> bool:
+        """A train or evaluate task is queued or running."""
+        return bool(self._pending)
+
+    # -- what arrives on the work stream ------------------------------------------------------------------------
+    def dispatch(self, item: pb.WorkItem) -> None:
+        kind = item.WhichOneof("kind")
+        if kind == "train" or kind == "evaluate":
+            key = _key(item)
+            if key in self._pending or key in self.completed:
+                return  # the coordinator re-sent a task we already have
+            if kind == "train" and self.record_dp_for(item.train) is False:
+                self.completed.append(key)
+                t = item.train
+                reason = "this site's record-level privacy settings or budget"
+                self._spawn(self._conn.decline(t.job_id, t.round, t.attempt, reason))
+                return
+            self._pending.add(key)
+            if kind == "train" and item.train.HasField("secagg"):
+                self._spawn(self.secagg.start(item.train))
+            if kind == "evaluate" and item.evaluate.HasField("secagg"):
+                self._spawn(self.secagg.start(item.evaluate))
+            self._queue.put_nowait(item)
+        elif kind == "secagg":
+            self._spawn(self.secagg.on_step(item.secagg))
+        elif kind == "job_finished":
+            log.info("job %s finished: %s", item.job_finished.job_id, item.job_finished.reason)
+            if self._cache is not None and not self._pending:
+                self._cache = None  # free the model until the next job needs one
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    async def cancel_side_tasks(self) -> None:
+        for t in list(self._side):
+            t.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
+
+    def record_dp_for(self, task: pb.TrainTask) -> RecordDP | Literal[False] | None:
+        """This site's DP-SGD settings for the task; False when the site must not train it (and says why)."""
+        cfg = self.config.privacy
+        if not cfg.enabled:
+            if task.privacy.unit == "record":
+                log.error(
+                    "round %d: the job requires record-level DP but this site's privacy.enabled is false; not training",
+                    task.round,
+                )
+                return False
+            return None
+        assert self._budget is not None
+        plan = planned_training(self.site.num_train_samples, task.params.batch_size, task.params.local_epochs)
+        if self._budget.would_exceed(plan.steps, plan.sample_rate, cfg.noise_multiplier):
+            log.error(
+                "round %d: training would take this site's epsilon past its budget of %g (spent %.3f at "
+                "delta %g); not training",
+                task.round,
+                cfg.target_epsilon,
+                self._budget.epsilon(),
+                cfg.delta,
+            )
+            return False
+        return RecordDP(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm, delta=cfg.delta)
+
+    # -- the worker -----------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            item = await self._queue.get()
+            key = _key(item)
+            try:
+                if item.WhichOneof("kind") == "train":
+                    await self._train(item.train)
+                else:
+                    await self._evaluate(item.evaluate)
+                self.completed.append(key)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("%s %s failed: %s: %s", key[0], key[1:], exc.code().name, exc.details())
+            except Exception:
+                log.exception("%s %s failed", key[0], key[1:])
+            finally:
+                self._pending.discard(key)
+
+    async def _model(self, job_id: str, version: str, deadline: float) -> dict[str, torch.Tensor]:
+        if self._cache is not None and self._cache[0] == version:
+            return self._cache[1]
+        stub, timeout = self._conn.stub, self.config.coordinator.transfer_timeout_s
+
+        async def download() -> dict[str, torch.Tensor]:
+            stream = stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version), timeout=timeout)
+            first = await stream.read()
+            if not isinstance(first, pb.ModelChunk) or first.WhichOneof("kind") != "manifest":
+                raise InvalidArgument("model stream did not start with a manifest")
+            assembler = Assembler(first.manifest)
+            while (chunk := await stream.read()) is not grpc.aio.EOF:
+                assert isinstance(chunk, pb.ModelChunk)
+                if chunk.WhichOneof("kind") != "data":
+                    raise InvalidArgument("model stream carried a second manifest")
+                assembler.add(chunk.data)
+            if "sha256:" + assembler.expected_sha256 != version:
+                raise InvalidArgument("the coordinator sent a different model than the task named")
+            return await asyncio.to_thread(assembler.finish)
+
+        tensors = await self._conn.retrying("model download", deadline, download)
+        self._cache = (version, tensors)
+        return tensors
+
+    async def _train(self, task: pb.TrainTask) -> None:
+        t0 = time.perf_counter()
+        tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
+        t1 = time.perf_counter()
+        clip = task.privacy.clip_norm if task.privacy.unit == "site" else 0.0
+        record_dp = self.record_dp_for(task)
+        if record_dp is False:
+            return
+        failpoints.hit("participant.training", round=task.round)
+        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None)
+        if record_dp:
+            assert self._budget is not None
+            extra = local.result.extra
+            # Spent once the update leaves the site: record before uploading (a crash then retrain counts twice).
+            spent = self._budget.record(int(extra["dp_steps"]), extra["dp_sample_rate"], extra["dp_noise_multiplier"])
+            local = replace(
+                local,
+                result=replace(local.result, extra={**extra, "dp_epsilon": spent, "dp_delta": self._budget.delta}),
+            )
+        t2 = time.perf_counter()
+        result = local.result
+        metrics = {"loss": result.loss, "accuracy": result.accuracy}
+        metrics |= {k: v for k, v in result.extra.items() if math.isfinite(v)}
+        if task.HasField("secagg"):
+            # Under secure aggregation the sample count, loss, accuracy and steps travel masked (the coordinator
+            # learns their sums); only this site's own privacy guarantee stays in the clear (docs/SECURITY.md).
+            lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
+            masked = await self.secagg.masked(task, local.update, result.num_samples, lanes)
+            if masked is None:
+                return
+            upload_tensors = masked
+            clear = {k: v for k, v in metrics.items() if k in ("dp_epsilon", "dp_delta")}
+            header = pb.UpdateHeader(
+                job_id=task.job_id,
+                round=task.round,
+                attempt=task.attempt,
+                base_model_version=task.model_version,
+                metrics=clear,
+                manifest=upload_tensors.manifest(),
+            )
+        else:
+            upload_tensors = local.update
+            header = pb.UpdateHeader(
+                job_id=task.job_id,
+                round=task.round,
+                attempt=task.attempt,
+                base_model_version=task.model_version,
+                num_samples=result.num_samples,
+                metrics=metrics,
+                manifest=upload_tensors.manifest(),
+                train_seconds=local.seconds,
+            )
+        reply = await self._upload(header, upload_tensors, task.deadline_unix, task.round)
+        if task.HasField("secagg"):
+            failpoints.hit("participant.masked_sent", round=task.round)
+        log.info(
+            "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.3fs, train %.3fs, upload %.3fs",
+            task.round,
+            local.result.num_samples,
+            local.result.loss,
+            reply.update_sha256[:12],
+            " (duplicate)" if reply.duplicate else "",
+            t1 - t0,
+            t2 - t1,
+            time.perf_counter() - t2,
+        )
+
+    async def _upload(
+        self, header: pb.UpdateHeader, tensors: EncodedTensors, deadline: float, number: int
+    ) -> pb.UploadReply:
+        stub, timeout = self._conn.stub, self.config.coordinator.transfer_timeout_s
+
+        async def upload() -> pb.UploadReply:
+            async def chunks() -> AsyncIterator[pb.UpdateChunk]:
+                yield pb.UpdateChunk(header=header)
+                for part in tensors.chunks(CHUNK_BYTES):
+                    yield pb.UpdateChunk(data=bytes(part))
+                    failpoints.hit("participant.upload", round=number)  # the stream is open, not yet ended
+
+            reply: pb.UploadReply = await stub.UploadUpdate(chunks(), timeout=timeout)
+            return reply
+
+        return await self._conn.retrying("upload", deadline, upload)
+
+    async def _evaluate(self, task: pb.EvaluateTask) -> None:
+        tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
+        result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split)
+        if task.HasField("secagg"):
+            # A secure evaluation: the results are summed with the other sites' (the coordinator sees the totals).
+            masked = await self.secagg.masked_lanes(
+                task, eval_lane_values(result.num_samples, result.loss, result.accuracy)
+            )
+            if masked is None:
+                return
+            header = pb.UpdateHeader(
+                job_id=task.job_id,
+                round=task.round,
+                attempt=task.attempt,
+                split=task.split,
+                base_model_version=task.model_version,
+                manifest=masked.manifest(),
+            )
+            await self._upload(header, masked, task.deadline_unix, task.round)
+            return
+        report = pb.EvaluationReport(
+            job_id=task.job_id,
+            round=task.round,
+            model_version=task.model_version,
+            split=task.split,
+            num_samples=result.num_samples,
+            loss=result.loss,
+            accuracy=result.accuracy,
+            eval_seconds=seconds,
+        )
+        stub, timeout = self._conn.stub, self.config.coordinator.rpc_timeout_s
+
+        async def send() -> pb.Ack:
+            ack: pb.Ack = await stub.ReportEvaluation(report, timeout=timeout)
+            return ack
+
+        await self._conn.retrying("evaluation report", task.deadline_unix, send)
+
+
+def _key(item: pb.WorkItem) -> WorkKey:
+    if item.WhichOneof("kind") == "train":
+        t = item.train
+        return ("train", t.job_id, str(t.round), str(t.attempt))
+    e = item.evaluate
+    return ("evaluate", e.job_id, str(e.round), e.split, e.model_version, str(e.attempt))
