@@ -342,6 +342,19 @@ def test_evaluate_every_zero_never_evaluates_and_the_last_round_ends_with_the_te
     assert (finish.state, finish.detail) == (JobState.FINISHED, "completed 1 rounds")
 
 
+def test_without_the_final_evaluation_the_last_commit_finishes_the_job() -> None:
+    m = started(spec(evaluate_every=0, rounds=1, final_evaluation=False))
+    for s in ("s00", "s01", "s02"):
+        upload(m, s, header(1, 0))
+    out = aggregated(m, T0 + 3)
+    assert of(out, CommitRound)
+    assert sent(out, "evaluate") == {}
+    assert [u for u in of(out, UpdateJob) if "test_accuracy" in u.fields] == []
+    [finish] = of(out, FinishJob)
+    assert (finish.state, finish.detail) == (JobState.FINISHED, "completed 1 rounds")
+    assert of(out, Broadcast)[0].item.job_finished.job_id == m.job_id
+
+
 # -- dropouts, deadlines, over-selection ----------------------------------------------------------------------------
 
 
