@@ -44,6 +44,9 @@ bench: install
 	$(PY) bench/privacy_utility.py
 	$(PY) bench/soak.py
 	$(PY) bench/handshake_log.py
+	$(PY) bench/fraud.py --seeds 0 1 2 3 4 5 6 7 8 9
+	$(PY) bench/fraud.py --dp
+	$(PY) bench/standardization.py
 	$(PY) bench/upload_path.py
 	$(PY) bench/federation.py
 

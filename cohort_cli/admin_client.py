@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import grpc
 from google.protobuf import json_format
 
 from common.certs import Role, TlsFiles
+from common.metrics import RECALL_KEY
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.tls import channel_credentials
@@ -74,6 +76,27 @@ def to_json(message: Any) -> str:
     return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
 
+def strategy_line(spec: pb.JobSpec) -> str:
+    """The job's server optimizer, aggregation rule, selection and local learning-rate schedule, in one line."""
+    st = spec.strategy
+    name = st.name or "fedavg"
+    adaptive = name in ("fedadam", "fedyogi", "fedadagrad")
+    lr = st.server_lr if st.HasField("server_lr") else (0.1 if adaptive else 1.0)
+    parts = [f"{name} (server lr {lr:g})"]
+    rule = st.aggregation or "mean"
+    if rule in ("krum", "multi_krum"):
+        rule += f", f={st.byzantine_sites if st.HasField('byzantine_sites') else 1}"
+    elif rule == "trimmed_mean":
+        rule += f" {st.trim_fraction if st.HasField('trim_fraction') else 0.1:g}"
+    parts.append(f"aggregation {rule}")
+    if st.norm_bound:
+        parts.append(f"norm bound {st.norm_bound:g}")
+    parts.append(f"selection {st.selection or 'random'}")
+    if spec.params.lr_schedule and spec.params.lr_schedule != "constant":
+        parts.append(f"local lr {spec.params.lr_schedule} schedule")
+    return ", ".join(parts)
+
+
 def format_status(reply: pb.StatusReply) -> str:
     lines = [f"federation {reply.federation} (coordinator {reply.software_version})", "sites:"]
     for s in reply.sites:
@@ -87,7 +110,8 @@ def format_status(reply: pb.StatusReply) -> str:
         for r in job.rounds:
             lines.append(
                 f"  round {r.round:>3} {r.state:<10} sites {len(r.reported)}/{len(r.cohort)} "
-                f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f} {r.seconds:.1f}s"
+                f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f}{_imbalance(r.val_metrics)} "
+                f"{r.seconds:.1f}s"
             )
         if job.privacy_unit not in ("", "none"):
             per_site = ", ".join(f"{s} {e:.2f}" for s, e in sorted(job.site_epsilon.items()))
@@ -100,10 +124,21 @@ def format_status(reply: pb.StatusReply) -> str:
             "  secure aggregation: "
             + (f"on (SecAgg+, {spec.bits}-bit ring); the coordinator sees sums only" if spec.enabled else "off")
         )
+        lines.append(f"  strategy: {strategy_line(job.spec)}")
         for site, why in sorted(job.suspended_sites.items()):
             lines.append(f"  suspended: {site}: {why} (`cohort job clear-site {job.job_id} {site}`)")
         if job.detail:
             lines.append(f"  {job.detail}")
         if job.state == "finished":
-            lines.append(f"  federated test: loss {job.test_loss:.4f} accuracy {job.test_accuracy:.4f}")
+            lines.append(
+                f"  federated test: loss {job.test_loss:.4f} accuracy {job.test_accuracy:.4f}"
+                + _imbalance(job.test_metrics)
+            )
     return "\n".join(lines)
+
+
+def _imbalance(metrics: Mapping[str, float]) -> str:
+    """`` AUC-PR 0.8123 recall@1%FPR 0.7012`` for a binary task that reports scores, else ``""``."""
+    if "auc_pr" not in metrics:
+        return ""
+    return f" AUC-PR {metrics['auc_pr']:.4f} recall@1%FPR {metrics.get(RECALL_KEY, 0.0):.4f}"

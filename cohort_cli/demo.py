@@ -1,8 +1,14 @@
-"""``cohort demo``: a five-hospital federation on this machine, as separate processes over mutual TLS.
+"""``cohort demo``: a federation on this machine, as separate processes over mutual TLS.
 
-Steps: issue certificates, split the breast-cancer data over five hospitals (non-IID), start the coordinator and
-five participant daemons with the configs in ``deploy/demo/`` (the same ones docker-compose uses), follow the job
-through the admin API, write ``summary.json`` and stop every process it started.
+Two use cases (``--use-case``):
+
+* ``hospitals`` (the default): five hospitals, the breast-cancer data split non-IID, configs in ``deploy/demo/``
+  (the same ones docker-compose uses);
+* ``fraud``: four banks with synthetic transactions (common/fraud_data.py), configs in ``deploy/fraud/``; after the
+  job it compares the federated model with each bank alone and with pooled data (cohort_cli/fraud_demo.py).
+
+Steps: issue certificates, prepare each site's data, start the coordinator and the participant daemons, follow the
+job through the admin API, write ``summary.json`` and stop every process it started.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import asyncio
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,7 @@ from cohort_cli.processes import Processes
 from common.ca import init_federation
 from common.datasets import load_source, split_sites, write_site_folders
 from common.errors import CohortError, ConfigError
+from common.metrics import RECALL_KEY
 from common.proto.cohort.v1 import cohort_pb2 as pb
 
 SITES = tuple(f"hospital-{i}" for i in range(1, 6))
@@ -28,29 +37,60 @@ SEED = 42
 JOB_TIMEOUT_S = 900.0
 
 
-def default_deploy_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "deploy" / "demo"
+@dataclass(frozen=True)
+class UseCase:
+    """What differs between the demos: the sites, the configs, their data, and a report after the job."""
+
+    name: str
+    sites: tuple[str, ...]
+    deploy: str  # folder under deploy/
+    federation: str
+    members: str  # "hospitals", "banks": in messages
+    headline: str
+    write_data: Callable[[Path], None]
+    # After the job: (run dir, deploy dir, final status, model path) -> extra summary.json entries (prints its report).
+    report: Callable[[Path, Path, pb.JobStatus, Path], dict[str, Any]] | None = None
 
 
-def prepare(run_dir: Path) -> None:
+def _hospital_data(data_dir: Path) -> None:
+    x, y, schema = load_source(DATASET)
+    splits = split_sites(x, y, SITES, alpha=ALPHA, seed=SEED)
+    write_site_folders(data_dir, splits, schema)
+
+
+HOSPITALS = UseCase(
+    "hospitals",
+    SITES,
+    "demo",
+    "cohort-demo",
+    "hospitals",
+    f"5 hospitals, task {DATASET}, non-IID (Dirichlet alpha={ALPHA})",
+    _hospital_data,
+)
+
+
+def default_deploy_dir(use_case: UseCase = HOSPITALS) -> Path:
+    return Path(__file__).resolve().parent.parent / "deploy" / use_case.deploy
+
+
+def prepare(run_dir: Path, use_case: UseCase = HOSPITALS) -> None:
     """Fresh certificates, data and state for one demo run."""
     for sub in ("certs", "data", "state", "logs"):
         shutil.rmtree(run_dir / sub, ignore_errors=True)
     for stale in ("summary.json", "coordinator.addr"):
         (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init_federation(run_dir / "certs", sites=SITES, admins=("admin",), federation="cohort-demo")
-    x, y, schema = load_source(DATASET)
-    splits = split_sites(x, y, SITES, alpha=ALPHA, seed=SEED)
-    write_site_folders(run_dir / "data", splits, schema)
+    init_federation(run_dir / "certs", sites=use_case.sites, admins=("admin",), federation=use_case.federation)
+    use_case.write_data(run_dir / "data")
 
 
 def _round_line(job: pb.JobStatus, r: pb.RoundStatus) -> str:
     acc = f"{r.val_accuracy:.4f}" if r.val_samples else "-"
     loss = f"{r.val_loss:.4f}" if r.val_samples else "-"
+    auc = f" | val AUC-PR {r.val_metrics['auc_pr']:.4f}" if "auc_pr" in r.val_metrics else ""
     return (
         f"round {r.round:>2}/{job.spec.rounds} | sites {len(r.reported)}/{len(r.cohort)} | "
-        f"train loss {r.train_loss:.4f} | val loss {loss} | val acc {acc} | {r.seconds:.2f}s"
+        f"train loss {r.train_loss:.4f} | val loss {loss} | val acc {acc}{auc} | {r.seconds:.2f}s"
     )
 
 
@@ -104,15 +144,17 @@ def _privacy_summary(job: pb.JobStatus) -> dict[str, Any] | None:
     }
 
 
-def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None = None) -> int:
-    deploy = (deploy_dir or default_deploy_dir()).resolve()
+def run_demo(
+    run_dir: Path, rounds: int | None = None, deploy_dir: Path | None = None, case: UseCase = HOSPITALS
+) -> int:
+    deploy = (deploy_dir or default_deploy_dir(case)).resolve()
     if not (deploy / "coordinator.yaml").exists():
         raise ConfigError(f"demo configs not found in {deploy}")
     run_dir = run_dir.resolve()
     started = time.monotonic()
-    print(f"Cohort demo: 5 hospitals, task {DATASET}, non-IID (Dirichlet alpha={ALPHA}); run directory {run_dir}")
-    prepare(run_dir)
-    print("  issued certificates (CA, coordinator, 5 hospitals, admin) and split the data over the hospitals")
+    print(f"Cohort demo: {case.headline}; run directory {run_dir}")
+    prepare(run_dir, case)
+    print(f"  issued certificates (CA, coordinator, {len(case.sites)} sites, admin) and prepared each site's data")
     procs = Processes(run_dir / "logs", cwd=run_dir)
     try:
         coordinator_args = [
@@ -131,7 +173,7 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         procs.start("coordinator", coordinator_args)
         address = procs.wait_for_file(run_dir / "coordinator.addr", timeout=60, on="coordinator")
         print(f"  coordinator listening on {address} (mutual TLS)")
-        for site in SITES:
+        for site in case.sites:
             procs.start(
                 site,
                 [
@@ -144,7 +186,7 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
                     f"coordinator.address={address}",
                 ],
             )
-        print(f"  started {len(SITES)} participant daemons; training:")
+        print(f"  started {len(case.sites)} participant daemons; training:")
         endpoint = AdminEndpoint.from_dir(address, run_dir / "certs" / "admins" / "admin")
         job = asyncio.run(follow(endpoint, procs, JOB_TIMEOUT_S))
     finally:
@@ -158,22 +200,27 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         "job_id": job.job_id,
         "state": job.state,
         "task": job.spec.task,
-        "sites": list(SITES),
+        "use_case": case.name,
+        "sites": list(case.sites),
         "rounds": len(completed),
         "rounds_planned": job.spec.rounds,
         "final_test_accuracy": job.test_accuracy,
         "final_test_loss": job.test_loss,
         "final_val_accuracy": completed[-1].val_accuracy if completed else None,
+        "final_test_metrics": dict(sorted(job.test_metrics.items())),
+        "final_val_metrics": dict(sorted(completed[-1].val_metrics.items())) if completed else {},
         "seconds": round(seconds, 2),
         "model_path": str(model_path),
         "model_version": job.model_version,
         "secure_aggregation": _secagg_summary(job),
         "differential_privacy": _privacy_summary(job),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    auc = ""
+    if "auc_pr" in job.test_metrics:
+        auc = f", AUC-PR {job.test_metrics['auc_pr']:.4f}, recall@1%FPR {job.test_metrics.get(RECALL_KEY, 0.0):.4f}"
     print(
         f"job {job.state}: {len(completed)} rounds, federated test accuracy {job.test_accuracy:.4f}, "
-        f"loss {job.test_loss:.4f}, {seconds:.1f}s"
+        f"loss {job.test_loss:.4f}{auc}, {seconds:.1f}s"
     )
     if job.privacy_unit not in ("", "none"):
         print(f"  differential privacy ({job.privacy_unit} level), epsilon spent at delta {job.delta:g}:")
@@ -182,7 +229,11 @@ def run_demo(run_dir: Path, rounds: int | None = None, deploy_dir: Path | None =
         if job.privacy_unit == "site":
             print(f"    federation: {job.epsilon:.2f}")
     if job.spec.secure_aggregation.enabled:
-        print("  secure aggregation: on (SecAgg+); the coordinator saw only the sum of the hospitals' updates")
+        print(f"  secure aggregation: on (SecAgg+); the coordinator saw only the sum of the {case.members}' updates")
     print(f"  global model: {model_path}")
+    if case.report is not None and job.state == "finished":
+        summary |= case.report(run_dir, deploy, job, model_path)
+        summary["seconds"] = round(time.monotonic() - started, 2)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"  summary: {run_dir / 'summary.json'}; logs: {run_dir / 'logs'}")
     return 0 if job.state == "finished" else 1

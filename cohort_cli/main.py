@@ -153,13 +153,16 @@ def _cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cohort_cli.demo import run_demo
+    from cohort_cli.demo import HOSPITALS, run_demo
+    from cohort_cli.fraud_demo import FRAUD
 
-    return run_demo(args.run_dir, rounds=args.rounds, deploy_dir=args.deploy_dir)
+    case = FRAUD if args.use_case == "fraud" else HOSPITALS
+    run_dir = args.run_dir or Path("runs/fraud" if args.use_case == "fraud" else "runs/demo")
+    return run_demo(run_dir, rounds=args.rounds, deploy_dir=args.deploy_dir, case=case)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, privacy_cmd
+    from cohort_cli import certs_cmd, data_cmd, privacy_cmd, task_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -188,9 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cmd.register(sub)
     data_cmd.register(sub)
     privacy_cmd.register(sub)
+    task_cmd.register(sub)
 
-    p = sub.add_parser("demo", help="run a 5-hospital federation on this machine")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    p = sub.add_parser("demo", help="run a federation on this machine: 5 hospitals, or 4 banks (--use-case fraud)")
+    p.add_argument(
+        "--use-case",
+        choices=["hospitals", "fraud"],
+        default="hospitals",
+        help="hospitals: breast cancer over 5 hospitals (default); fraud: card fraud over 4 banks",
+    )
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/demo, or runs/fraud for --use-case fraud")
     p.add_argument("--rounds", type=int, default=None, help="override the demo job's number of rounds")
     p.add_argument("--deploy-dir", type=Path, default=None, help="directory with the demo configs (deploy/demo)")
     p.set_defaults(func=_cmd_demo)

@@ -3,9 +3,11 @@
 Nothing is downloaded: ``load_breast_cancer`` and ``load_digits`` ship inside scikit-learn, which is imported
 only when a source data set is loaded, so participants and the coordinator never need it.
 
-Site division (:func:`assign_sites`) comes in two flavours:
+Site division (:func:`assign_sites`) comes in three flavours:
 
 * IID (``alpha=None``): shuffle and deal the records evenly over the sites;
+* quantity skew (``quantity_alpha > 0``): the sites' shares of the records are drawn from Dirichlet(quantity_alpha),
+  and records are dealt at random, so sites differ in size but not in label mix;
 * label skew (``alpha > 0``): for each class, the shares going to the sites are drawn from Dirichlet(alpha)
   (Hsu et al. 2019, "Measuring the effects of non-identical data distribution"); the smaller alpha, the
   fewer classes a site sees. Draws are repeated, deterministically from the seed, until every site gets
@@ -25,7 +27,7 @@ import csv
 import json
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,6 +130,16 @@ def _split_site(
     return {split: rng.permutation(np.concatenate(p)).astype(np.int64) for split, p in parts.items()}
 
 
+def stratified_split(
+    y: LabelArray, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.2
+) -> dict[str, IndexArray]:
+    """Indices of one site's records for train/val/test, stratified by label where the counts allow."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ConfigError("val_fraction, test_fraction: each must be in [0, 1) and their sum below 1")
+    rng = np.random.default_rng(seed)
+    return _split_site(np.arange(len(y), dtype=np.int64), y, rng, val_fraction, test_fraction)
+
+
 def assign_sites(
     y: LabelArray,
     sites: Sequence[str],
@@ -137,15 +149,19 @@ def assign_sites(
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     min_per_site: int = DEFAULT_MIN_PER_SITE,
+    quantity_alpha: float | None = None,
 ) -> dict[str, dict[str, IndexArray]]:
     """Indices of ``y`` for every site and split; every record lands in exactly one (site, split).
 
-    ``alpha=None`` is IID; ``alpha > 0`` is Dirichlet label skew, redrawn until each site has at least
-    ``min_per_site`` training records (ConfigError when that looks impossible).
+    ``alpha=None`` is IID (or quantity skew with ``quantity_alpha``); ``alpha > 0`` is Dirichlet label skew. Skewed
+    draws are repeated until each site has at least ``min_per_site`` training records (ConfigError when that looks
+    impossible).
     """
     check_site_names(sites)
     if alpha is not None and not alpha > 0:
         raise ConfigError("alpha: must be > 0 (or None for IID)")
+    if quantity_alpha is not None and (not quantity_alpha > 0 or alpha is not None):
+        raise ConfigError("quantity_alpha: must be > 0, and not combined with alpha (label skew)")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ConfigError("val_fraction, test_fraction: each must be in [0, 1) and their sum below 1")
     if min_per_site < 1:
@@ -156,10 +172,21 @@ def assign_sites(
     def enough(parts: list[IndexArray]) -> bool:
         return all(train_count(len(p), val_fraction, test_fraction) >= min_per_site for p in parts)
 
-    if alpha is None:
+    if alpha is None and quantity_alpha is None:
         parts = np.array_split(rng.permutation(n).astype(np.int64), k)
         if not enough(parts):
             raise ConfigError(f"sites: {n} records cannot give {k} sites {min_per_site} training records each")
+    elif alpha is None:
+        for _ in range(MAX_DIRICHLET_DRAWS):
+            cuts = np.round(np.cumsum(rng.dirichlet(np.full(k, quantity_alpha)))[:-1] * n).astype(np.int64)
+            parts = np.split(rng.permutation(n).astype(np.int64), cuts)
+            if enough(parts):
+                break
+        else:
+            raise ConfigError(
+                f"quantity_alpha: no Dirichlet({quantity_alpha}) draw gave each of {k} sites {min_per_site} training "
+                "records; use a larger value, fewer sites or a smaller minimum"
+            )
     else:
         for _ in range(MAX_DIRICHLET_DRAWS):
             shares: list[list[IndexArray]] = [[] for _ in range(k)]
@@ -189,6 +216,7 @@ def split_sites(
     val_fraction: float = 0.15,
     test_fraction: float = 0.2,
     min_per_site: int = DEFAULT_MIN_PER_SITE,
+    quantity_alpha: float | None = None,
 ) -> dict[str, dict[str, Split]]:
     """``{site: {"train"|"val"|"test": (x, y)}}``; see :func:`assign_sites` for how records are divided."""
     if len(x) != len(y):
@@ -201,6 +229,7 @@ def split_sites(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         min_per_site=min_per_site,
+        quantity_alpha=quantity_alpha,
     )
     return {site: {s: (x[i], y[i]) for s, i in splits.items()} for site, splits in assignment.items()}
 
@@ -229,12 +258,13 @@ def write_site_folders(
     *,
     dataset: str | None = None,
     overwrite: bool = False,
+    extra: Mapping[str, object] | None = None,
 ) -> dict[str, Path]:
     """Write ``out_dir/<site>/{train,val,test}.csv`` and ``manifest.json`` (counts only) for every site.
 
     ``dataset`` names the data in the manifest; by default the built-in task whose schema this is, or
-    ``"custom"``. Refuses (ConfigError) to replace existing site files unless ``overwrite``. Returns each
-    site's folder.
+    ``"custom"``; ``extra`` adds entries to every manifest (the task to use, the label values). Refuses
+    (ConfigError) to replace existing site files unless ``overwrite``. Returns each site's folder.
     """
     check_site_names(list(splits))
     name = dataset or next((s for s in SOURCES if load_task(s).schema == schema), "custom")
@@ -260,6 +290,7 @@ def write_site_folders(
             "columns": len(schema.columns()),
             "schema_fingerprint": schema.fingerprint(),
             "splits": counts,
+            **(extra or {}),
         }
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         folders[site] = folder
@@ -293,19 +324,22 @@ def centralized_baseline(
     return task.evaluate(model, data.test)
 
 
-def simulate_fedavg(
-    task: Task, sites: Mapping[str, SiteData], settings: TrainSettings, rounds: int
-) -> list[EvalResult]:
+def fedavg(
+    task: Task,
+    sites: Mapping[str, SiteData],
+    settings: TrainSettings,
+    rounds: int,
+    after_round: Callable[[torch.nn.Module], None] | None = None,
+) -> torch.nn.Module:
     """FedAvg without a network: each round every site trains from the global weights, and the new global
     model is the train-sample-weighted mean of the site models (every entry as float32, like the coordinator).
 
-    Returns, for each round, the global model's test result pooled over all sites' test splits.
+    Returns the final global model; ``after_round`` sees the global model after each round.
     """
     if rounds < 1:
         raise ConfigError("rounds: must be at least 1")
     model = task.build_model(settings.seed)
     global_state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    history: list[EvalResult] = []
     for number in range(1, rounds + 1):
         total = 0
         summed = {k: torch.zeros_like(v) for k, v in global_state.items()}
@@ -318,7 +352,23 @@ def simulate_fedavg(
             total += result.num_samples
         global_state = {k: v / total for k, v in summed.items()}
         model.load_state_dict(global_state)
-        history.append(pooled_evaluation(task, model, [d.test for d in sites.values()]))
+        if after_round is not None:
+            after_round(model)
+    return model
+
+
+def simulate_fedavg(
+    task: Task, sites: Mapping[str, SiteData], settings: TrainSettings, rounds: int
+) -> list[EvalResult]:
+    """:func:`fedavg`, returning for each round the global model's test result pooled over all sites' test splits."""
+    history: list[EvalResult] = []
+    fedavg(
+        task,
+        sites,
+        settings,
+        rounds,
+        lambda model: history.append(pooled_evaluation(task, model, [d.test for d in sites.values()])),
+    )
     return history
 
 

@@ -10,6 +10,7 @@ from common.certs import TlsFiles
 from common.errors import ConfigError
 from common.names import RULE, is_name
 from common.settings import TrainParamsConfig, parse_address
+from coordinator.strategy.config import StrategyConfig
 
 ENV_PREFIX = "COHORT_COORDINATOR_"
 # A round's attempts number its secure-aggregation instances (common/secagg_wire.py secagg_round_no).
@@ -202,11 +203,22 @@ class JobConfig:
     # and batch runs that do not need it switch it off.
     final_evaluation: bool = True
     params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
+    # The task's own parameters (model width, loss ...), checked against the schema the task declares when the
+    # coordinator loads it; sent with every task, part of the job's identity (common/tasks/params.py).
+    task_params: dict[str, bool | int | float | str] = field(default_factory=dict)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # Server optimizer, aggregation rule and cohort selection (coordinator/strategy/config.py).
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def check(self, path: str) -> None:
         where = path or "job"
+        self.strategy.check_with(
+            f"{where}.strategy",
+            min_sites=self.min_sites,
+            secure=self.secure_aggregation.enabled,
+            site_dp=self.privacy.unit == "site",
+        )
         if self.secure_aggregation.enabled and self.min_sites < 2:
             raise ConfigError(f"{where}.min_sites: secure aggregation needs at least 2 sites per round")
         if not 1 <= self.rounds <= 100_000:

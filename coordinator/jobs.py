@@ -15,7 +15,7 @@ from cryptography import x509
 from common import config as config_loader
 from common.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFound, TaskError
 from common.serde import Limits, state_dict_float32
-from common.tasks.base import Task, load_task
+from common.tasks.base import Task, configure, load_task
 from coordinator.config import JobConfig
 from coordinator.round.events import JobState
 from coordinator.round.identity import JobIdentity
@@ -26,6 +26,7 @@ from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Registry
 from coordinator.state.resume import CannotResume, ResumePoint, plan_resume
 from coordinator.state.store import Store
+from coordinator.strategy.server_opt import OptimizerState
 
 log = logging.getLogger("cohort.coordinator.jobs")
 
@@ -47,6 +48,8 @@ class Jobs:
         self.store, self.models, self.registry = store, models, registry
         self.spool_root, self.limits, self.ca_certs = spool_root, limits, ca_certs
         self.progress = progress
+        # Server optimizer moments, content-addressed like the models and named by the round that committed them.
+        self.strategy_files = ModelStore(models.root.parent / "strategy", "state_dir/strategy")
         self.current: JobRunner | None = None
         self.runners: dict[str, JobRunner] = {}
         self._task: asyncio.Task[None] | None = None
@@ -85,10 +88,15 @@ class Jobs:
             task = load_task(spec.task)
         except (ValueError, TaskError) as exc:
             raise FailedPrecondition(f"task {spec.task!r} cannot be loaded on the coordinator: {exc}") from None
+        try:
+            configured = configure(task, spec.task_params, "job.task_params")
+        except ConfigError as exc:
+            raise InvalidArgument(f"job spec: {exc}") from None
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-        tensors = state_dict_float32(task.build_model(seed=spec.params.seed))
+        tensors = state_dict_float32(configured.build_model(seed=spec.params.seed))
         model = self.models.save(tensors, {"job": job_id, "round": "0"})
-        identity = JobIdentity.of(task)
+        identity = JobIdentity.of(task, spec.task_params)  # the installed task's code, and the job's parameters
+        task = configured
         self.store.create_job(job_id, spec.name, asdict(spec) | {"identity": asdict(identity)}, model.version)
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
         machine = JobMachine(self._setup(job_id, spec, task, identity, model.specs), model.version, self._privacy(spec))
@@ -118,12 +126,13 @@ class Jobs:
         stored = dict(row["spec"])
         recorded_identity = stored.pop("identity", {})
         spec = config_loader.build(JobConfig, stored, "job")
-        task = load_task(spec.task)
-        identity = JobIdentity.of(task)
+        installed = load_task(spec.task)
+        identity = JobIdentity.of(installed, spec.task_params)
         if asdict(identity) != recorded_identity:
             raise CannotResume(
                 f"the installed task {spec.task!r} is not the one the job started with (code or schema changed)"
             )
+        task = configure(installed, spec.task_params, "job.task_params")
         rounds = self.store.rounds(job_id)
         first = [r.base_version for r in rounds if r.round == 1]
         initial = first[0] if first else row["model_version"]
@@ -135,15 +144,20 @@ class Jobs:
             models=self.models,
             spool_root=self.spool_root,
             initial_version=initial,
+            strategy_files=self.strategy_files,
         )
         privacy = self._privacy(spec)
         privacy.restore(row["privacy_state"] or {})
         setup = self._setup(job_id, spec, task, identity, point.model.specs)
         machine = JobMachine(setup, point.model.version, privacy, resume=point.plan)
-        return JobRunner(machine, tensors=point.tensors, model=point.model, **self._io())
+        optimizer = OptimizerState(int(dict(point.plan.strategy.get("optimizer", {})).get("step", 0)), point.moments)
+        return JobRunner(machine, tensors=point.tensors, model=point.model, optimizer=optimizer, **self._io())
 
     def _setup(self, job_id: str, spec: JobConfig, task: Task, identity: JobIdentity, specs: Any) -> JobSetup:
-        return JobSetup(job_id, spec, identity, tuple(specs), len(self.allowed), tuple(self.ca_certs), task.name)
+        report_scores = bool(getattr(task, "report_scores", False)) and task.schema.num_classes == 2
+        return JobSetup(
+            job_id, spec, identity, tuple(specs), len(self.allowed), tuple(self.ca_certs), task.name, report_scores
+        )
 
     def _privacy(self, spec: JobConfig) -> JobPrivacy:
         return JobPrivacy(
@@ -162,6 +176,7 @@ class Jobs:
             "spool_root": self.spool_root,
             "limits": self.limits,
             "progress": self.progress,
+            "strategy_files": self.strategy_files,
         }
 
     def _launch(self, runner: JobRunner) -> JobRunner:

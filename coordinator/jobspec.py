@@ -5,6 +5,9 @@ the other, matched field by field by name (nested sections included).
 shows in job status as soon as the proto has a field of the same name; :func:`schema_drift` (held to empty by a test)
 names any key that one side has and the other lacks. Every JobSpec scalar has presence: a field that was set, even to
 zero (``evaluate_every: 0``, "never"), is told apart from one left unset (the default applies).
+
+One key travels as JSON: ``task_params`` (a mapping of the task's own scalar parameters, each of its declared type)
+is the wire field ``task_params_json``, canonical JSON (common/tasks/params.py), so an int stays an int.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ from google.protobuf.message import Message
 from common import config as config_loader
 from common.errors import ConfigError, InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.tasks.params import canonical_json, parse_json
 from coordinator.config import JobConfig
+
+# Config keys whose wire field is the same name plus "_json", carrying canonical JSON.
+JSON_KEYS = frozenset({"task_params"})
 
 
 def to_proto(spec: JobConfig) -> pb.JobSpec:
@@ -33,7 +40,10 @@ def _fill(msg: Message, value: Any) -> None:
         v = getattr(value, f.name)
         if v is None:
             continue
-        if dataclasses.is_dataclass(v):
+        if f.name in JSON_KEYS:
+            if v:
+                setattr(msg, f"{f.name}_json", canonical_json(v))
+        elif dataclasses.is_dataclass(v):
             _fill(getattr(msg, f.name), v)
         elif isinstance(v, tuple | list):
             getattr(msg, f.name).extend(v)
@@ -58,7 +68,11 @@ def _present(msg: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
-        if field.message_type is not None and not _repeated(field):
+        key = field.name.removesuffix("_json")
+        if key in JSON_KEYS:
+            if msg.HasField(field.name) and value:
+                out[key] = parse_json(value, f"job.{key}")
+        elif field.message_type is not None and not _repeated(field):
             if msg.HasField(field.name):
                 out[field.name] = _present(value)
         elif _repeated(field):
@@ -95,6 +109,7 @@ def _drift(cls: type, descriptor: Any, path: str) -> list[str]:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     wire = {f.name: f for f in descriptor.fields}
+    wire |= {k: wire.pop(f"{k}_json") for k in JSON_KEYS if f"{k}_json" in wire}
     out = [f"{path}.{n}: in the config, not on the wire" for n in sorted(names - set(wire))]
     out += [f"{path}.{n}: on the wire, not in the config" for n in sorted(set(wire) - names)]
     for name in sorted(names & set(wire)):

@@ -17,7 +17,8 @@ import torch
 from common.certs import Role
 from common.lifecycle import Lifecycle, Status
 from common.proto.cohort.v1 import cohort_pb2 as pb
-from common.tasks.base import Task, load_task, task_digest
+from common.tasks import digest as task_code
+from common.tasks.base import Task, load_task
 from common.tls import channel_credentials
 from common.version import VERSION
 from participant.config import ParticipantConfig
@@ -76,15 +77,18 @@ class ParticipantDaemon(Lifecycle):
         task = self.task or load_task(cfg.task)
         data = await asyncio.to_thread(task.load_data, cfg.data_dir)
         self.task, self.site = task, Site(task, data)
-        digest = task_digest(task)
+        code = task_code.compute(task)
         torch.set_num_threads(cfg.training.torch_threads)
 
         def join_request() -> pb.JoinRequest:
             return pb.JoinRequest(
                 task_name=task.name,
-                task_digest=digest,
+                task_digest=code.combined,
                 schema_fingerprint=task.schema.fingerprint(),
                 software_version=VERSION,
+                task_version=code.version,
+                task_code_digest=code.task_code,
+                training_code_digest=code.training_code,
             )
 
         busy = lambda: self.work is not None and self.work.busy  # noqa: E731

@@ -15,6 +15,7 @@ import torch
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, UpdateBuffer, specs_of
 from common.tasks.base import EvalResult, RecordDP, SiteData, Task, TrainResult, TrainSettings
+from common.tasks.setup import TaskSetup, prepare
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,16 @@ class Site:
     Every round loads the global weights into the same model (``load_state_dict`` copies into its parameters)
     instead of building a freshly initialised model only to overwrite it, and writes ``local - global`` straight
     into the same update buffer, from which the upload streams. A task's model must therefore be fully described by
-    its state dict (what FedAvg averages anyway). Calls are serialized: the daemon runs one task at a time.
+    its state dict (what FedAvg averages anyway). The model is rebuilt when the job's task setup changes. Calls are
+    serialized: the daemon runs one task at a time.
     """
 
     def __init__(self, task: Task, data: SiteData) -> None:
         self.task = task
         self.data = data
-        self._net: torch.nn.Module | None = None
+        # The task configured with the job's parameters and the data scaled for it: the last setup seen.
+        self._prepared: tuple[TaskSetup, Task, SiteData] = (TaskSetup(), task, data)
+        self._net: tuple[Task, torch.nn.Module] | None = None  # the model, for the prepared task it was built by
         self._update: UpdateBuffer | None = None
         self._lock = threading.Lock()
 
@@ -44,10 +48,17 @@ class Site:
     def num_train_samples(self) -> int:
         return len(self.data.train)  # type: ignore[arg-type]
 
-    def _model(self, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-        if self._net is None:
-            self._net = self.task.build_model(seed=0)
-        model = self._net
+    def prepared(self, setup: TaskSetup) -> tuple[Task, SiteData]:
+        """The task and data for a job's parameters and feature scaling (common/tasks/setup.py), cached."""
+        if self._prepared[0] != setup:
+            self._prepared = (setup, *prepare(self.task, self.data, setup))
+        return self._prepared[1], self._prepared[2]
+
+    def _model(self, task: Task, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+        if self._net is None or self._net[0] is not task:
+            self._net = None  # free the old model before building one for the new setup
+            self._net = (task, task.build_model(seed=0))
+        model = self._net[1]
         model.load_state_dict(tensors, strict=True)
         model.zero_grad(set_to_none=True)  # as a fresh model: no gradient left from the last round
         return model
@@ -64,6 +75,7 @@ class Site:
         params: pb.TrainParams,
         clip_norm: float = 0.0,
         record_dp: RecordDP | None = None,
+        setup: TaskSetup | None = None,
     ) -> LocalUpdate:
         """Train from the global model and return the update (local - global).
 
@@ -74,7 +86,8 @@ class Site:
         """
         with self._lock:
             started = time.perf_counter()
-            model = self._model(global_tensors)
+            task, data = self.prepared(setup or TaskSetup())
+            model = self._model(task, global_tensors)
             settings = TrainSettings(
                 local_epochs=params.local_epochs,
                 batch_size=params.batch_size,
@@ -82,7 +95,7 @@ class Site:
                 seed=params.seed,
                 record_dp=record_dp,
             )
-            result = self.task.train(model, self.data, settings)
+            result = task.train(model, data, settings)
             update = self._update_buffer(global_tensors)
             update.write_delta(model.state_dict(), global_tensors)
             if clip_norm > 0:
@@ -95,8 +108,11 @@ class Site:
                 result = replace(result, extra={**result.extra, "clip_bit": 1.0 if norm <= clip_norm else -1.0})
             return LocalUpdate(update.encoded(), result, time.perf_counter() - started)
 
-    def evaluate(self, global_tensors: dict[str, torch.Tensor], split: str) -> tuple[EvalResult, float]:
+    def evaluate(
+        self, global_tensors: dict[str, torch.Tensor], split: str, setup: TaskSetup | None = None
+    ) -> tuple[EvalResult, float]:
         with self._lock:
             started = time.perf_counter()
-            result = self.task.evaluate(self._model(global_tensors), self.data.split(split))
+            task, data = self.prepared(setup or TaskSetup())
+            result = task.evaluate(self._model(task, global_tensors), data.split(split))
             return result, time.perf_counter() - started

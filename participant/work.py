@@ -22,10 +22,12 @@ import torch
 
 from common import failpoints
 from common.errors import InvalidArgument
+from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.lanes import eval_lane_values, train_lane_values
 from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
 from common.tasks.base import RecordDP
+from common.tasks.setup import TaskSetup
 from participant.config import ParticipantConfig
 from participant.connection import Connection
 from participant.record_dp import SiteBudget, planned_training
@@ -171,12 +173,15 @@ class Work:
         t0 = time.perf_counter()
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         t1 = time.perf_counter()
-        clip = task.privacy.clip_norm if task.privacy.unit == "site" else 0.0
+        # Site-level DP clips to its clip norm; a job with a norm bound (strategy.norm_bound) has every site clip to it,
+        # which is what secure aggregation relies on (the coordinator checks it only on plaintext updates).
+        clip = task.privacy.clip_norm if task.privacy.unit == "site" else task.norm_bound
         record_dp = self.record_dp_for(task)
         if record_dp is False:
             return
         failpoints.hit("participant.training", round=task.round)
-        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None)
+        setup = TaskSetup.of(task)  # the job's task parameters and feature scaling
+        local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None, setup)
         if record_dp:
             assert self._budget is not None
             extra = local.result.extra
@@ -253,12 +258,12 @@ class Work:
 
     async def _evaluate(self, task: pb.EvaluateTask) -> None:
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
-        result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split)
+        result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split, TaskSetup.of(task))
         if task.HasField("secagg"):
             # A secure evaluation: the results are summed with the other sites' (the coordinator sees the totals).
-            masked = await self.secagg.masked_lanes(
-                task, eval_lane_values(result.num_samples, result.loss, result.accuracy)
-            )
+            # The score histogram's lanes count only when the coordinator's layout has them.
+            lanes = eval_lane_values(result.num_samples, result.loss, result.accuracy)
+            masked = await self.secagg.masked_lanes(task, lanes | score_lane_values(result.scores))
             if masked is None:
                 return
             header = pb.UpdateHeader(
@@ -280,6 +285,7 @@ class Work:
             loss=result.loss,
             accuracy=result.accuracy,
             eval_seconds=seconds,
+            score_histogram=result.scores.flat() if result.scores is not None else [],
         )
         stub, timeout = self._conn.stub, self.config.coordinator.rpc_timeout_s
 

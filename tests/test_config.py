@@ -93,6 +93,7 @@ def test_every_shipped_config_loads() -> None:
     kinds = {
         "coordinator": CoordinatorConfig,
         "hospital": ParticipantConfig,
+        "bank": ParticipantConfig,
         "participant": ParticipantConfig,
         "job": JobConfig,
     }
@@ -104,7 +105,7 @@ def test_every_shipped_config_loads() -> None:
         assert kind is not None, f"{path} is not a known kind of config; name it coordinator*, participant*, ..."
         loader.load(kind, path)
         loaded += 1
-    assert loaded >= 7
+    assert loaded >= 12
 
 
 def test_job_spec_survives_the_admin_wire() -> None:

@@ -40,6 +40,7 @@ ROUNDS = 2
 
 PLAIN: dict[str, Any] = {}
 SECURE: dict[str, Any] = {"secure_aggregation": {"enabled": True, "stage_timeout_s": 20, "clip": 1.0}}
+FEDADAM: dict[str, Any] = {"strategy": {"name": "fedadam", "server_lr": 0.05}}
 CENTRAL_DP: dict[str, Any] = {"privacy": {"unit": "site", "clip_norm": 1.0, "noise_multiplier": 1.2, "delta": 1e-5}}
 
 
@@ -198,7 +199,11 @@ _baselines: dict[str, Run] = {}
 async def baseline(kind: str, tmp_path_factory: pytest.TempPathFactory, pki: Pki, site_data: dict[str, Path]) -> Run:
     """The uninterrupted run of the same job with the same sites (computed once per job kind)."""
     if kind not in _baselines:
-        run = make_run(tmp_path_factory.mktemp("baseline") / kind, pki, {"plain": PLAIN, "secure": SECURE}[kind])
+        run = make_run(
+            tmp_path_factory.mktemp("baseline") / kind,
+            pki,
+            {"plain": PLAIN, "secure": SECURE, "fedadam": FEDADAM}[kind],
+        )
         await federate(run, pki, site_data)
         _baselines[kind] = run
     return _baselines[kind]
@@ -254,6 +259,28 @@ async def test_plaintext_round_resumes_to_the_same_model(
     assert not list((run.state / "models").glob("*.tmp"))  # a torn checkpoint write leaves nothing behind
     # Every round's validation evaluation is there, as in the uninterrupted run (one the crash cut off ran again).
     assert evaluations(run) == evaluations(want)
+
+
+@pytest.mark.parametrize(
+    "failpoint", ["coordinator.round_committed@1", "coordinator.checkpoint_saved@2"], ids=["between", "uncommitted"]
+)
+async def test_a_fedadam_job_resumes_with_its_moments_to_the_same_model(
+    failpoint: str,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: Pki,
+    site_data: dict[str, Path],
+) -> None:
+    want = await baseline("fedadam", tmp_path_factory, pki, site_data)
+    run = make_run(tmp_path / "run", pki, FEDADAM)
+    await federate(run, pki, site_data, crashes=(failpoint,))
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    assert "job_resumed" in run.audit_kinds()
+    # The server optimizer's moments were committed with round 1 and read back: the same model, bit for bit.
+    assert job["model_version"] == want.job()["model_version"]
+    committed = [r for r in run.rounds() if r["state"] == "completed"]
+    assert [r["round"] for r in committed] == [1, 2]
 
 
 def evaluations(run: Run) -> list[tuple[int, int | None, float | None]]:

@@ -14,6 +14,7 @@ from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.settings import TrainParamsConfig
 from coordinator.config import JobConfig, PrivacyConfig, SecureAggregationConfig
 from coordinator.jobspec import from_proto, job_spec_of_record, schema_drift, to_proto
+from coordinator.strategy.config import StrategyConfig
 
 BASE = JobConfig(task="breast_cancer", min_sites=2)
 
@@ -30,11 +31,18 @@ CHANGES: list[tuple[str, dict[str, Any]]] = [
     ("", {"max_round_retries": 0}),
     ("", {"over_selection": 0.25}),
     ("", {"final_evaluation": False}),
+    # Task parameters travel as canonical JSON: each value keeps its type (an int is not read back as a float).
+    ("", {"task_params": {"hidden": 16, "loss": "focal", "pos_weight": 0.5, "balanced": True}}),
     ("params", {"local_epochs": 3}),
     ("params", {"batch_size": 7}),
     ("params", {"learning_rate": 0.3}),
     ("params", {"seed": 0}),
     ("params", {"seed": 99}),
+    ("params", {"lr_schedule": "cosine"}),
+    ("params", {"lr_step_rounds": 3}),
+    ("params", {"lr_gamma": 0.1}),
+    ("params", {"lr_min": 0.0}),
+    ("params", {"lr_min": 0.001}),
     ("secure_aggregation", {"enabled": True}),
     ("secure_aggregation", {"bits": 20}),
     ("secure_aggregation", {"clip": 0.5}),
@@ -56,6 +64,24 @@ CHANGES: list[tuple[str, dict[str, Any]]] = [
     ("privacy", {"target_quantile": 0.0}),
     ("privacy", {"clip_learning_rate": 0.5}),
     ("privacy", {"count_noise_std": 0.0}),
+    ("strategy", {"name": "fedyogi"}),
+    ("strategy", {"server_lr": 0.05}),
+    ("strategy", {"server_momentum": 0.0}),
+    ("strategy", {"beta1": 0.0}),
+    ("strategy", {"beta2": 0.5}),
+    ("strategy", {"tau": 0.01}),
+    ("strategy", {"aggregation": "trimmed_mean"}),
+    ("strategy", {"trim_fraction": 0.0}),
+    ("strategy", {"byzantine_sites": 0}),
+    ("strategy", {"multi_krum_keep": 1}),
+    ("strategy", {"norm_bound": 2.5}),
+    ("strategy", {"selection": "availability"}),
+    ("strategy", {"availability_window": 3}),
+    ("strategy", {"mode": "async"}),
+    ("strategy", {"buffer_size": 0}),
+    ("strategy", {"buffer_size": 4}),
+    ("strategy", {"max_staleness": 0}),
+    ("strategy", {"staleness_exponent": 0.0}),
 ]
 
 
@@ -71,7 +97,12 @@ def test_config_and_wire_have_the_same_keys() -> None:
 
 def test_every_key_is_covered_by_the_round_trip_cases() -> None:
     covered = {(section, key) for section, values in CHANGES for key in values}
-    sections = {"params": TrainParamsConfig, "secure_aggregation": SecureAggregationConfig, "privacy": PrivacyConfig}
+    sections = {
+        "params": TrainParamsConfig,
+        "secure_aggregation": SecureAggregationConfig,
+        "privacy": PrivacyConfig,
+        "strategy": StrategyConfig,
+    }
     keys = {("", f.name) for f in dataclasses.fields(JobConfig) if f.name not in sections and f.name != "task"}
     for name, cls in sections.items():
         keys |= {(name, f.name) for f in dataclasses.fields(cls)}
@@ -95,3 +126,7 @@ def test_unset_fields_take_the_defaults_and_bad_values_name_the_key() -> None:
         from_proto(pb.JobSpec(task="breast_cancer", secure_aggregation=pb.SecureAggregationSpec(bits=8)))
     with pytest.raises(InvalidArgument, match=r"job\.rounds"):
         from_proto(pb.JobSpec(task="breast_cancer", rounds=0))
+    with pytest.raises(InvalidArgument, match=r"job\.task_params"):
+        from_proto(pb.JobSpec(task="breast_cancer", task_params_json='{"hidden": [1, 2]}'))
+    with pytest.raises(InvalidArgument, match=r"job\.task_params"):
+        from_proto(pb.JobSpec(task="breast_cancer", task_params_json="{not json"))

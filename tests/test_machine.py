@@ -86,7 +86,11 @@ def spec(**overrides: Any) -> JobConfig:
 
 
 def machine(
-    job: JobConfig | None = None, *, resume: ResumePlan | None = None, sites: Iterable[str] = SITES
+    job: JobConfig | None = None,
+    *,
+    resume: ResumePlan | None = None,
+    sites: Iterable[str] = SITES,
+    report_scores: bool = False,
 ) -> JobMachine:
     job = job or spec()
     sites = tuple(sites)
@@ -94,7 +98,7 @@ def machine(
         job.privacy, len(sites), job.fraction, secure_aggregation=job.secure_aggregation, min_survivors=job.min_sites
     )
     privacy.model_numel = sum(s.numel for s in SPECS)
-    setup = JobSetup("job-1", job, IDENTITY, SPECS, len(sites), tuple(federation().cas), "task")
+    setup = JobSetup("job-1", job, IDENTITY, SPECS, len(sites), tuple(federation().cas), "task", report_scores)
     return JobMachine(setup, BASE, privacy, resume=resume)
 
 
@@ -759,3 +763,43 @@ def test_an_evaluation_waits_for_the_federation_after_a_restart() -> None:
     assert sent(out, "evaluate") == {}
     out = connect(m, "s00", "s01", now=T0 + 2)
     assert sorted(sent(out, "evaluate")) == ["s00", "s01"]
+
+
+# -- asynchronous rounds (FedBuff) ---------------------------------------------------------------------------------
+
+
+def test_fedbuff_counts_a_stale_update_in_the_open_buffer_weighted_down_and_refuses_one_too_old() -> None:
+    from coordinator.strategy.config import StrategyConfig
+
+    job = spec(rounds=5, evaluate_every=0, strategy=StrategyConfig(mode="async", buffer_size=2, max_staleness=1))
+    m = machine(job)
+    m.handle(Start(T0))
+    out = connect(m, *SITES)
+    assert sorted(sent(out, "train")) == list(SITES)  # every idle site trains
+    # Two fast sites fill the buffer of version 1: a new model, and only they get the next task.
+    upload(m, "s00", header(1, 0, samples=10))
+    out = upload(m, "s01", header(1, 0, samples=10))
+    [agg] = of(out, Aggregate)
+    assert agg.weights == {"s00": 10.0, "s01": 10.0}
+    out = aggregated(m, T0 + 2, "sha256:" + "1" * 64)
+    assert sorted(sent(out, "train")) == ["s00", "s01"]  # s02 and s03 are still training on version 1
+    assert m.recent_version(BASE)
+    # s02's update for round 1 arrives while round 2 is open: one version old, weighted by (1 + 1)^-0.5.
+    stale = header(1, 0, samples=10)
+    upload(m, "s02", stale, now=T0 + 3)
+    rnd = m.round
+    assert rnd is not None
+    assert rnd.number == 2
+    assert rnd.weights["s02"] == pytest.approx(10 / 2**0.5)
+    assert m.upload_target(1, 0) == (2, 0)
+    out = upload(m, "s00", header(2, 0, samples=10, base_model_version="sha256:" + "1" * 64), now=T0 + 3)
+    assert of(out, Aggregate)
+    aggregated(m, T0 + 4, "sha256:" + "2" * 64)
+    # Round 3 is open: s03's task from round 1 is 2 versions old, past max_staleness 1.
+    with pytest.raises(FailedPrecondition, match=r"2 model versions old .* strategy.max_staleness is 1"):
+        upload(m, "s03", header(1, 0, samples=10), now=T0 + 5)
+    # ...and it has been given the newest model instead.
+    assert m.round is not None
+    assert m.round.number == 3
+    with pytest.raises(FailedPrecondition, match="holds no task for round 2"):
+        upload(m, "s03", header(2, 0, samples=10, base_model_version="sha256:" + "1" * 64), now=T0 + 5)

@@ -21,7 +21,8 @@ from common.datasets import load_source
 from common.errors import ConfigError
 from common.tasks import breast_cancer, digits
 from common.tasks.base import RecordDP, SiteData, TrainSettings
-from common.tasks.tabular import check_settings, entropy_generator
+from common.tasks.entropy import entropy_generator
+from common.tasks.tabular import check_settings
 from participant.config import ParticipantConfig, RecordPrivacyConfig
 from participant.record_dp import LocalTraining, SiteBudget, epsilon_of, planned_training
 

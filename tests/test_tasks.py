@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,7 +15,8 @@ from torch.utils.data import TensorDataset
 from common.datasets import centralized_baseline, load_source, simulate_fedavg, split_sites
 from common.errors import ConfigError, DataError
 from common.tasks import breast_cancer, digits, tabular
-from common.tasks.base import SPLITS, EvalResult, SiteData, Task, TrainSettings, load_task, task_digest
+from common.tasks import digest as task_code
+from common.tasks.base import SPLITS, EvalResult, RecordDP, SiteData, Task, TrainSettings, load_task, task_digest
 from common.tasks.csv_split import read_split
 from common.tasks.tabular import TabularTask, dataset_tensors
 
@@ -73,12 +73,22 @@ def test_builtin_tasks_implement_the_interface(name: str) -> None:
     assert len(set(task.schema.columns())) == len(task.schema.columns())
 
 
-def test_digest_covers_the_shared_base_class() -> None:
-    """A change to the shared training loop must change the code digest that sites declare."""
-    files = [Path(breast_cancer.__file__), Path(tabular.__file__)]
-    expected = hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()
-    assert task_digest(breast_cancer.TASK) == "sha256:" + expected
-    assert task_digest(breast_cancer.TASK) != task_digest(digits.TASK)
+def test_digest_covers_the_shared_base_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change to the shared training loop must change the code digest that sites declare (in its Cohort part)."""
+    before = task_code.compute(breast_cancer.TASK)
+    assert "common.tasks.tabular" in before.training_modules
+    assert before.task_modules == ("common.tasks.breast_cancer",)
+    assert task_digest(breast_cancer.TASK) == before.combined != task_digest(digits.TASK)
+    edited = tmp_path / "tabular.py"
+    edited.write_text(Path(tabular.__file__).read_text() + "\nSTEP_LIMIT = 1\n")
+    original = task_code._source_path
+    monkeypatch.setattr(
+        task_code, "_source_path", lambda name: edited if name == "common.tasks.tabular" else original(name)
+    )
+    after = task_code.compute(breast_cancer.TASK)
+    assert after.training_code != before.training_code
+    assert after.task_code == before.task_code
+    assert after.combined != before.combined
 
 
 def test_module_defaults_match_the_task_objects() -> None:
@@ -315,3 +325,27 @@ def test_simulation_rejects_zero_rounds() -> None:
     task, data, _, _ = _federation("breast_cancer", 0)
     with pytest.raises(ConfigError, match="rounds"):
         simulate_fedavg(task, data, task.default_settings, 0)
+
+
+def test_fedprox_penalty_keeps_a_site_near_the_global_model() -> None:
+    """The FedProx hook: with proximal_mu > 0 local training drifts less from where it started; DP-SGD refuses it."""
+
+    class Prox(breast_cancer.BreastCancerTask):
+        proximal_mu = 1.0
+
+    x, y, _ = load_source("breast_cancer")
+    empty = (x[:0], y[:0])
+    drift = {}
+    for task in (breast_cancer.TASK, Prox()):
+        data = task.site_data((x[:200], y[:200]), empty, empty)
+        model = task.build_model(1)
+        start = [p.detach().clone() for p in model.parameters()]
+        task.train(model, data, replace(task.default_settings, local_epochs=3))
+        drift[type(task).__name__] = sum(
+            float(((p.detach() - s) ** 2).sum()) for p, s in zip(model.parameters(), start, strict=True)
+        )
+    assert drift["Prox"] < 0.5 * drift["BreastCancerTask"]
+    prox = Prox()
+    settings = replace(prox.default_settings, record_dp=RecordDP(1.0, 1.0, 1e-5))
+    with pytest.raises(ConfigError, match="FedProx"):
+        prox.train(prox.build_model(0), prox.site_data((x[:50], y[:50]), empty, empty), settings)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
@@ -305,12 +306,19 @@ def plan_noise_multiplier(
 
     Binary search: epsilon decreases in sigma. Raises :class:`ConfigError` when even ``max_sigma`` is not enough.
     """
-    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
-        raise ConfigError(f"target epsilon must be positive, got {target_epsilon!r}")
 
     def eps(sigma: float) -> float:
         return epsilon_for(sigma, delta, rounds, sampling, rate, method, population)
 
+    return smallest_noise_multiplier(eps, target_epsilon, max_sigma=max_sigma)
+
+
+def smallest_noise_multiplier(eps: Callable[[float], float], target_epsilon: float, *, max_sigma: float = 1e4) -> float:
+    """The smallest sigma (to 1e-3 relative, rounded up) with ``eps(sigma) <= target_epsilon``, for any accountant
+    whose epsilon decreases in sigma (binary search). Raises :class:`ConfigError` when even ``max_sigma`` is not
+    enough."""
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ConfigError(f"target epsilon must be positive, got {target_epsilon!r}")
     hi = 1.0
     while eps(hi) > target_epsilon:
         hi *= 2

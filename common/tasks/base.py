@@ -5,22 +5,34 @@ coordinator uses only ``build_model`` (to create the initial global model) and t
 digest, schema fingerprint); participants use all of it, on data that never leaves the site.
 
 Tasks are loaded by dotted path (``package.module:ATTR``) from code installed at the site; nothing is ever received
-over the network and executed.
+over the network and executed. docs/TASKS.md is the guide to writing one.
+
+Optional attributes a task may have (the base class :class:`common.tasks.tabular.TabularTask` has them all):
+
+* ``version`` (str): the task's declared version; part of its code digest and named in a mismatch at Join;
+* ``params_schema`` (mapping of name to :class:`common.tasks.params.Param`) and ``with_params(values) -> Task``:
+  parameters a job may set (``job.task_params``); see :func:`configure`;
+* ``statistics_spec()``, ``site_statistics(data)`` and ``with_scaling(data, scaling)``: federated feature
+  standardization (common/tasks/standardize.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 import json
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import Dataset
+
+from common.errors import ConfigError
+from common.metrics import ScoreHistogram
+from common.tasks.digest import compute as compute_digest
+from common.tasks.params import validate
 
 SPLITS = ("train", "val", "test")
 
@@ -90,6 +102,8 @@ class EvalResult:
     num_samples: int
     loss: float
     accuracy: float
+    # Binary tasks that opt in: records per score bin and class, summed over sites for AUC-PR (common/metrics.py).
+    scores: ScoreHistogram | None = None
 
 
 @dataclass
@@ -145,35 +159,34 @@ def round_seed(job_seed: int, number: int) -> int:
 
 
 def task_digest(task: Task) -> str:
-    """SHA-256 of the source files that define the task's class: the "task code digest" a site declares.
+    """The "task code digest" a site declares: normalized source of the task's own modules, its declared version
+    and the Cohort training code it uses (:mod:`common.tasks.digest`). Comments and formatting do not count."""
+    return compute_digest(task).combined
 
-    The files are the one defining the class and those defining its base classes (a shared training loop, say),
-    in method-resolution order, skipping the standard library and this interface module. For a class without
-    such bases this is the hash of its one file.
+
+def configure(task: Task, params: Mapping[str, object] | None, where: str = "task_params") -> Task:
+    """``task`` with the job's parameters, checked against the task's own ``params_schema``.
+
+    A task that declares no schema takes no parameters: any given is an error naming the key. The task object that
+    was loaded stays as it was (its code digest does not depend on parameters).
     """
-    files: list[Path] = []
-    for cls in type(task).__mro__:
-        if cls.__module__.partition(".")[0] in sys.stdlib_module_names or cls.__module__ == __name__:
-            continue
-        try:
-            source = inspect.getsourcefile(cls)
-        except TypeError:  # a class without a Python source file (a C extension)
-            source = None
-        if source is None:
-            if cls is type(task):
-                raise ValueError(f"cannot locate the source of task {task.name!r}")
-            continue
-        if Path(source) not in files:
-            files.append(Path(source))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.read_bytes())
-    return "sha256:" + digest.hexdigest()
+    schema = getattr(task, "params_schema", None) or {}
+    values = validate(schema, params or {}, where)
+    if not schema:
+        return task
+    with_params = getattr(task, "with_params", None)
+    if not callable(with_params):
+        raise ConfigError(f"{where}: task {task.name!r} declares params_schema but has no with_params method")
+    configured = with_params(values)
+    if not isinstance(configured, Task):
+        raise ConfigError(f"{where}: task {task.name!r}'s with_params did not return a task")
+    return configured
 
 
 BUILTIN_TASKS = {
     "breast_cancer": "common.tasks.breast_cancer:TASK",
     "digits": "common.tasks.digits:TASK",
+    "fraud": "common.tasks.fraud:TASK",
 }
 
 

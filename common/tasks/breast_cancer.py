@@ -4,11 +4,16 @@ Schema: the 30 features of scikit-learn's ``load_breast_cancer`` with their name
 (``mean_radius`` ... ``worst_fractal_dimension``), then the label ``diagnosis`` as scikit-learn codes it:
 0 malignant, 1 benign.
 
-Scaling: a fixed transform, ``(x - centre) / scale``, with per-feature reference constants published with the
-task (:data:`FEATURES`), the way a clinical task would ship reference ranges. Every site applies the same
-transform to all its splits: it needs no statistics from any other site, works for a site with a handful of
-records or only one class, and maps the same measurement to the same model input everywhere. The constants are
-the mean and standard deviation of the public data set, rounded to two significant digits.
+Scaling: federated. The task declares a plausible range per feature (:data:`RANGES`: physical plausibility
+bounds, wide, written by hand, not statistics of any data), so a job can run the statistics phase: every site
+contributes the statistics of its own training split through secure aggregation, and the coordinator sends the
+federation's mean, std and outlier bounds with every task (common/tasks/standardize.py). No statistic then comes
+from test records, nor from any one site.
+
+Fallback, only when a job sends no federated scaling (no statistics phase ran): a fixed transform,
+``(x - centre) / scale``, with the per-feature constants in :data:`FEATURES`: the mean and standard deviation of
+the public data set (test records included: a mild leak), rounded to two significant digits. Every site applies
+the same transform to all its splits, so it still maps the same measurement to the same input everywhere.
 
 Why not standardize with each site's own train statistics: under label skew that erases the signal. A site that
 sees mostly benign tumours centres its features on benign values, another on malignant ones, so the same input
@@ -73,6 +78,41 @@ FEATURES: tuple[tuple[str, float, float], ...] = (
 
 SCHEMA = DataSchema(features=tuple(f for f, _, _ in FEATURES), label="diagnosis", num_classes=2)
 
+# Plausible (low, high) per feature, for the statistics phase's quantile histograms: generous bounds on what the
+# measurement can be (millimetres, pixel units, ratios), chosen by hand so that no real record falls outside.
+RANGES: dict[str, tuple[float, float]] = {
+    "mean_radius": (0.0, 60.0),
+    "mean_texture": (0.0, 80.0),
+    "mean_perimeter": (0.0, 400.0),
+    "mean_area": (0.0, 5000.0),
+    "mean_smoothness": (0.0, 0.3),
+    "mean_compactness": (0.0, 0.6),
+    "mean_concavity": (0.0, 0.8),
+    "mean_concave_points": (0.0, 0.4),
+    "mean_symmetry": (0.0, 0.6),
+    "mean_fractal_dimension": (0.0, 0.2),
+    "radius_error": (0.0, 5.0),
+    "texture_error": (0.0, 10.0),
+    "perimeter_error": (0.0, 40.0),
+    "area_error": (0.0, 1000.0),
+    "smoothness_error": (0.0, 0.05),
+    "compactness_error": (0.0, 0.3),
+    "concavity_error": (0.0, 0.6),
+    "concave_points_error": (0.0, 0.1),
+    "symmetry_error": (0.0, 0.1),
+    "fractal_dimension_error": (0.0, 0.05),
+    "worst_radius": (0.0, 60.0),
+    "worst_texture": (0.0, 80.0),
+    "worst_perimeter": (0.0, 400.0),
+    "worst_area": (0.0, 8000.0),
+    "worst_smoothness": (0.0, 0.4),
+    "worst_compactness": (0.0, 2.0),
+    "worst_concavity": (0.0, 2.0),
+    "worst_concave_points": (0.0, 0.5),
+    "worst_symmetry": (0.0, 1.0),
+    "worst_fractal_dimension": (0.0, 0.3),
+}
+
 HIDDEN = 32
 
 # Chosen with common.datasets.simulate_fedavg (5 sites, Dirichlet alpha 0.5, 120 split seeds) against
@@ -82,10 +122,12 @@ RECOMMENDED_ROUNDS = 20
 
 
 class BreastCancerTask(TabularTask):
-    """30 reference-scaled features -> 32 ReLU units -> 2 logits, trained with plain SGD."""
+    """30 standardized features -> 32 ReLU units -> 2 logits, trained with plain SGD."""
 
     name = "breast_cancer"
+    version = "2"
     schema = SCHEMA
+    feature_ranges = tuple(RANGES[f] for f in SCHEMA.features)
     default_settings = DEFAULT_SETTINGS
     recommended_rounds = RECOMMENDED_ROUNDS
 
@@ -103,6 +145,7 @@ class BreastCancerTask(TabularTask):
         return torch.optim.SGD(model.parameters(), lr=settings.learning_rate)
 
     def fit_scaling(self, x_train: FloatArray) -> tuple[FloatArray, FloatArray]:
+        # The no-statistics-phase fallback only (module docstring).
         return (
             np.array([c for _, c, _ in FEATURES], dtype=np.float32),
             np.array([s for _, _, s in FEATURES], dtype=np.float32),

@@ -26,7 +26,7 @@ FloatArray = npt.NDArray[np.float32]
 LabelArray = npt.NDArray[np.int64]
 
 
-def _parse_float(text: str) -> float | None:
+def parse_finite(text: str) -> float | None:
     """The finite float in ``text``, or None; never raises, so no exception quoting the value escapes."""
     try:
         value = float(text)
@@ -109,11 +109,11 @@ def _parse_row(
         return f"expected {width} fields, found {len(row)}"
     values: list[float] = []
     for name, cell in zip(columns[:-1], row[:-1], strict=True):
-        value = _parse_float(cell)
+        value = parse_finite(cell)
         if value is None:
             return f"column '{name}' is not a finite number"
         values.append(value)
-    label = _parse_float(row[-1])
+    label = parse_finite(row[-1])
     if label is None or not label.is_integer() or not 0 <= label < num_classes:
         return f"label column '{columns[-1]}' must be an integer class index from 0 to {num_classes - 1}"
     rows.append(values)

@@ -3,11 +3,19 @@
 Each site's ``train.csv``, ``val.csv`` and ``test.csv`` are read and checked by
 :func:`common.tasks.csv_split.read_split`.
 
-Scaling is an affine ``(x - offset) / scale`` per feature from :meth:`TabularTask.fit_scaling`, which sees
-only the site's own train split and is applied to all three of its splits. The built-in tasks use fixed
-transforms that need no statistics at all: under label skew, standardizing with each site's own statistics
-maps the same measurement to different inputs at different sites and ruins the federated model (see
-``common.tasks.breast_cancer``).
+Scaling. When the job ran the federated statistics phase, every train and evaluate task carries one
+:class:`~common.tasks.standardize.FeatureScaling` for the whole federation, and :meth:`TabularTask.with_scaling`
+applies it to all three splits: clip each feature to the federation's quantile bounds, then standardize with the
+federation's mean and std (common/tasks/standardize.py). Without it (no statistics phase, or a task that declares no
+``feature_ranges``), the fallback is the affine ``(x - offset) / scale`` of :meth:`TabularTask.fit_scaling`, which
+sees only the site's own train split. The built-in tasks' fallbacks are fixed constants that need no statistics:
+under label skew, standardizing with each site's own statistics maps the same measurement to different inputs at
+different sites and ruins the federated model (see ``common.tasks.breast_cancer``).
+
+Hooks a subclass may override: :meth:`~TabularTask.make_model` (required), :meth:`~TabularTask.make_optimizer`,
+:meth:`~TabularTask.loss` (class weights, focal loss), :meth:`~TabularTask.penalty` (FedProx's proximal term, on when
+``proximal_mu`` > 0), :meth:`~TabularTask.fit_scaling`; parameters a job may set (``params_schema``, read as
+``self.params``); ``report_scores`` for the federated imbalance metrics of binary tasks (common/metrics.py).
 
 Record-level differential privacy (``TrainSettings.record_dp``) trains with DP-SGD from Opacus instead of the plain
 loop; see :meth:`TabularTask.train_dp`.
@@ -17,11 +25,11 @@ from __future__ import annotations
 
 import copy
 import math
-import secrets
 import warnings
-from collections.abc import Sized
+from collections.abc import Mapping, Sized
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Self, cast
 
 import numpy as np
 import torch
@@ -29,8 +37,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.errors import ConfigError, DataError
+from common.metrics import score_histogram
 from common.tasks.base import SPLITS, DataSchema, EvalResult, RecordDP, SiteData, TrainResult, TrainSettings
 from common.tasks.csv_split import FloatArray, LabelArray, read_split
+from common.tasks.entropy import entropy_generator
+from common.tasks.params import Param, ParamValue, validate
+from common.tasks.standardize import DEFAULT_BINS, F64Array, FeatureScaling, StatisticsSpec, site_statistics
+
+Arrays = tuple[FloatArray, LabelArray]
+
+
+@dataclass
+class TabularSiteData(SiteData):
+    """A site's splits, scaled, plus the raw arrays they came from (kept at the site, for re-scaling and for the
+    federated statistics of the train split)."""
+
+    raw: Mapping[str, Arrays] = field(default_factory=dict)
 
 
 def dataset_tensors(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,41 +69,6 @@ def dataset_tensors(dataset: Dataset[tuple[torch.Tensor, torch.Tensor]]) -> tupl
     if not items:
         return torch.empty(0), torch.empty(0, dtype=torch.int64)
     return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
-
-
-# torch's CPU generator state (CPUGeneratorImplStateLegacy): uint64 seed, int left, int seeded, uint64 next, then the
-# 624 Mersenne Twister words, each stored as a uint64.
-_MT_WORDS = 624
-_MT_OFFSET = 24
-
-
-def _mt19937_seeded(seed: int) -> list[int]:
-    """The Mersenne Twister state words after ``init_genrand(seed)``: what ``manual_seed`` produces."""
-    words = [seed & 0xFFFFFFFF]
-    for i in range(1, _MT_WORDS):
-        prev = words[-1]
-        words.append((1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF)
-    return words
-
-
-def entropy_generator() -> torch.Generator:
-    """A CPU ``torch.Generator`` whose entire Mersenne Twister state (624 words, 19,968 bits) comes from OS entropy.
-
-    Why not ``manual_seed(secrets.randbits(64))``: torch seeds its Mersenne Twister from the low 32 bits of the seed
-    only, so noise seeded that way could be found by trying 2**32 seeds. The state layout is checked against a
-    known seed first; a torch whose layout differs raises RuntimeError instead of yielding a weak generator.
-    """
-    generator = torch.Generator().manual_seed(1)
-    state = generator.get_state().numpy().copy()
-    words = state[_MT_OFFSET : _MT_OFFSET + 8 * _MT_WORDS].view("<u8")
-    if words.tolist() != _mt19937_seeded(1):
-        raise RuntimeError("torch's CPU generator state has an unexpected layout; cannot seed DP noise from OS entropy")
-    words[:] = np.frombuffer(secrets.token_bytes(4 * _MT_WORDS), dtype="<u4")
-    new_state = torch.from_numpy(state)
-    generator.set_state(new_state)
-    if not torch.equal(generator.get_state(), new_state):
-        raise RuntimeError("torch's CPU generator did not accept an OS-entropy state; cannot seed DP noise")
-    return generator
 
 
 def check_settings(settings: TrainSettings) -> None:
@@ -106,15 +93,40 @@ def check_settings(settings: TrainSettings) -> None:
 class TabularTask:
     """Base of CSV-backed classification tasks: subclasses set ``name`` and ``schema`` and define the model.
 
-    Each subclass lives in its own module, so that the task code digest (a hash of the class's source file)
-    changes whenever its model or constants change.
+    The task code digest covers the subclass's module, the modules of its package it imports, this module and the
+    rest of the Cohort training code it uses (common/tasks/digest.py), plus ``version``.
     """
 
     name: str
     schema: DataSchema
+    version: str = "1"
     # Hyper-parameters and round count that the task author measured to work; jobs may override them.
     default_settings: TrainSettings = TrainSettings()
     recommended_rounds: int = 10
+    # Parameters a job may set in ``task_params``; the task reads the validated values as ``self.params``.
+    params_schema: Mapping[str, Param] = {}
+    # Federated feature standardization: a plausible (low, high) range per feature, over which the statistics
+    # phase builds its quantile histograms (common/tasks/standardize.py). None: this task does not take part.
+    feature_ranges: tuple[tuple[float, float], ...] | None = None
+    histogram_bins: int = DEFAULT_BINS
+    # FedProx (Li et al. 2020): mu > 0 adds (mu / 2) * ||w - w_global||^2 to every local step (plain training only).
+    proximal_mu: float = 0.0
+    # Binary tasks: report per-class score histograms, from which the coordinator derives AUC-PR and recall at 1 %
+    # false-positive rate over the whole federation (common/metrics.py).
+    report_scores: bool = False
+
+    _params: Mapping[str, ParamValue] | None = None
+
+    @property
+    def params(self) -> Mapping[str, ParamValue]:
+        """This task's parameters: the job's ``task_params`` over the schema's defaults."""
+        return self._params if self._params is not None else validate(self.params_schema, {})
+
+    def with_params(self, values: Mapping[str, object]) -> Self:
+        """A copy of this task with ``values`` (checked against ``params_schema``); this object is unchanged."""
+        configured = copy.copy(self)
+        configured._params = validate(self.params_schema, values)
+        return configured
 
     def make_model(self) -> torch.nn.Module:
         """The untrained network; called under a fixed seed by :meth:`build_model`."""
@@ -124,8 +136,28 @@ class TabularTask:
         """A fresh optimizer for each round of local training: Adam, so one learning rate suits all layers."""
         return torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
 
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch, a mean over its records: cross-entropy. Override for class weights or a
+        focal loss; keep it a mean over the batch (DP-SGD's per-record gradients assume it). Evaluation always
+        reports plain cross-entropy, so losses stay comparable between tasks and jobs."""
+        return F.cross_entropy(logits, target)
+
+    def penalty(self, model: torch.nn.Module, start: list[torch.Tensor]) -> torch.Tensor | None:
+        """An extra term added to every step's loss; ``start`` is the model's parameters before local training.
+
+        The default is FedProx's proximal term ``(proximal_mu / 2) * ||w - w_start||^2`` when ``proximal_mu`` > 0,
+        which keeps a site with skewed data from drifting far from the global model. None: no term.
+        """
+        if self.proximal_mu <= 0:
+            return None
+        drift = torch.zeros(())
+        for p, p0 in zip(model.parameters(), start, strict=True):
+            drift = drift + ((p - p0) ** 2).sum()
+        return self.proximal_mu / 2 * drift
+
     def fit_scaling(self, x_train: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """``(offset, scale)``, applied as ``(x - offset) / scale`` to every split of this site.
+        """``(offset, scale)``, applied as ``(x - offset) / scale`` to every split of this site when the job sends no
+        federated :class:`FeatureScaling` (the fallback).
 
         It may use this site's train split only. The default is the identity; the built-in tasks override it
         with fixed constants.
@@ -160,18 +192,55 @@ class TabularTask:
         val: tuple[FloatArray, LabelArray],
         test: tuple[FloatArray, LabelArray],
     ) -> SiteData:
-        """Scale raw arrays with statistics of ``train`` only and wrap them as tensor datasets."""
-        offset, scale = self.fit_scaling(train[0])
+        """Scale raw arrays with the fallback of :meth:`fallback_scaling` (train statistics only) and wrap them."""
+        return self._scaled({"train": train, "val": val, "test": test}, self.fallback_scaling(train[0]))
 
-        def wrap(split: tuple[FloatArray, LabelArray]) -> Dataset[tuple[torch.Tensor, torch.Tensor]]:
-            x = np.ascontiguousarray((split[0] - offset) / scale, dtype=np.float32)
+    def fallback_scaling(self, x_train: FloatArray) -> FeatureScaling:
+        """The scaling used when the job sends none: :meth:`fit_scaling`'s ``(x - offset) / scale``, no clipping."""
+        offset, scale = self.fit_scaling(x_train)
+        return FeatureScaling.of_constants(offset, scale)
+
+    def _scaled(self, raw: Mapping[str, Arrays], scaling: FeatureScaling) -> TabularSiteData:
+        if scaling.features != len(self.schema.features):
+            raise DataError(
+                f"feature scaling has {scaling.features} features; task {self.name} has {len(self.schema.features)}"
+            )
+
+        def wrap(split: Arrays) -> Dataset[tuple[torch.Tensor, torch.Tensor]]:
+            x = np.ascontiguousarray(scaling.apply(split[0]), dtype=np.float32)
             y = np.ascontiguousarray(split[1], dtype=np.int64)
             return cast(
                 Dataset[tuple[torch.Tensor, torch.Tensor]],
                 TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
             )
 
-        return SiteData(train=wrap(train), val=wrap(val), test=wrap(test))
+        return TabularSiteData(train=wrap(raw["train"]), val=wrap(raw["val"]), test=wrap(raw["test"]), raw=dict(raw))
+
+    def with_scaling(self, data: SiteData, scaling: FeatureScaling) -> SiteData:
+        """``data`` re-scaled from its raw arrays with the federation's ``scaling`` (clip, then standardize)."""
+        if not isinstance(data, TabularSiteData) or not data.raw:
+            raise DataError(f"task {self.name}: these data were not loaded by a tabular task; cannot re-scale them")
+        return self._scaled(data.raw, scaling)
+
+    def statistics_spec(self) -> StatisticsSpec | None:
+        """The lanes of this task's statistics vector, or None when it declares no ``feature_ranges``."""
+        if self.feature_ranges is None:
+            return None
+        if len(self.feature_ranges) != len(self.schema.features):
+            raise ConfigError(
+                f"task {self.name}: feature_ranges has {len(self.feature_ranges)} entries for "
+                f"{len(self.schema.features)} features"
+            )
+        return StatisticsSpec(tuple(self.feature_ranges), self.histogram_bins)
+
+    def site_statistics(self, data: SiteData) -> F64Array:
+        """This site's statistics vector, from its raw train split only (common/tasks/standardize.py)."""
+        spec = self.statistics_spec()
+        if spec is None:
+            raise ConfigError(f"task {self.name} declares no feature_ranges; it cannot take part in a statistics phase")
+        if not isinstance(data, TabularSiteData) or "train" not in data.raw:
+            raise DataError(f"task {self.name}: these data were not loaded by a tabular task")
+        return site_statistics(data.raw["train"][0], spec)
 
     def train(self, model: torch.nn.Module, data: SiteData, settings: TrainSettings) -> TrainResult:
         """Minibatch training in place; loss and accuracy reported are running means over the last epoch.
@@ -189,6 +258,7 @@ class TabularTask:
             return self.train_dp(model, x, y, settings, settings.record_dp)
         generator = torch.Generator().manual_seed(settings.seed)
         optimizer = self.make_optimizer(model, settings)
+        initial = [p.detach().clone() for p in model.parameters()]  # the global model: FedProx's anchor
         model.train()
         steps = 0
         loss_sum = 0.0
@@ -200,8 +270,9 @@ class TabularTask:
                 idx = order[start : start + settings.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(x[idx])
-                loss = F.cross_entropy(logits, y[idx])
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss = self.loss(logits, y[idx])
+                extra = self.penalty(model, initial)
+                (loss if extra is None else loss + extra).backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
                 steps += 1
                 if last:
@@ -233,6 +304,9 @@ class TabularTask:
         from opacus import PrivacyEngine
         from opacus.validators import ModuleValidator
 
+        if self.penalty(model, [p.detach() for p in model.parameters()]) is not None:
+            # Opacus clips per-record gradients it computes itself; a parameter penalty would bypass it.
+            raise ConfigError(f"task {self.name}: a penalty term (FedProx proximal_mu) cannot be used with DP-SGD")
         problems = ModuleValidator.validate(model, strict=False)
         if problems:
             raise ConfigError(f"record_dp: task {self.name}'s model cannot be trained with DP-SGD: {problems[0]}")
@@ -271,7 +345,7 @@ class TabularTask:
                         logits = module(xb)
                         # An empty Poisson batch gives a NaN mean loss but zero per-sample gradients: the step still
                         # adds noise and still counts, as the accountant assumes.
-                        loss = F.cross_entropy(logits, yb)
+                        loss = self.loss(logits, yb)
                         loss.backward()  # type: ignore[no-untyped-call]
                         dp_optimizer.step()
                         steps += 1
@@ -300,7 +374,10 @@ class TabularTask:
         dataset: Dataset[tuple[torch.Tensor, torch.Tensor]],
         batch_size: int = 256,
     ) -> EvalResult:
-        """Mean cross-entropy and accuracy on ``dataset``; an empty one gives ``EvalResult(0, 0.0, 0.0)``."""
+        """Mean cross-entropy and accuracy on ``dataset``; an empty one gives ``EvalResult(0, 0.0, 0.0)``.
+
+        With ``report_scores`` (binary tasks), also the per-class histogram of the scores ``logit_1 - logit_0``.
+        """
         if batch_size < 1:
             raise ConfigError("batch_size: must be at least 1")
         x, y = dataset_tensors(dataset)
@@ -311,6 +388,8 @@ class TabularTask:
         model.eval()
         loss_sum = 0.0
         correct = 0
+        margins: list[torch.Tensor] = []
+        scores = self.report_scores and self.schema.num_classes == 2
         try:
             with torch.no_grad():
                 for start in range(0, n, batch_size):
@@ -318,6 +397,9 @@ class TabularTask:
                     target = y[start : start + batch_size]
                     loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
                     correct += int((logits.argmax(dim=1) == target).sum())
+                    if scores:
+                        margins.append((logits[:, 1] - logits[:, 0]).double())
         finally:
             model.train(was_training)
-        return EvalResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n)
+        histogram = score_histogram(torch.cat(margins).numpy(), y.numpy()) if scores else None
+        return EvalResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n, scores=histogram)

@@ -69,6 +69,7 @@ def status_of_record(row: dict[str, Any], store: Store) -> pb.JobStatus:
             seconds=(r.finished - r.started) if r.finished else 0.0,
             epsilon=r.epsilon or 0.0,
             val_samples=r.val_samples or 0,
+            val_metrics=r.val_metrics,
         )
         for r in store.rounds(row["job_id"])
     ]
@@ -90,4 +91,5 @@ def status_of_record(row: dict[str, Any], store: Store) -> pb.JobStatus:
         spec=jobspec.job_spec_of_record(spec),
         suspended_sites={str(k): str(v) for k, v in dict(aborts.get("suspended", {})).items()},
         site_aborts={str(k): int(v) for k, v in dict(aborts.get("aborts", {})).items()},
+        test_metrics=dict(row.get("test_metrics") or {}),
     )

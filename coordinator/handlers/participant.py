@@ -33,7 +33,15 @@ def join(caller: CertRef, req: pb.JoinRequest, state: Federation) -> pb.JoinRepl
             f"site {site!r} is not on the allow-list of federation "
             f"{state.config.federation.name!r}; ask the operator to add it"
         )
-    decl = Declaration(req.task_name, req.task_digest, req.schema_fingerprint, req.software_version)
+    decl = Declaration(
+        req.task_name,
+        req.task_digest,
+        req.schema_fingerprint,
+        req.software_version,
+        req.task_version,
+        req.task_code_digest,
+        req.training_code_digest,
+    )
     runner = state.jobs.running()
     if runner is not None:
         mismatch = runner.machine.setup.identity.mismatch(decl)

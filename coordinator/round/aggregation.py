@@ -80,11 +80,10 @@ class RunningSum:
             raise ValueError("no update was accepted")
         return self._acc.astype(np.float64) / self.total_weight
 
-    def apply_noisy_sum(
-        self, base: dict[str, torch.Tensor], noise: np.ndarray, denominator: float
-    ) -> dict[str, torch.Tensor]:
-        """DP-FedAvg (central): ``base + (sum + noise) / denominator`` with a fixed, public denominator."""
-        return apply_flat(base, self.specs, (self._acc.astype(np.float64) + noise) / denominator)
+    def noisy_mean(self, noise: np.ndarray, denominator: float) -> np.ndarray:
+        """DP-FedAvg (central): ``(sum + noise) / denominator`` with a fixed, public denominator."""
+        total: np.ndarray = (self._acc.astype(np.float64) + noise) / denominator
+        return total
 
     def apply_to(self, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """FedAvg: ``base + sum(w_k * delta_k) / sum(w_k)`` per tensor, as float32."""

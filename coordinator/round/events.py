@@ -149,6 +149,8 @@ class Aggregated:
     now: float
     totals: dict[str, float] | None = None
     evidence: tuple[str, ...] = ()
+    optimizer: dict[str, object] = field(default_factory=dict)  # the server optimizer's new step and moments file
+    report: dict[str, object] = field(default_factory=dict)  # robust aggregation: clipped sites, Krum's choice
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,7 @@ class CommitRound:
     epsilon: float
     privacy_state: dict[str, object]
     site_epsilon: dict[str, float]
+    strategy_state: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,7 @@ class SetRoundEvaluation:
     loss: float
     accuracy: float
     num_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)  # federated imbalance metrics (common/metrics.py)
 
 
 @dataclass(frozen=True)

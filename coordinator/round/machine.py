@@ -18,9 +18,9 @@ from __future__ import annotations
 import collections
 import json
 import math
-import random
 
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from common.metrics import RECALL_KEY, SCORE_LANES, ScoreHistogram, scores_of_lanes
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.errors import SecAggAborted
 from common.secagg.lanes import EVAL_LANES
@@ -71,6 +71,7 @@ from coordinator.round.secagg import SecAggRound
 from coordinator.round.secure_sum import Done, SecureSum
 from coordinator.state.registry import Declaration
 from coordinator.state.resume import ResumePlan
+from coordinator.strategy import selection
 
 MAX_SAMPLES = 1_000_000_000
 MAX_METRICS = 32
@@ -106,6 +107,10 @@ class JobMachine:
         # Secure-aggregation aborts per site in this job; a site at max_site_aborts is suspended from its cohorts.
         self.aborts: collections.Counter[str] = collections.Counter(resume.aborts if resume is not None else {})
         self.suspended: dict[str, str] = dict(resume.suspended) if resume is not None else {}
+        # What the selection policy remembers of each site (coordinator/strategy/selection.py), as of the last commit.
+        self.participation = selection.Participation.from_json(
+            dict(resume.strategy.get("participation", {})) if resume is not None else {}
+        )
         self._resume = resume
         self._generation = resume.generation if resume is not None else 0  # coordinator lives of this job
         self._reassembling = resume is not None  # after a restart, wait for the federation before going on
@@ -116,12 +121,44 @@ class JobMachine:
         self._stop_reason: str | None = None
         self._waiting_eval: tuple[int, int, str] | None = None  # an evaluation waiting for the federation
         self._round_line: tuple[int, int, int, float | None, float] | None = None
+        # Asynchronous rounds (strategy.mode: async): the task each site holds, and the model version of each recent
+        # round (an update is computed on the version of the round its task named).
+        self._outstanding: dict[str, tuple[int, int]] = {}
+        self._versions: dict[int, str] = {}
         self._out: list[Action] = []
 
     # -- queries ------------------------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
         return self.state is JobState.RUNNING
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.spec.strategy.mode == "async"
+
+    def upload_target(self, number: int, attempt: int) -> tuple[int, int]:
+        """The round attempt an upload for task (``number``, ``attempt``) is counted in: itself, or under
+        asynchronous rounds the open buffer."""
+        rnd = self.round
+        if self.asynchronous and rnd is not None:
+            return rnd.number, rnd.attempt
+        return number, attempt
+
+    def recent_version(self, version: str) -> bool:
+        """Whether ``version`` is a model some site may still be asked to train on (asynchronous rounds)."""
+        return self.asynchronous and version in self._versions.values()
+
+    def _async_refusal(self, rnd: RoundAttempt, site: str, number: int, attempt: int) -> str | None:
+        stale = rnd.number - number
+        if stale > self.spec.strategy.max_staleness:
+            return (
+                f"update is {stale} model versions old (computed for round {number}, the model is now at round "
+                f"{rnd.number}); strategy.max_staleness is {self.spec.strategy.max_staleness}: the site trains again "
+                "on the newest model"
+            )
+        if self._outstanding.get(site) != (number, attempt):
+            return f"site {site!r} holds no task for round {number} attempt {attempt} (it gets the newest model)"
+        return None
 
     def eligible(self) -> list[str]:
         """Connected sites whose declaration fits the job and that are not suspended."""
@@ -167,6 +204,8 @@ class JobMachine:
                 return f"the {split} evaluation of round {number} closed while this upload was in flight"
             return ev.secure.inputs.refusal(site) if ev.secure.uploads_open else "the masked inputs are closed"
         rnd = self.round
+        if self.asynchronous and rnd is not None and rnd.state.open:
+            return self._async_refusal(rnd, site, number, attempt) or rnd.state.refusal(site)
         if rnd is None or (rnd.number, rnd.attempt) != (number, attempt) or not rnd.state.open:
             return f"round {number} closed while this upload was in flight"
         return rnd.state.refusal(site)
@@ -278,12 +317,13 @@ class JobMachine:
 
     # -- a round attempt ------------------------------------------------------------------------------------------
     def _select(self, eligible: list[str]) -> list[str]:
+        if self.asynchronous:
+            return eligible  # every eligible site trains whenever it is free (FedBuff)
         k = max(self.spec.min_sites, math.ceil(self.spec.fraction * len(eligible)))
         # Over-selection: ask a few more sites than the round needs; it closes when k of them have reported.
         size = min(len(eligible), math.ceil(k * (1 + self.spec.over_selection)))
-        # Reproducible selection, not a secret: which sites train is visible to them anyway.
-        rng = random.Random(f"{self.job_id}/{self.number}/{self.attempt}")  # noqa: S311
-        return sorted(rng.sample(eligible, size))
+        seed = f"{self.job_id}/{self.number}/{self.attempt}"
+        return selection.select(self.spec.strategy, eligible, size, seed, self.participation)
 
     def _target(self, cohort_size: int) -> int | None:
         """How many reports close an over-selected round or evaluation early (None without over-selection)."""
@@ -291,6 +331,11 @@ class JobMachine:
             return None
         k = math.ceil(cohort_size / (1 + self.spec.over_selection))
         return min(cohort_size, max(self.spec.min_sites, k))
+
+    def _buffer_target(self, cohort_size: int) -> int:
+        """Asynchronous rounds: the updates that make a new model (the buffer), at most the sites there are."""
+        size = self.spec.strategy.buffer_size or self.spec.min_sites
+        return min(cohort_size, max(size, self.spec.min_sites))
 
     def _round_state(self, sites: frozenset[str], target: int | None) -> RoundState:
         min_sites = min(self.spec.min_sites, len(sites))
@@ -331,12 +376,14 @@ class JobMachine:
             attempt=self.attempt,
             model_version=self.model_version,
             deadline_unix=upload_deadline,
+            task_params_json=self.setup.identity.task_params,
             params=pb.TrainParams(
                 local_epochs=spec.params.local_epochs,
                 batch_size=spec.params.batch_size,
-                learning_rate=spec.params.learning_rate,
+                learning_rate=spec.params.rate(self.number, spec.rounds),
                 seed=round_seed(spec.params.seed, self.number),
             ),
+            norm_bound=spec.strategy.norm_bound,
         )
         secagg = None
         if spec.secure_aggregation.enabled:
@@ -389,6 +436,16 @@ class JobMachine:
         rnd = RoundAttempt(self.number, self.attempt, members, task, now, deadline, upload_deadline, reopened=reopened)
         if secagg is not None:
             rnd.secure = self._secure_sum(secagg, upload_deadline, deadline, now)
+        elif self.asynchronous:
+            rnd.plain = self._round_state(members, self._buffer_target(len(cohort)))
+            self._versions = {
+                n: v for n, v in self._versions.items() if n >= self.number - self.spec.strategy.max_staleness
+            }
+            self._versions[self.number] = self.model_version
+            # A site whose task is now too old to be taken is free for a new one (its old update will be refused).
+            for site, (n, _) in list(self._outstanding.items()):
+                if self.number - n > self.spec.strategy.max_staleness:
+                    del self._outstanding[site]
         else:
             rnd.plain = self._round_state(members, self._target(len(cohort)))
         self.round, self.phase = rnd, Phase.TRAINING
@@ -404,7 +461,9 @@ class JobMachine:
         for site in cohort:
             if self.round is not rnd or site in rnd.reported or not rnd.state.open:
                 continue
-            if not self._send(site, pb.WorkItem(train=task)) and not reopened:
+            if self.asynchronous and site in self._outstanding:
+                continue  # still training on an older model; its update counts here, weighted by its staleness
+            if not self._send_train(site, task) and not reopened:
                 # After a restart the sites are still reconnecting: they get the task when they are back, and the
                 # round waits for them until its deadline instead of counting them lost.
                 self._round_event(rnd, SiteLost(site), now)
@@ -412,8 +471,10 @@ class JobMachine:
     def _book(self, rnd: RoundAttempt, site: str, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
         """Count an accepted upload into the open attempt (also when a restart takes one back from the spool)."""
         rnd.reported[site] = Report(sha256, num_samples, metrics)
-        # DP-FedAvg weighs every site the same; plain FedAvg by sample count.
+        # DP-FedAvg weighs every site the same; plain FedAvg by sample count; FedBuff also by staleness.
         rnd.weights[site] = 1.0 if self.privacy.site_level else float(num_samples)
+        if "staleness" in metrics:
+            rnd.weights[site] *= self.spec.strategy.staleness_weight(int(metrics["staleness"]))
         if "clip_bit" in metrics:
             rnd.clip_bits.append(1 if metrics["clip_bit"] > 0 else -1)
         if "dp_epsilon" in metrics:
@@ -480,6 +541,9 @@ class JobMachine:
         for site in event.evidence:
             self._count_abort(site, "revealed a secure-aggregation share that contradicts its commitment")
         reported = tuple(sorted(rnd.state.reported))
+        self.participation.record(sorted(rnd.cohort), reported, self.spec.strategy.availability_window)
+        if event.report:
+            self._emit(Audit("robust_aggregation", {"job_id": self.job_id, "round": rnd.number, **event.report}))
         epsilon = self.privacy.record_round(len(rnd.cohort))
         if self.privacy.adaptive is not None and rnd.clip_bits:
             old_c = self.privacy.clip_norm
@@ -506,6 +570,7 @@ class JobMachine:
                 epsilon,
                 self.privacy.state(),
                 dict(self.privacy.site_epsilon),
+                {"optimizer": dict(event.optimizer), "participation": self.participation.to_json(), **event.report},
             )
         )
         self._emit(Failpoint("coordinator.round_committed", rnd.number))
@@ -630,12 +695,18 @@ class JobMachine:
             self._eval_upload_started(site, h, event.specs)
             return
         rnd = self.round
-        if rnd is None or rnd.number != h.round or rnd.attempt != h.attempt or not self.running:
+        if self.asynchronous and rnd is not None and self.running:
+            refusal = self._async_refusal(rnd, site, h.round, h.attempt)
+            if refusal is not None:
+                raise FailedPrecondition(refusal)
+            if h.base_model_version != self._versions.get(h.round):
+                raise FailedPrecondition("update was computed against another model version than its task named")
+        elif rnd is None or rnd.number != h.round or rnd.attempt != h.attempt or not self.running:
             current = f"round {rnd.number} attempt {rnd.attempt}" if rnd else "no round"
             raise FailedPrecondition(f"update is for round {h.round} attempt {h.attempt}, but {current} is open")
         if site not in rnd.state.cohort:
             raise PermissionDenied(f"site {site!r} is not in the cohort of round {rnd.number}")
-        if h.base_model_version != rnd.base_version:
+        if not self.asynchronous and h.base_model_version != rnd.base_version:
             raise FailedPrecondition("update was computed against another model version than this round's")
         self._check_header(rnd, h, event.specs)
         previous = rnd.reported.get(site)
@@ -681,13 +752,16 @@ class JobMachine:
             self._eval_upload_verified(site, h, event.now)
             return
         rnd = self.round
-        if rnd is not None and (rnd.number, rnd.attempt) == (h.round, h.attempt):
+        if rnd is not None and (self.asynchronous or (rnd.number, rnd.attempt) == (h.round, h.attempt)):
             rnd.in_flight.discard(site)
         refusal = self.upload_refusal(site, h.round, h.attempt)
         if refusal is not None:
             raise FailedPrecondition(refusal)
         assert rnd is not None
         metrics = dict(h.metrics)
+        if self.asynchronous:
+            metrics["staleness"] = float(rnd.number - h.round)  # the coordinator's own count, kept with the upload
+            self._outstanding.pop(site, None)
         sha = h.manifest.sha256
         self._emit(RecordUpload(rnd.number, rnd.attempt, site, sha, h.num_samples, metrics, h.train_seconds))
         self._emit(Failpoint("coordinator.upload_accepted", rnd.number))
@@ -696,12 +770,18 @@ class JobMachine:
 
     def _upload_abandoned(self, event: UploadAbandoned) -> None:
         rnd, ev = self.round, self.evaluation
-        if rnd is not None and (rnd.number, rnd.attempt) == (event.number, event.attempt):
+        if rnd is not None and (self.asynchronous or (rnd.number, rnd.attempt) == (event.number, event.attempt)):
             rnd.in_flight.discard(event.site)
         if ev is not None:
             ev.in_flight.discard(event.site)
 
     # -- sites ----------------------------------------------------------------------------------------------------
+    def _send_train(self, site: str, task: pb.TrainTask) -> bool:
+        sent = self._send(site, pb.WorkItem(train=task))
+        if sent and self.asynchronous:
+            self._outstanding[site] = (task.round, task.attempt)
+        return sent
+
     def _send(self, site: str, item: pb.WorkItem) -> bool:
         if site not in self.connected:
             return False
@@ -716,14 +796,23 @@ class JobMachine:
         # A restarted site picks its task up again. Not under secure aggregation: a restarted site lost this round's
         # keys, so it stays a dropout until the next round.
         plain = rnd is not None and self.phase is Phase.TRAINING and rnd.plain is not None
-        if plain and rnd is not None and site in rnd.state.cohort and rnd.state.open:
+        if plain and rnd is not None and self.asynchronous and rnd.state.open and site in self.eligible():
+            # Asynchronous rounds: a site that arrives trains at once on the newest model.
+            if site not in rnd.state.cohort and rnd.plain is not None:
+                rnd.cohort = rnd.cohort | {site}
+                rnd.plain.cohort = rnd.plain.cohort | {site}
+            if site not in rnd.state.reported and site not in self._outstanding:
+                self._send_train(site, rnd.task)
+            self._round_event(rnd, SiteBack(site), event.now)
+        elif plain and rnd is not None and site in rnd.state.cohort and rnd.state.open:
             self._round_event(rnd, SiteBack(site), event.now)
             if site not in rnd.state.reported and self.round is rnd:
-                self._send(site, pb.WorkItem(train=rnd.task))
+                self._send_train(site, rnd.task)
         self._check_waiting(event.now)
 
     def _site_disconnected(self, event: SiteDisconnected) -> None:
         self.connected.pop(event.site, None)
+        self._outstanding.pop(event.site, None)  # its task died with the session
         if not self.running:
             return
         site, rnd = event.site, self.round
@@ -794,7 +883,12 @@ class JobMachine:
             ev.expected.add(site)
         item = pb.WorkItem(
             evaluate=pb.EvaluateTask(
-                job_id=self.job_id, round=number, model_version=ev.version, split=split, deadline_unix=ev.deadline
+                job_id=self.job_id,
+                round=number,
+                model_version=ev.version,
+                split=split,
+                deadline_unix=ev.deadline,
+                task_params_json=self.setup.identity.task_params,
             )
         )
         for site in sites:
@@ -822,7 +916,7 @@ class JobMachine:
             list(self.setup.ca_certs),
             now=now,
             split=ev.split,
-            lanes=EVAL_LANES,
+            lanes=EVAL_LANES + SCORE_LANES if self.setup.report_scores else EVAL_LANES,
         )
         ev.secure = self._secure_sum(sa, upload_deadline, ev.deadline, now)
         task = pb.EvaluateTask(
@@ -832,6 +926,7 @@ class JobMachine:
             split=ev.split,
             deadline_unix=upload_deadline,
             attempt=instance,
+            task_params_json=self.setup.identity.task_params,
         )
         task.secagg.CopyFrom(sa.setup())
         for site in sites:
@@ -850,6 +945,7 @@ class JobMachine:
                 t = unmasked.totals
                 n = round(t.get("samples", 0.0))
                 ev.totals = (n, t["loss_sum"] / n, t["accuracy_sum"] / n) if n else (0, math.nan, math.nan)
+                ev.scores = scores_of_lanes(t)  # the federation's histogram; no site's alone
         if not done.ok:
             fields = {"job_id": self.job_id, "round": ev.number, "split": ev.split, "reason": done.reason}
             self._emit(Audit("secure_evaluation_failed", fields))
@@ -907,11 +1003,18 @@ class JobMachine:
             raise InvalidArgument("loss, accuracy and eval_seconds must be finite; accuracy within [0, 1]")
         if report.num_samples > MAX_SAMPLES:
             raise InvalidArgument(f"num_samples must be at most {MAX_SAMPLES}")
+        scores = None
+        if report.score_histogram:
+            scores = ScoreHistogram.from_flat(report.score_histogram)
+            if sum(scores.flat()) != report.num_samples:
+                raise InvalidArgument("the score histogram must count every evaluated record exactly once")
         self._emit(
             RecordEvaluation(ev.number, ev.split, site, ev.version, report.num_samples, report.loss, report.accuracy)
         )
         self._emit(Failpoint("coordinator.evaluation_recorded", ev.number))
         ev.reports[site] = (report.num_samples, report.loss, report.accuracy)
+        if scores is not None:
+            ev.add_scores(site, scores)
         self._check_evaluation(event.now)
 
     def _check_evaluation(self, now: float, force: bool = False) -> None:
@@ -922,24 +1025,31 @@ class JobMachine:
         if ev.secure is not None and ev.secure.stage != "done":
             ev.secure.stop("the evaluation ended")
         n, loss, acc = ev.aggregate()
+        metrics = ev.score_metrics()
         if ev.split == "val":
             if n:
-                self._emit(SetRoundEvaluation(ev.number, ev.attempt, loss, acc, n))
-            self._print_round((n, loss, acc), now - ev.started)
+                self._emit(SetRoundEvaluation(ev.number, ev.attempt, loss, acc, n, metrics))
+            self._print_round((n, loss, acc), now - ev.started, metrics)
             self._next(now)
             return
         self._emit(
-            UpdateJob({"test_loss": loss if n else None, "test_accuracy": acc if n else None, "test_samples": n})
+            UpdateJob(
+                {"test_loss": loss if n else None, "test_accuracy": acc if n else None, "test_samples": n}
+                | ({"test_metrics": json.dumps(metrics, sort_keys=True)} if metrics else {})
+            )
         )
         if n:
             sites = f"{len(ev.reports)} sites" if ev.secure is None else f"{len(ev.inputs)} sites (secure sum)"
-            self._emit(Progress(f"federated test: {n} samples from {sites} | loss {loss:.4f} | accuracy {acc:.4f}"))
+            line = f"federated test: {n} samples from {sites} | loss {loss:.4f} | accuracy {acc:.4f}"
+            self._emit(Progress(line + _imbalance(metrics)))
         if self._stop_reason is not None:
             self._finish(JobState.STOPPED, self._stop_reason or "stopped by an admin")
         else:
             self._finish(JobState.FINISHED, f"completed {self.spec.rounds} rounds")
 
-    def _print_round(self, val: tuple[int, float, float] | None, extra_s: float = 0.0) -> None:
+    def _print_round(
+        self, val: tuple[int, float, float] | None, extra_s: float = 0.0, metrics: dict[str, float] | None = None
+    ) -> None:
         if self._round_line is None:
             return
         number, reported, size, train_loss, seconds = self._round_line
@@ -947,6 +1057,8 @@ class JobMachine:
         parts.append(f"train loss {train_loss:.4f}" if train_loss is not None else "train loss -")
         if val is not None and val[0] > 0:
             parts += [f"val loss {val[1]:.4f}", f"val acc {val[2]:.4f}"]
+            if metrics and "auc_pr" in metrics:
+                parts.append(f"val AUC-PR {metrics['auc_pr']:.4f}")
         parts.append(f"{seconds + extra_s:.1f}s")
         self._emit(Progress(" | ".join(parts)))
         self._round_line = None
@@ -998,6 +1110,13 @@ class JobMachine:
 
     def _emit(self, action: Action) -> None:
         self._out.append(action)
+
+
+def _imbalance(metrics: dict[str, float]) -> str:
+    """`` | AUC-PR 0.8123 | recall@1%FPR 0.7012`` for a task that reports scores, else ``""``."""
+    if "auc_pr" not in metrics:
+        return ""
+    return f" | AUC-PR {metrics['auc_pr']:.4f} | recall@1%FPR {metrics.get(RECALL_KEY, 0.0):.4f}"
 
 
 def _check_masked(sa: SecAggRound, h: pb.UpdateHeader, specs: tuple[Spec, ...]) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
+from common.metrics import ScoreHistogram, imbalance_metrics
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import Spec
 from coordinator.config import JobConfig
@@ -30,6 +31,7 @@ class JobSetup:
     population: int  # sites on the allow-list
     ca_certs: tuple[x509.Certificate, ...] = ()
     task_name: str = ""
+    report_scores: bool = False  # a binary task that reports score histograms (common/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,22 @@ class Evaluation:
     totals: tuple[int, float, float] | None = None  # the secure sum's result
     in_flight: set[str] = field(default_factory=set)
     inputs: set[str] = field(default_factory=set)  # secure: sites whose masked input is in the sum
+    # Binary tasks: the sum of the sites' score histograms (plain: of the reports that carried one; secure: from
+    # the score lanes), for AUC-PR and recall at 1 % FPR; None when no site sent one.
+    scores: ScoreHistogram | None = None
+    scored: set[str] = field(default_factory=set)  # plain: the sites whose histogram is in ``scores``
+
+    def add_scores(self, site: str, histogram: ScoreHistogram) -> None:
+        self.scores = histogram if self.scores is None else self.scores + histogram
+        self.scored.add(site)
+
+    def score_metrics(self) -> dict[str, float]:
+        """AUC-PR, recall at 1 % FPR, AUC-ROC of the summed histograms; {} unless they count every evaluated record
+        (e.g. a report restored after a restart carries none)."""
+        n = self.aggregate()[0]
+        if self.scores is None or n == 0 or sum(self.scores.flat()) != n:
+            return {}
+        return imbalance_metrics(self.scores)
 
     @property
     def done(self) -> bool:

@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from common import failpoints
+from common import failpoints, files
 from common.errors import CohortError, FailedPrecondition, InvalidArgument, NotFound
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.errors import SecAggAborted
@@ -63,6 +65,8 @@ from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Registry
 from coordinator.state.resume import spool_dir
 from coordinator.state.store import Store
+from coordinator.strategy import robust
+from coordinator.strategy.server_opt import OptimizerState, server_step
 
 log = logging.getLogger("cohort.coordinator.job")
 
@@ -82,6 +86,8 @@ class JobRunner:
         spool_root: Path,
         limits: Limits,
         progress: ProgressHook | None = None,
+        strategy_files: ModelStore | None = None,
+        optimizer: OptimizerState | None = None,
     ) -> None:
         self.machine = machine
         self.job_id = machine.job_id
@@ -93,7 +99,10 @@ class JobRunner:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: tuple[int, int, dict[str, torch.Tensor], EncodedTensors] | None = None
+        self._pending: tuple[int, int, dict[str, torch.Tensor], EncodedTensors, OptimizerState] | None = None
+        # The server optimizer's moments as of the last committed round; saved with every commit (strategy_files).
+        self.optimizer = optimizer or OptimizerState()
+        self.strategy_files = strategy_files
 
     # -- views for status, servicers and tests --------------------------------------------------------------------
     @property
@@ -123,6 +132,8 @@ class JobRunner:
 
     def model_for(self, version: str) -> EncodedTensors:
         """The current global model, if that is what ``version`` names."""
+        if version != self.global_model.version and self.machine.recent_version(version):
+            return self.models.load_encoded(version)[1]  # asynchronous rounds: a site still on a recent model
         if version != self.global_model.version:
             raise NotFound(
                 f"model {version[:19]}... is not the current global model "
@@ -248,7 +259,13 @@ class JobRunner:
             )
         elif isinstance(action, SetRoundEvaluation):
             store.set_round_eval(
-                self.job_id, action.number, action.attempt, action.loss, action.accuracy, action.num_samples
+                self.job_id,
+                action.number,
+                action.attempt,
+                action.loss,
+                action.accuracy,
+                action.num_samples,
+                action.metrics,
             )
         elif isinstance(action, UpdateJob):
             store.update_job(self.job_id, **action.fields)
@@ -270,7 +287,7 @@ class JobRunner:
         pending = self._pending
         assert pending is not None
         assert pending[:2] == (action.number, action.attempt)
-        _, _, tensors, encoded = pending
+        _, _, tensors, encoded, optimizer = pending
         # The commit point: the round row, the job's model and its privacy state in one transaction.
         self.store.finish_round(
             self.job_id,
@@ -285,8 +302,10 @@ class JobRunner:
             detail=action.detail,
             epsilon=action.epsilon,
             privacy_state=action.privacy_state,
+            strategy_state=action.strategy_state,
         )
         self.global_tensors, self.global_model, self._pending = tensors, encoded, None
+        self.optimizer = optimizer
         if action.site_epsilon:
             self.store.update_job(self.job_id, site_epsilon=json.dumps(action.site_epsilon, sort_keys=True))
         self._forget_spool(action.number, action.attempt)
@@ -304,6 +323,7 @@ class JobRunner:
         try:
             totals: dict[str, float] | None = None
             evidence: tuple[str, ...] = ()
+            report: dict[str, object] = {}
             if action.secure:
                 secagg = rnd.secagg
                 assert secagg is not None
@@ -312,10 +332,10 @@ class JobRunner:
                 finally:
                     evidence = tuple(sorted({r.holder for r in secagg.server.rejected}))
                 assert unmasked.mean is not None
-                new = apply_flat(self.global_tensors, self.global_specs, unmasked.mean)
-                totals = unmasked.totals
+                delta, totals = unmasked.mean, unmasked.totals
             else:
-                new = await asyncio.to_thread(self._fold, action)
+                delta, report = await asyncio.to_thread(self._fold, action)
+            new, optimizer, ref = await asyncio.to_thread(self._step, delta, action.number)
             encoded = await asyncio.to_thread(self.models.save, new, {"job": self.job_id, "round": str(action.number)})
             failpoints.hit("coordinator.checkpoint_saved", round=action.number)
         except (SecAggAborted, InvalidArgument) as exc:
@@ -325,26 +345,51 @@ class JobRunner:
             log.exception("job %s: aggregating round %d failed", self.job_id, action.number)
             await self.feed(Crashed(type(exc).__name__))
             return
-        self._pending = (action.number, action.attempt, new, encoded)
+        self._pending = (action.number, action.attempt, new, encoded, optimizer)
         seconds = time.monotonic() - started
         await self.feed(
-            Aggregated(action.number, action.attempt, encoded.version, seconds, time.time(), totals, evidence)
+            Aggregated(
+                action.number, action.attempt, encoded.version, seconds, time.time(), totals, evidence, ref, report
+            )
         )
 
-    def _fold(self, action: Aggregate) -> dict[str, torch.Tensor]:
-        """Fold the accepted plaintext updates into one running sum, in site order, and apply it.
+    def _fold(self, action: Aggregate) -> tuple[np.ndarray, dict[str, object]]:
+        """The round's aggregated plaintext update (flat, float64), and what a robust rule reports.
 
-        A fixed order makes the float32 sum, and so the new model, a function of the accepted updates alone: the same
-        whatever order they arrived in, and the same after a restart took them back from the spool.
+        The mean is one running sum folded in site order: a fixed order makes the float32 sum, and so the new model,
+        a function of the accepted updates alone (the same whatever order they arrived in, and after a restart took
+        them back from the spool). Robust rules and norm bounding read the spooled updates in blocks of coordinates
+        (coordinator/strategy/robust.py).
         """
-        running = RunningSum(self.global_specs)
         directory = spool_dir(self.spool_root, self.job_id, action.number, action.attempt)
+        paths = {site: directory / f"{site}.update" for site in action.weights}
+        strategy = self.spec.strategy
+        if strategy.aggregation != "mean" or strategy.norm_bound > 0:
+            numel = sum(s.numel for s in self.global_specs)
+            result = robust.aggregate(strategy, robust.Updates(paths, action.weights, numel))
+            return result.delta, result.report
+        running = RunningSum(self.global_specs)
         for site in sorted(action.weights):
-            running.add_file(directory / f"{site}.update", action.weights[site])
+            running.add_file(paths[site], action.weights[site])
         if action.central_noise:
             noise = self.machine.privacy.central_noise(running.numel)
-            return running.apply_noisy_sum(self.global_tensors, noise, action.denominator)
-        return running.apply_to(self.global_tensors)
+            return running.noisy_mean(noise, action.denominator), {}
+        return running.mean(), {}
+
+    def _step(
+        self, delta: np.ndarray, number: int
+    ) -> tuple[dict[str, torch.Tensor], OptimizerState, dict[str, object]]:
+        """Apply the server optimizer to the round's update; save its new moments (named in the round's commit)."""
+        change, optimizer = server_step(self.spec.strategy, delta, self.optimizer)
+        ref: dict[str, object] = {"step": optimizer.step}
+        if optimizer.moments:
+            assert self.strategy_files is not None, "a stateful server optimizer needs its state directory"
+            saved = self.strategy_files.save(
+                {k: torch.from_numpy(v) for k, v in optimizer.moments.items()},
+                {"job": self.job_id, "round": str(number), "optimizer": self.spec.strategy.name},
+            )
+            ref["moments"] = saved.version
+        return apply_flat(self.global_tensors, self.global_specs, change), optimizer, ref
 
     # -- uploads --------------------------------------------------------------------------------------------------
     async def receive_upload(
@@ -357,11 +402,18 @@ class JobRunner:
                 return pb.UploadReply(accepted=True, duplicate=True, update_sha256=action.sha256)
         number, attempt, split = header.round, header.attempt, header.split
         secagg = self.machine.secure_instance(split, number, attempt)
+        # Asynchronous rounds: the buffer that counts the update may close while it streams in, so it is spooled
+        # aside and moved into the open buffer's spool when it is counted.
+        staged = self.machine.asynchronous and not split
         if split:
             assert secagg is not None
         values: Float32Values | MaskedPadding
         values = Float32Values() if secagg is None else MaskedPadding(secagg.params.dim, secagg.params.bits)
-        where = spool_dir(self.spool_root, self.job_id, number, attempt, split)
+        where = (
+            self.spool_root / self.job_id / "incoming"
+            if staged
+            else spool_dir(self.spool_root, self.job_id, number, attempt, split)
+        )
         spool = UpdateSpool(
             where / f"{site}.update",
             specs,
@@ -398,6 +450,11 @@ class JobRunner:
                 if secagg is not None:
                     # Folded before it is counted, under the lock: the sum and the count never disagree.
                     await asyncio.to_thread(secagg.fold_masked_file, site, path)
+                if staged:
+                    buffer = self.spool_of(*self.machine.upload_target(number, attempt))
+                    files.private_dir(buffer, "state_dir/spool")
+                    os.replace(path, buffer / path.name)
+                    files.fsync_dir(buffer)
                 # A plaintext update stays in the spool, verified, and is folded when the round closes.
                 self._apply(UploadVerified(site, header, time.time()))
                 counted = True

@@ -49,6 +49,7 @@ class MemoryStore:
             "site_epsilon": "{}",
             "privacy_state": {},
             "site_aborts": {},
+            "test_metrics": {},
         }
 
     def update_job(self, job_id: str, **fields: Any) -> None:
@@ -59,7 +60,7 @@ class MemoryStore:
         if row is None:
             return
         for key, value in fields.items():
-            json_column = key in ("privacy_state", "site_aborts") and isinstance(value, str)
+            json_column = key in ("privacy_state", "site_aborts", "test_metrics") and isinstance(value, str)
             row[key] = json.loads(value) if json_column else value
         row["updated"] = time.time()
 
@@ -94,6 +95,8 @@ class MemoryStore:
             "timings": {},
             "detail": "",
             "epsilon": None,
+            "val_metrics": {},
+            "strategy_state": {},
         }
 
     def finish_round(
@@ -111,6 +114,7 @@ class MemoryStore:
         detail: str = "",
         epsilon: float | None = None,
         privacy_state: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, Any] | None = None,
     ) -> None:
         row = self._rounds.get((job_id, rnd, attempt))
         if row is not None:
@@ -124,6 +128,7 @@ class MemoryStore:
                 timings=dict(timings or {}),
                 detail=detail,
                 epsilon=epsilon,
+                strategy_state=json.loads(json.dumps(dict(strategy_state or {}), sort_keys=True)),
             )
         job = self._jobs.get(job_id)
         if state == "completed" and job is not None:
@@ -145,10 +150,19 @@ class MemoryStore:
         if row is not None:
             row.update(state="discarded", detail=detail)
 
-    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None:
+    def set_round_eval(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        loss: float,
+        accuracy: float,
+        n: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
         row = self._rounds.get((job_id, rnd, attempt))
         if row is not None:
-            row.update(val_loss=loss, val_accuracy=accuracy, val_samples=n)
+            row.update(val_loss=loss, val_accuracy=accuracy, val_samples=n, val_metrics=dict(metrics or {}))
 
     def rounds(self, job_id: str) -> list[RoundRow]:
         rows = sorted((r for k, r in self._rounds.items() if k[0] == job_id), key=lambda r: (r["round"], r["attempt"]))

@@ -15,9 +15,9 @@ from common.serde import EncodedTensors, encode
 
 
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, label: str = "state_dir/models") -> None:
         self.root = root
-        files.private_dir(root, "state_dir/models")
+        files.private_dir(root, label)
         for stale in root.glob("*.tmp"):  # a write cut short by a crash; the model it held was never committed
             stale.unlink(missing_ok=True)
 

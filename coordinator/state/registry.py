@@ -26,6 +26,10 @@ class Declaration:
     task_digest: str
     schema_fingerprint: str
     software_version: str
+    # The parts of task_digest (common/tasks/digest.py); empty from a site that does not send them.
+    task_version: str = ""
+    task_code_digest: str = ""
+    training_code_digest: str = ""
 
 
 @dataclass(eq=False)

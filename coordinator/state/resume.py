@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.serde import EncodedTensors, Spec, new_hasher, state_dict_float32
@@ -61,6 +62,9 @@ class ResumePlan:
     generation: int = 1  # how many times the job has been resumed (numbers its new secure evaluation instances)
     aborts: Mapping[str, int] = field(default_factory=dict)  # secure-aggregation aborts per site so far
     suspended: Mapping[str, str] = field(default_factory=dict)  # sites kept out of the cohorts, and why
+    # The strategy state committed with the round the job continues from (server optimizer step and moments file,
+    # the selection's memory); empty from round 0.
+    strategy: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class ResumePoint:
     tensors: dict[str, torch.Tensor]
     model: EncodedTensors
     plan: ResumePlan
+    moments: dict[str, np.ndarray] = field(default_factory=dict)  # the server optimizer's, as of that round
 
 
 class CannotResume(Exception):
@@ -100,17 +105,25 @@ def plan_resume(
     models: ModelStore,
     spool_root: Path,
     initial_version: str,
+    strategy_files: ModelStore | None = None,
 ) -> ResumePoint:
     rounds = store.rounds(job_id)
     notes: list[str] = []
+    # Asynchronous rounds stage uploads here until they are counted; one cut short by the crash was never counted.
+    shutil.rmtree(spool_root / job_id / "incoming", ignore_errors=True)
     completed = sorted((r for r in rounds if r.state == "completed"), key=lambda r: r.round)
 
     # 1. The newest checkpoint that verifies. Rounds after a damaged one are run again.
+    # A stateful server optimizer's moments are part of the checkpoint: a round whose moments file is missing or
+    # damaged is as unusable as one whose model is.
     chosen: tuple[int, tuple[dict[str, torch.Tensor], EncodedTensors]] | None = None
+    strategy: Mapping[str, Any] = {}
+    moments: dict[str, np.ndarray] = {}
     for r in reversed(completed):
         loaded = _load_verified(models, r.model_version, store, job_id, r.round, notes)
-        if loaded is not None:
-            chosen = (r.round, loaded)
+        found = _load_moments(strategy_files, r, store, job_id, notes) if loaded is not None else None
+        if loaded is not None and found is not None:
+            chosen, strategy, moments = (r.round, loaded), r.strategy_state, found
             break
     if chosen is None:
         loaded = _load_verified(models, initial_version, store, job_id, 0, notes)
@@ -174,8 +187,27 @@ def plan_resume(
         generation=resumed_before + 1,
         aborts={str(k): int(v) for k, v in dict(abort_state.get("aborts", {})).items()},
         suspended={str(k): str(v) for k, v in dict(abort_state.get("suspended", {})).items()},
+        strategy=strategy,
     )
-    return ResumePoint(tensors, model, plan)
+    return ResumePoint(tensors, model, plan, moments)
+
+
+def _load_moments(
+    files: ModelStore | None, r: RoundRow, store: Store, job_id: str, notes: list[str]
+) -> dict[str, np.ndarray] | None:
+    """The server optimizer moments committed with round ``r`` ({} when it keeps none); None when they are lost."""
+    ref = dict(r.strategy_state.get("optimizer", {})).get("moments")
+    if not ref:
+        return {}
+    if files is None:
+        return None
+    try:
+        return {k: v.numpy() for k, v in files.load(str(ref)).items()}
+    except (OSError, ValueError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        store.audit("checkpoint_corrupt", "coordinator", job_id=job_id, round=r.round, version=ref, reason=reason)
+        notes.append(f"round {r.round}: the server optimizer's moments {str(ref)[:19]}... are unusable ({reason})")
+        return None
 
 
 def _cut_off_evaluation(spec: JobConfig, rounds: list[RoundRow], base_round: int) -> tuple[int, int] | None:

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     epsilon REAL NOT NULL DEFAULT 0,
     site_epsilon TEXT NOT NULL DEFAULT '{}',
     privacy_state TEXT NOT NULL DEFAULT '{}',
-    site_aborts TEXT NOT NULL DEFAULT '{}'
+    site_aborts TEXT NOT NULL DEFAULT '{}',
+    test_metrics TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS rounds (
     job_id TEXT NOT NULL,
@@ -58,6 +59,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     timings TEXT NOT NULL DEFAULT '{}',
     detail TEXT NOT NULL DEFAULT '',
     epsilon REAL,
+    val_metrics TEXT NOT NULL DEFAULT '{}',
+    strategy_state TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, round, attempt)
 );
 CREATE TABLE IF NOT EXISTS uploads (
@@ -109,6 +112,7 @@ JOB_FIELDS = frozenset(
         "site_epsilon",
         "privacy_state",
         "site_aborts",
+        "test_metrics",
     }
 )
 
@@ -133,6 +137,9 @@ class RoundRow:
     timings: dict[str, float]
     detail: str
     epsilon: float | None
+    val_metrics: dict[str, float]  # federated imbalance metrics of the round's evaluation (common/metrics.py)
+    # A completed round's strategy state: the server optimizer's step and moments file, the selection's memory.
+    strategy_state: dict[str, Any] = field(default_factory=dict)
 
 
 class Store(Protocol):
@@ -159,10 +166,20 @@ class Store(Protocol):
         detail: str = "",
         epsilon: float | None = None,
         privacy_state: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, Any] | None = None,
     ) -> None: ...
     def abandon_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
     def discard_round(self, job_id: str, rnd: int, attempt: int, detail: str) -> None: ...
-    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None: ...
+    def set_round_eval(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        loss: float,
+        accuracy: float,
+        n: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None: ...
     def rounds(self, job_id: str) -> list[RoundRow]: ...
     def record_upload(
         self,
@@ -210,6 +227,13 @@ class SqliteStore:
             self._db.execute("ALTER TABLE jobs ADD COLUMN privacy_state TEXT NOT NULL DEFAULT '{}'")
         if "site_aborts" not in have:
             self._db.execute("ALTER TABLE jobs ADD COLUMN site_aborts TEXT NOT NULL DEFAULT '{}'")
+        if "test_metrics" not in have:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN test_metrics TEXT NOT NULL DEFAULT '{}'")
+        have = {r["name"] for r in self._db.execute("PRAGMA table_info(rounds)").fetchall()}
+        if "val_metrics" not in have:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN val_metrics TEXT NOT NULL DEFAULT '{}'")
+        if "strategy_state" not in have:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN strategy_state TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self._db.close()
@@ -253,6 +277,7 @@ class SqliteStore:
             d["spec"] = json.loads(d["spec"])
             d["privacy_state"] = json.loads(d["privacy_state"])
             d["site_aborts"] = json.loads(d["site_aborts"])
+            d["test_metrics"] = json.loads(d["test_metrics"])
             out.append(d)
         return out
 
@@ -283,13 +308,14 @@ class SqliteStore:
         detail: str = "",
         epsilon: float | None = None,
         privacy_state: Mapping[str, Any] | None = None,
+        strategy_state: Mapping[str, Any] | None = None,
     ) -> None:
-        """Close a round attempt. A completed round, the job's new model and its privacy state (the accountant) are
-        committed in one transaction: after a crash either all of them are there or none is."""
+        """Close a round attempt. A completed round, the job's new model, its privacy state (the accountant) and its
+        strategy state are committed in one transaction: after a crash either all of them are there or none is."""
         with self._tx() as db:
             db.execute(
                 "UPDATE rounds SET state = ?, finished = ?, reported = ?, model_version = ?, train_loss = ?,"
-                " train_samples = ?, timings = ?, detail = ?, epsilon = ?"
+                " train_samples = ?, timings = ?, detail = ?, epsilon = ?, strategy_state = ?"
                 " WHERE job_id = ? AND round = ? AND attempt = ?",
                 (
                     state,
@@ -301,6 +327,7 @@ class SqliteStore:
                     json.dumps(dict(timings or {}), sort_keys=True),
                     detail,
                     epsilon,
+                    json.dumps(dict(strategy_state or {}), sort_keys=True),
                     job_id,
                     rnd,
                     attempt,
@@ -337,12 +364,21 @@ class SqliteStore:
                 (detail, job_id, rnd, attempt),
             )
 
-    def set_round_eval(self, job_id: str, rnd: int, attempt: int, loss: float, accuracy: float, n: int) -> None:
+    def set_round_eval(
+        self,
+        job_id: str,
+        rnd: int,
+        attempt: int,
+        loss: float,
+        accuracy: float,
+        n: int,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE rounds SET val_loss = ?, val_accuracy = ?, val_samples = ?"
+                "UPDATE rounds SET val_loss = ?, val_accuracy = ?, val_samples = ?, val_metrics = ?"
                 " WHERE job_id = ? AND round = ? AND attempt = ?",
-                (loss, accuracy, n, job_id, rnd, attempt),
+                (loss, accuracy, n, json.dumps(dict(metrics or {}), sort_keys=True), job_id, rnd, attempt),
             )
 
     def rounds(self, job_id: str) -> list[RoundRow]:
@@ -353,6 +389,8 @@ class SqliteStore:
             d["cohort"] = json.loads(d["cohort"])
             d["reported"] = json.loads(d["reported"])
             d["timings"] = json.loads(d["timings"])
+            d["val_metrics"] = json.loads(d["val_metrics"])
+            d["strategy_state"] = json.loads(d["strategy_state"])
             out.append(RoundRow(**d))
         return out
 

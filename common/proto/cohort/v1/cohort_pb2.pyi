@@ -125,12 +125,23 @@ class JoinRequest(_message.Message):
     TASK_DIGEST_FIELD_NUMBER: _builtins.int
     SCHEMA_FINGERPRINT_FIELD_NUMBER: _builtins.int
     SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
+    TASK_VERSION_FIELD_NUMBER: _builtins.int
+    TASK_CODE_DIGEST_FIELD_NUMBER: _builtins.int
+    TRAINING_CODE_DIGEST_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     task_digest: _builtins.str
     """"sha256:<hex>" of the task code installed at the site"""
     schema_fingerprint: _builtins.str
     """"sha256:<hex>" of the task's declared data schema"""
     software_version: _builtins.str
+    task_version: _builtins.str
+    """The two parts of task_digest (common/tasks/digest.py), so a mismatch can say which part differs.
+    the task's declared version
+    """
+    task_code_digest: _builtins.str
+    """"sha256:<hex>" of the task's own modules and its version"""
+    training_code_digest: _builtins.str
+    """"sha256:<hex>" of the Cohort training code (common.tasks) it uses"""
     def __init__(
         self,
         *,
@@ -138,10 +149,13 @@ class JoinRequest(_message.Message):
         task_digest: _builtins.str = ...,
         schema_fingerprint: _builtins.str = ...,
         software_version: _builtins.str = ...,
+        task_version: _builtins.str = ...,
+        task_code_digest: _builtins.str = ...,
+        training_code_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_digest", b"task_digest", "task_name", b"task_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_code_digest", b"task_code_digest", "task_digest", b"task_digest", "task_name", b"task_name", "task_version", b"task_version", "training_code_digest", b"training_code_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,6 +263,9 @@ class TrainTask(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    FEATURE_SCALING_FIELD_NUMBER: _builtins.int
+    NORM_BOUND_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -257,6 +274,10 @@ class TrainTask(_message.Message):
     """upload must finish before this (coordinator clock)"""
     attempt: _builtins.int
     """a failed round is retried with a new cohort under the same round number"""
+    task_params_json: _builtins.str
+    """the job's task parameters, canonical JSON (common/tasks/params.py); "" = none"""
+    norm_bound: _builtins.float
+    """job.strategy.norm_bound: scale the update to at most this L2 norm (0: off)"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -267,6 +288,8 @@ class TrainTask(_message.Message):
     def privacy(self) -> Global___PrivacySetup:
         """the job's differential-privacy unit and, for site-level DP, its parameters"""
 
+    @_builtins.property
+    def feature_scaling(self) -> Global___FeatureScaling: ...
     def __init__(
         self,
         *,
@@ -278,10 +301,13 @@ class TrainTask(_message.Message):
         attempt: _builtins.int = ...,
         secagg: Global___SecAggSetup | None = ...,
         privacy: Global___PrivacySetup | None = ...,
+        task_params_json: _builtins.str = ...,
+        feature_scaling: Global___FeatureScaling | None = ...,
+        norm_bound: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_scaling", b"feature_scaling", "params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "norm_bound", b"norm_bound", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg", "task_params_json", b"task_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,6 +352,47 @@ class PrivacySetup(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrivacySetup: _TypeAlias = PrivacySetup  # noqa: Y015
+
+@_typing.final
+class FeatureScaling(_message.Message):
+    """Federated feature standardization (common/tasks/standardize.py): every site applies
+    (clip(x, lower, upper) - mean) / std to every feature; one entry per feature, in schema order. Empty: the task
+    uses its own fallback scaling.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def lower(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """-inf: no lower clip"""
+
+    @_builtins.property
+    def upper(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """+inf: no upper clip"""
+
+    def __init__(
+        self,
+        *,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+        lower: _abc.Iterable[_builtins.float] | None = ...,
+        upper: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lower", b"lower", "mean", b"mean", "std", b"std", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureScaling: _TypeAlias = FeatureScaling  # noqa: Y015
 
 @_typing.final
 class SecAggSetup(_message.Message):
@@ -765,10 +832,21 @@ class TrainParams(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    LR_STEP_ROUNDS_FIELD_NUMBER: _builtins.int
+    LR_GAMMA_FIELD_NUMBER: _builtins.int
+    LR_MIN_FIELD_NUMBER: _builtins.int
     local_epochs: _builtins.int
     batch_size: _builtins.int
     learning_rate: _builtins.float
     seed: _builtins.int
+    lr_schedule: _builtins.str
+    """Job spec only (a TrainTask carries the round's rate in learning_rate): common/settings.py TrainParamsConfig.
+    constant, step, cosine
+    """
+    lr_step_rounds: _builtins.int
+    lr_gamma: _builtins.float
+    lr_min: _builtins.float
     def __init__(
         self,
         *,
@@ -776,10 +854,14 @@ class TrainParams(_message.Message):
         batch_size: _builtins.int | None = ...,
         learning_rate: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
+        lr_schedule: _builtins.str | None = ...,
+        lr_step_rounds: _builtins.int | None = ...,
+        lr_gamma: _builtins.float | None = ...,
+        lr_min: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_learning_rate", b"_learning_rate", "_local_epochs", b"_local_epochs", "_lr_gamma", b"_lr_gamma", "_lr_min", b"_lr_min", "_lr_schedule", b"_lr_schedule", "_lr_step_rounds", b"_lr_step_rounds", "_seed", b"_seed", "batch_size", b"batch_size", "learning_rate", b"learning_rate", "local_epochs", b"local_epochs", "lr_gamma", b"lr_gamma", "lr_min", b"lr_min", "lr_schedule", b"lr_schedule", "lr_step_rounds", b"lr_step_rounds", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -787,6 +869,14 @@ class TrainParams(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__local_epochs: _TypeAlias = _typing.Literal["local_epochs"]  # noqa: Y015
     _WhichOneofArgType__local_epochs: _TypeAlias = _typing.Literal["_local_epochs", b"_local_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__lr_gamma: _TypeAlias = _typing.Literal["lr_gamma"]  # noqa: Y015
+    _WhichOneofArgType__lr_gamma: _TypeAlias = _typing.Literal["_lr_gamma", b"_lr_gamma"]  # noqa: Y015
+    _WhichOneofReturnType__lr_min: _TypeAlias = _typing.Literal["lr_min"]  # noqa: Y015
+    _WhichOneofArgType__lr_min: _TypeAlias = _typing.Literal["_lr_min", b"_lr_min"]  # noqa: Y015
+    _WhichOneofReturnType__lr_schedule: _TypeAlias = _typing.Literal["lr_schedule"]  # noqa: Y015
+    _WhichOneofArgType__lr_schedule: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule"]  # noqa: Y015
+    _WhichOneofReturnType__lr_step_rounds: _TypeAlias = _typing.Literal["lr_step_rounds"]  # noqa: Y015
+    _WhichOneofArgType__lr_step_rounds: _TypeAlias = _typing.Literal["_lr_step_rounds", b"_lr_step_rounds"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     @_typing.overload
@@ -795,6 +885,14 @@ class TrainParams(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__local_epochs) -> _WhichOneofReturnType__local_epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_gamma) -> _WhichOneofReturnType__lr_gamma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_min) -> _WhichOneofReturnType__lr_min | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_schedule) -> _WhichOneofReturnType__lr_schedule | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_step_rounds) -> _WhichOneofReturnType__lr_step_rounds | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
@@ -811,6 +909,8 @@ class EvaluateTask(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
     SECAGG_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    FEATURE_SCALING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -819,10 +919,14 @@ class EvaluateTask(_message.Message):
     deadline_unix: _builtins.float
     attempt: _builtins.int
     """the secure evaluation instance (a new one after a coordinator restart)"""
+    task_params_json: _builtins.str
+    """as in TrainTask"""
     @_builtins.property
     def secagg(self) -> Global___SecAggSetup:
         """set when the evaluation's results are summed securely"""
 
+    @_builtins.property
+    def feature_scaling(self) -> Global___FeatureScaling: ...
     def __init__(
         self,
         *,
@@ -833,10 +937,12 @@ class EvaluateTask(_message.Message):
         deadline_unix: _builtins.float = ...,
         secagg: Global___SecAggSetup | None = ...,
         attempt: _builtins.int = ...,
+        task_params_json: _builtins.str = ...,
+        feature_scaling: Global___FeatureScaling | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["secagg", b"secagg"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["feature_scaling", b"feature_scaling", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "secagg", b"secagg", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "round", b"round", "secagg", b"secagg", "split", b"split", "task_params_json", b"task_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1089,6 +1195,7 @@ class EvaluationReport(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     ACCURACY_FIELD_NUMBER: _builtins.int
     EVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    SCORE_HISTOGRAM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -1097,6 +1204,12 @@ class EvaluationReport(_message.Message):
     loss: _builtins.float
     accuracy: _builtins.float
     eval_seconds: _builtins.float
+    @_builtins.property
+    def score_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Binary tasks that report them (common/metrics.py): counts of records per score bin, the negatives' bins then
+        the positives'. Sums over sites give the federation's AUC-PR and recall at a false-positive rate.
+        """
+
     def __init__(
         self,
         *,
@@ -1108,10 +1221,11 @@ class EvaluationReport(_message.Message):
         loss: _builtins.float = ...,
         accuracy: _builtins.float = ...,
         eval_seconds: _builtins.float = ...,
+        score_histogram: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "eval_seconds", b"eval_seconds", "job_id", b"job_id", "loss", b"loss", "model_version", b"model_version", "num_samples", b"num_samples", "round", b"round", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "eval_seconds", b"eval_seconds", "job_id", b"job_id", "loss", b"loss", "model_version", b"model_version", "num_samples", b"num_samples", "round", b"round", "score_histogram", b"score_histogram", "split", b"split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1195,6 +1309,8 @@ class JobSpec(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _builtins.int
     PRIVACY_FIELD_NUMBER: _builtins.int
     OVER_SELECTION_FIELD_NUMBER: _builtins.int
+    TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     FINAL_EVALUATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
@@ -1214,6 +1330,8 @@ class JobSpec(_message.Message):
     """connected, eligible sites needed before a round starts (0: min_sites)"""
     over_selection: _builtins.float
     """ask ceil(k * (1 + x)) sites, close the round when k reported (0: off)"""
+    task_params_json: _builtins.str
+    """the task's parameters, a JSON object of scalars checked by its schema"""
     final_evaluation: _builtins.bool
     """after the last round, evaluate on the sites' test splits (unset: true)"""
     @_builtins.property
@@ -1222,6 +1340,10 @@ class JobSpec(_message.Message):
     def secure_aggregation(self) -> Global___SecureAggregationSpec: ...
     @_builtins.property
     def privacy(self) -> Global___PrivacySpec: ...
+    @_builtins.property
+    def strategy(self) -> Global___StrategySpec:
+        """server optimizer, aggregation rule, cohort selection"""
+
     def __init__(
         self,
         *,
@@ -1239,11 +1361,13 @@ class JobSpec(_message.Message):
         secure_aggregation: Global___SecureAggregationSpec | None = ...,
         privacy: Global___PrivacySpec | None = ...,
         over_selection: _builtins.float | None = ...,
+        task_params_json: _builtins.str | None = ...,
+        strategy: Global___StrategySpec | None = ...,
         final_evaluation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "task", b"task", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__evaluate_every: _TypeAlias = _typing.Literal["evaluate_every"]  # noqa: Y015
     _WhichOneofArgType__evaluate_every: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every"]  # noqa: Y015
@@ -1267,6 +1391,8 @@ class JobSpec(_message.Message):
     _WhichOneofArgType__rounds: _TypeAlias = _typing.Literal["_rounds", b"_rounds"]  # noqa: Y015
     _WhichOneofReturnType__task: _TypeAlias = _typing.Literal["task"]  # noqa: Y015
     _WhichOneofArgType__task: _TypeAlias = _typing.Literal["_task", b"_task"]  # noqa: Y015
+    _WhichOneofReturnType__task_params_json: _TypeAlias = _typing.Literal["task_params_json"]  # noqa: Y015
+    _WhichOneofArgType__task_params_json: _TypeAlias = _typing.Literal["_task_params_json", b"_task_params_json"]  # noqa: Y015
     _WhichOneofReturnType__wait_for_sites_s: _TypeAlias = _typing.Literal["wait_for_sites_s"]  # noqa: Y015
     _WhichOneofArgType__wait_for_sites_s: _TypeAlias = _typing.Literal["_wait_for_sites_s", b"_wait_for_sites_s"]  # noqa: Y015
     @_typing.overload
@@ -1292,9 +1418,152 @@ class JobSpec(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__task) -> _WhichOneofReturnType__task | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__task_params_json) -> _WhichOneofReturnType__task_params_json | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__wait_for_sites_s) -> _WhichOneofReturnType__wait_for_sites_s | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class StrategySpec(_message.Message):
+    """coordinator/strategy/config.py StrategyConfig, key for key (docs/CONFIG.md job.strategy)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SERVER_LR_FIELD_NUMBER: _builtins.int
+    SERVER_MOMENTUM_FIELD_NUMBER: _builtins.int
+    BETA1_FIELD_NUMBER: _builtins.int
+    BETA2_FIELD_NUMBER: _builtins.int
+    TAU_FIELD_NUMBER: _builtins.int
+    AGGREGATION_FIELD_NUMBER: _builtins.int
+    TRIM_FRACTION_FIELD_NUMBER: _builtins.int
+    BYZANTINE_SITES_FIELD_NUMBER: _builtins.int
+    MULTI_KRUM_KEEP_FIELD_NUMBER: _builtins.int
+    NORM_BOUND_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    AVAILABILITY_WINDOW_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    BUFFER_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_FIELD_NUMBER: _builtins.int
+    STALENESS_EXPONENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """fedavg, fedavgm, fedadam, fedyogi, fedadagrad"""
+    server_lr: _builtins.float
+    """unset: 1.0 (fedavg, fedavgm) or 0.1 (adaptive)"""
+    server_momentum: _builtins.float
+    beta1: _builtins.float
+    beta2: _builtins.float
+    tau: _builtins.float
+    aggregation: _builtins.str
+    """mean, median, trimmed_mean, krum, multi_krum"""
+    trim_fraction: _builtins.float
+    byzantine_sites: _builtins.int
+    multi_krum_keep: _builtins.int
+    norm_bound: _builtins.float
+    selection: _builtins.str
+    """random, round_robin, availability"""
+    availability_window: _builtins.int
+    mode: _builtins.str
+    """sync, async (FedBuff)"""
+    buffer_size: _builtins.int
+    max_staleness: _builtins.int
+    staleness_exponent: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str | None = ...,
+        server_lr: _builtins.float | None = ...,
+        server_momentum: _builtins.float | None = ...,
+        beta1: _builtins.float | None = ...,
+        beta2: _builtins.float | None = ...,
+        tau: _builtins.float | None = ...,
+        aggregation: _builtins.str | None = ...,
+        trim_fraction: _builtins.float | None = ...,
+        byzantine_sites: _builtins.int | None = ...,
+        multi_krum_keep: _builtins.int | None = ...,
+        norm_bound: _builtins.float | None = ...,
+        selection: _builtins.str | None = ...,
+        availability_window: _builtins.int | None = ...,
+        mode: _builtins.str | None = ...,
+        buffer_size: _builtins.int | None = ...,
+        max_staleness: _builtins.int | None = ...,
+        staleness_exponent: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_buffer_size", b"_buffer_size", "_byzantine_sites", b"_byzantine_sites", "_max_staleness", b"_max_staleness", "_mode", b"_mode", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_staleness_exponent", b"_staleness_exponent", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "buffer_size", b"buffer_size", "byzantine_sites", b"byzantine_sites", "max_staleness", b"max_staleness", "mode", b"mode", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "staleness_exponent", b"staleness_exponent", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation", "_availability_window", b"_availability_window", "_beta1", b"_beta1", "_beta2", b"_beta2", "_buffer_size", b"_buffer_size", "_byzantine_sites", b"_byzantine_sites", "_max_staleness", b"_max_staleness", "_mode", b"_mode", "_multi_krum_keep", b"_multi_krum_keep", "_name", b"_name", "_norm_bound", b"_norm_bound", "_selection", b"_selection", "_server_lr", b"_server_lr", "_server_momentum", b"_server_momentum", "_staleness_exponent", b"_staleness_exponent", "_tau", b"_tau", "_trim_fraction", b"_trim_fraction", "aggregation", b"aggregation", "availability_window", b"availability_window", "beta1", b"beta1", "beta2", b"beta2", "buffer_size", b"buffer_size", "byzantine_sites", b"byzantine_sites", "max_staleness", b"max_staleness", "mode", b"mode", "multi_krum_keep", b"multi_krum_keep", "name", b"name", "norm_bound", b"norm_bound", "selection", b"selection", "server_lr", b"server_lr", "server_momentum", b"server_momentum", "staleness_exponent", b"staleness_exponent", "tau", b"tau", "trim_fraction", b"trim_fraction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__aggregation: _TypeAlias = _typing.Literal["aggregation"]  # noqa: Y015
+    _WhichOneofArgType__aggregation: _TypeAlias = _typing.Literal["_aggregation", b"_aggregation"]  # noqa: Y015
+    _WhichOneofReturnType__availability_window: _TypeAlias = _typing.Literal["availability_window"]  # noqa: Y015
+    _WhichOneofArgType__availability_window: _TypeAlias = _typing.Literal["_availability_window", b"_availability_window"]  # noqa: Y015
+    _WhichOneofReturnType__beta1: _TypeAlias = _typing.Literal["beta1"]  # noqa: Y015
+    _WhichOneofArgType__beta1: _TypeAlias = _typing.Literal["_beta1", b"_beta1"]  # noqa: Y015
+    _WhichOneofReturnType__beta2: _TypeAlias = _typing.Literal["beta2"]  # noqa: Y015
+    _WhichOneofArgType__beta2: _TypeAlias = _typing.Literal["_beta2", b"_beta2"]  # noqa: Y015
+    _WhichOneofReturnType__buffer_size: _TypeAlias = _typing.Literal["buffer_size"]  # noqa: Y015
+    _WhichOneofArgType__buffer_size: _TypeAlias = _typing.Literal["_buffer_size", b"_buffer_size"]  # noqa: Y015
+    _WhichOneofReturnType__byzantine_sites: _TypeAlias = _typing.Literal["byzantine_sites"]  # noqa: Y015
+    _WhichOneofArgType__byzantine_sites: _TypeAlias = _typing.Literal["_byzantine_sites", b"_byzantine_sites"]  # noqa: Y015
+    _WhichOneofReturnType__max_staleness: _TypeAlias = _typing.Literal["max_staleness"]  # noqa: Y015
+    _WhichOneofArgType__max_staleness: _TypeAlias = _typing.Literal["_max_staleness", b"_max_staleness"]  # noqa: Y015
+    _WhichOneofReturnType__mode: _TypeAlias = _typing.Literal["mode"]  # noqa: Y015
+    _WhichOneofArgType__mode: _TypeAlias = _typing.Literal["_mode", b"_mode"]  # noqa: Y015
+    _WhichOneofReturnType__multi_krum_keep: _TypeAlias = _typing.Literal["multi_krum_keep"]  # noqa: Y015
+    _WhichOneofArgType__multi_krum_keep: _TypeAlias = _typing.Literal["_multi_krum_keep", b"_multi_krum_keep"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__norm_bound: _TypeAlias = _typing.Literal["norm_bound"]  # noqa: Y015
+    _WhichOneofArgType__norm_bound: _TypeAlias = _typing.Literal["_norm_bound", b"_norm_bound"]  # noqa: Y015
+    _WhichOneofReturnType__selection: _TypeAlias = _typing.Literal["selection"]  # noqa: Y015
+    _WhichOneofArgType__selection: _TypeAlias = _typing.Literal["_selection", b"_selection"]  # noqa: Y015
+    _WhichOneofReturnType__server_lr: _TypeAlias = _typing.Literal["server_lr"]  # noqa: Y015
+    _WhichOneofArgType__server_lr: _TypeAlias = _typing.Literal["_server_lr", b"_server_lr"]  # noqa: Y015
+    _WhichOneofReturnType__server_momentum: _TypeAlias = _typing.Literal["server_momentum"]  # noqa: Y015
+    _WhichOneofArgType__server_momentum: _TypeAlias = _typing.Literal["_server_momentum", b"_server_momentum"]  # noqa: Y015
+    _WhichOneofReturnType__staleness_exponent: _TypeAlias = _typing.Literal["staleness_exponent"]  # noqa: Y015
+    _WhichOneofArgType__staleness_exponent: _TypeAlias = _typing.Literal["_staleness_exponent", b"_staleness_exponent"]  # noqa: Y015
+    _WhichOneofReturnType__tau: _TypeAlias = _typing.Literal["tau"]  # noqa: Y015
+    _WhichOneofArgType__tau: _TypeAlias = _typing.Literal["_tau", b"_tau"]  # noqa: Y015
+    _WhichOneofReturnType__trim_fraction: _TypeAlias = _typing.Literal["trim_fraction"]  # noqa: Y015
+    _WhichOneofArgType__trim_fraction: _TypeAlias = _typing.Literal["_trim_fraction", b"_trim_fraction"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__aggregation) -> _WhichOneofReturnType__aggregation | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__availability_window) -> _WhichOneofReturnType__availability_window | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta1) -> _WhichOneofReturnType__beta1 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta2) -> _WhichOneofReturnType__beta2 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__buffer_size) -> _WhichOneofReturnType__buffer_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__byzantine_sites) -> _WhichOneofReturnType__byzantine_sites | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_staleness) -> _WhichOneofReturnType__max_staleness | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mode) -> _WhichOneofReturnType__mode | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__multi_krum_keep) -> _WhichOneofReturnType__multi_krum_keep | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__norm_bound) -> _WhichOneofReturnType__norm_bound | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__selection) -> _WhichOneofReturnType__selection | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__server_lr) -> _WhichOneofReturnType__server_lr | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__server_momentum) -> _WhichOneofReturnType__server_momentum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__staleness_exponent) -> _WhichOneofReturnType__staleness_exponent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tau) -> _WhichOneofReturnType__tau | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__trim_fraction) -> _WhichOneofReturnType__trim_fraction | None: ...
+
+Global___StrategySpec: _TypeAlias = StrategySpec  # noqa: Y015
 
 @_typing.final
 class PrivacySpec(_message.Message):
@@ -1582,6 +1851,26 @@ Global___SiteStatus: _TypeAlias = SiteStatus  # noqa: Y015
 class RoundStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ValMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ROUND_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     COHORT_FIELD_NUMBER: _builtins.int
@@ -1593,6 +1882,7 @@ class RoundStatus(_message.Message):
     SECONDS_FIELD_NUMBER: _builtins.int
     VAL_SAMPLES_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
+    VAL_METRICS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     state: _builtins.str
     model_version: _builtins.str
@@ -1608,6 +1898,10 @@ class RoundStatus(_message.Message):
     def cohort(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def reported(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def val_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """federated imbalance metrics of the validation split (auc_pr, ...)"""
+
     def __init__(
         self,
         *,
@@ -1622,10 +1916,11 @@ class RoundStatus(_message.Message):
         seconds: _builtins.float = ...,
         val_samples: _builtins.int = ...,
         epsilon: _builtins.float = ...,
+        val_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "epsilon", b"epsilon", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_samples", b"val_samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cohort", b"cohort", "epsilon", b"epsilon", "model_version", b"model_version", "reported", b"reported", "round", b"round", "seconds", b"seconds", "state", b"state", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_metrics", b"val_metrics", "val_samples", b"val_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1695,6 +1990,26 @@ class JobStatus(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TestMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -1710,6 +2025,7 @@ class JobStatus(_message.Message):
     SITE_EPSILON_FIELD_NUMBER: _builtins.int
     SUSPENDED_SITES_FIELD_NUMBER: _builtins.int
     SITE_ABORTS_FIELD_NUMBER: _builtins.int
+    TEST_METRICS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _builtins.str
     """pending, running, finished, stopped, failed"""
@@ -1738,6 +2054,10 @@ class JobStatus(_message.Message):
     def site_aborts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """secure-aggregation aborts (and evidence of tampering) per site"""
 
+    @_builtins.property
+    def test_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """federated imbalance metrics of the final test evaluation"""
+
     def __init__(
         self,
         *,
@@ -1756,10 +2076,11 @@ class JobStatus(_message.Message):
         site_epsilon: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         suspended_sites: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         site_aborts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        test_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_aborts", b"site_aborts", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "suspended_sites", b"suspended_sites", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_aborts", b"site_aborts", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "suspended_sites", b"suspended_sites", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "test_metrics", b"test_metrics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
