@@ -60,6 +60,8 @@ bench: install
 	$(PY) bench/fraud.py --seeds 0 1 2 3 4 5 6 7 8 9
 	$(PY) bench/fraud.py --dp
 	$(PY) bench/standardization.py
+	$(PY) bench/upload_path.py
+	$(PY) bench/federation.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache .mypy_cache .ruff_cache

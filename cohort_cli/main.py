@@ -53,8 +53,9 @@ def _cmd_participant(args: argparse.Namespace) -> int:
     from participant import config as pc
     from participant.daemon import run
 
+    overrides = [*args.overrides, *(["exit_after_job=true"] if args.exit_after_job else [])]
     cfg = config_loader.load(
-        pc.ParticipantConfig, args.config, env=os.environ, env_prefix=pc.ENV_PREFIX, overrides=args.overrides
+        pc.ParticipantConfig, args.config, env=os.environ, env_prefix=pc.ENV_PREFIX, overrides=overrides
     )
     return asyncio.run(run(cfg))
 
@@ -195,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("participant", help="run a participant daemon at a site")
     _add_config_args(p)
+    p.add_argument(
+        "--exit-after-job",
+        action="store_true",
+        help="exit (code 0) when the job this site serves has finished (config key exit_after_job)",
+    )
     p.set_defaults(func=_cmd_participant)
 
     certs_cmd.register(sub)

@@ -10,8 +10,10 @@ A failpoint does nothing unless the environment variable ``COHORT_FAILPOINTS`` n
     COHORT_FAILPOINTS="upload.accepted"          # ... the first time any round gets there
     COHORT_FAILPOINTS="a@1,b@3"                  # several
 
-The action is always SIGKILL of the whole process: no ``finally`` blocks, no flushing, no graceful shutdown, the
-same as ``kill -9``. Production deployments never set the variable; an unknown name is simply never hit.
+The action is SIGKILL of the whole process: no ``finally`` blocks, no flushing, no graceful shutdown, the same as
+``kill -9``. A ``:stop`` suffix (``"participant.upload@1:stop"``) freezes the process with SIGSTOP instead, once, as a
+machine that stops scheduling it would; whoever started it resumes it with SIGCONT. Production deployments never
+set the variable; an unknown name is simply never hit.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ ENV = "COHORT_FAILPOINTS"
 log = logging.getLogger("cohort.failpoints")
 
 
-def _parse(text: str) -> dict[str, int | None]:
-    armed: dict[str, int | None] = {}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+
+
+def _parse(text: str) -> dict[str, tuple[int | None, signal.Signals]]:
+    armed: dict[str, tuple[int | None, signal.Signals]] = {}
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
-        name, _, at = part.partition("@")
-        armed[name.strip()] = int(at) if at.strip() else None
+        spec, _, action = part.partition(":")
+        name, _, at = spec.partition("@")
+        armed[name.strip()] = (int(at) if at.strip() else None, ACTIONS[action.strip() or "kill"])
     return armed
 
 
@@ -40,13 +46,15 @@ _ARMED = _parse(os.environ.get(ENV, ""))
 
 
 def hit(name: str, round: int | None = None) -> None:
-    """Kill this process with SIGKILL when ``name`` (for ``round``, if one was given in the spec) is armed."""
+    """Kill (or freeze) this process when ``name`` (for ``round``, if one was given in the spec) is armed."""
     if name not in _ARMED:
         return
-    want = _ARMED[name]
+    want, sig = _ARMED[name]
     if want is not None and round != want:
         return
-    log.warning("failpoint %s hit (round %s): killing this process with SIGKILL", name, round)
+    if sig is signal.SIGSTOP:
+        del _ARMED[name]  # a frozen process that is resumed goes on: it freezes once
+    log.warning("failpoint %s hit (round %s): sending this process %s", name, round, sig.name)
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), sig)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from common.errors import InvalidArgument
 from common.proto.cohort.v1 import cohort_pb2 as pb
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: well under gRPC's default 4 MiB message limit, large enough to amortise framing
+_BLOCK = 1 << 16  # elements per block of in-place float64 work on an update (512 KiB of float64 scratch)
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("Cohort's wire format is little-endian; this platform is not supported")
@@ -94,10 +96,14 @@ def new_hasher(specs: Sequence[Spec]) -> hashlib._Hash:
 
 @dataclass(frozen=True)
 class EncodedTensors:
-    """A model or update serialized once: specs, one contiguous buffer and its digest."""
+    """A model or update serialized once: specs, one contiguous buffer and its digest.
+
+    ``data`` is a ``bytearray`` when it is a site's reusable update buffer (:class:`UpdateBuffer`): valid until the
+    site writes its next update into it.
+    """
 
     specs: tuple[Spec, ...]
-    data: bytes
+    data: bytes | bytearray
     sha256: str
 
     @property
@@ -113,20 +119,31 @@ class EncodedTensors:
             yield view[start : start + chunk_bytes]
 
 
-def encode(tensors: Mapping[str, torch.Tensor]) -> EncodedTensors:
-    """Serialize named tensors in mapping order (a state dict keeps its module order)."""
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> tuple[Spec, ...]:
     specs: list[Spec] = []
-    parts: list[bytes] = []
     for name, t in tensors.items():
         if t.dtype not in _FROM_TORCH:
             raise ValueError(f"tensor {name!r} has unsupported dtype {t.dtype}")
-        arr = t.detach().to("cpu").contiguous()
-        specs.append(Spec(name, _FROM_TORCH[arr.dtype], tuple(int(d) for d in arr.shape)))
-        parts.append(arr.view(-1).view(torch.uint8).numpy().tobytes() if arr.numel() else b"")
-    data = b"".join(parts)
+        specs.append(Spec(name, _FROM_TORCH[t.dtype], tuple(int(d) for d in t.shape)))
+    return tuple(specs)
+
+
+def encode(tensors: Mapping[str, torch.Tensor]) -> EncodedTensors:
+    """Serialize named tensors in mapping order (a state dict keeps its module order).
+
+    Each tensor is copied once, straight into its place in the one output buffer, and hashed in the same pass."""
+    specs = specs_of(tensors)
+    data = bytearray(sum(s.nbytes for s in specs))
+    flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    offset = 0
+    for s, t in zip(specs, tensors.values(), strict=True):
+        n = s.nbytes
+        if n:
+            flat[offset : offset + n].copy_(t.detach().to("cpu").reshape(-1).view(torch.uint8))
+        offset += n
     h = new_hasher(specs)
     h.update(data)
-    return EncodedTensors(tuple(specs), data, h.hexdigest())
+    return EncodedTensors(specs, data, h.hexdigest())
 
 
 def decode(specs: Sequence[Spec], data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
@@ -138,6 +155,18 @@ def decode(specs: Sequence[Spec], data: bytes | bytearray | memoryview) -> dict[
         arr = np.frombuffer(data, dtype=s.numpy_dtype, count=s.numel, offset=offset).reshape(s.shape)
         out[s.name] = torch.from_numpy(arr.copy())
         offset += n
+    return out
+
+
+def decode_views(specs: Sequence[Spec], data: bytearray) -> dict[str, torch.Tensor]:
+    """Tensors that share ``data``'s memory (no copy); a tensor whose offset is not aligned to its element size
+    gets a copy. The caller hands ``data`` over: whoever writes to it changes the tensors."""
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for s in specs:
+        arr = np.frombuffer(data, dtype=s.numpy_dtype, count=s.numel, offset=offset).reshape(s.shape)
+        out[s.name] = torch.from_numpy(arr if offset % arr.itemsize == 0 else arr.copy())
+        offset += s.nbytes
     return out
 
 
@@ -191,7 +220,7 @@ class Assembler:
         self._filled = 0
         self._hasher = new_hasher(self.specs)
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk: bytes | bytearray | memoryview) -> None:
         if len(chunk) > self.limits.max_chunk_bytes:
             raise InvalidArgument(f"chunk of {len(chunk)} bytes exceeds the limit of {self.limits.max_chunk_bytes}")
         end = self._filled + len(chunk)
@@ -202,11 +231,12 @@ class Assembler:
         self._filled = end
 
     def finish(self) -> dict[str, torch.Tensor]:
+        """The verified tensors. They share the assembler's buffer (no copy): use the assembler no further."""
         if self._filled != self.total:
             raise InvalidArgument(f"stream ended after {self._filled} of {self.total} bytes")
         if self._hasher.hexdigest() != self.expected_sha256:
             raise InvalidArgument("digest mismatch: the received bytes do not hash to the manifest's sha256")
-        return decode(self.specs, self._buf)
+        return decode_views(self.specs, self._buf)
 
 
 def state_dict_float32(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -217,3 +247,61 @@ def state_dict_float32(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             raise ValueError(f"state entry {name!r} is {t.dtype}; tasks must keep every entry floating point")
         out[name] = t.detach().to(torch.float32).clone()
     return out
+
+
+class UpdateBuffer:
+    """A site's update, ``local - global`` as float32, written straight into its wire buffer.
+
+    One buffer per model shape, reused round after round: the subtraction writes into it (no intermediate tensors),
+    optional clipping scales it in place, and the upload streams slices of it. :meth:`encoded` hashes it once.
+    """
+
+    def __init__(self, specs: Sequence[Spec]) -> None:
+        if any(s.dtype != pb.DTYPE_FLOAT32 for s in specs):
+            raise ValueError("an update buffer holds float32 tensors only")
+        self.specs = tuple(specs)
+        self.data = bytearray(sum(s.nbytes for s in self.specs))
+        self.flat: torch.Tensor = (
+            torch.frombuffer(self.data, dtype=torch.float32) if self.data else torch.empty(0, dtype=torch.float32)
+        )
+        self._views: list[torch.Tensor] = []
+        offset = 0
+        for s in self.specs:
+            self._views.append(self.flat[offset : offset + s.numel].view(s.shape))
+            offset += s.numel
+
+    def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        return len(tensors) == len(self.specs) and all(
+            s.name in tensors and tuple(tensors[s.name].shape) == s.shape for s in self.specs
+        )
+
+    def write_delta(self, local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> None:
+        """``self = local - base``, tensor by tensor, in this buffer's order (``base``'s keys)."""
+        for s, out in zip(self.specs, self._views, strict=True):
+            t = local[s.name].detach()
+            if not torch.is_floating_point(t):
+                raise ValueError(f"state entry {s.name!r} is {t.dtype}; tasks must keep every entry floating point")
+            if t.dtype != torch.float32:
+                t = t.to(torch.float32)
+            torch.sub(t, base[s.name], out=out)
+
+    def _blocks(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.flat.numel(), _BLOCK):
+            yield self.flat[start : start + _BLOCK]
+
+    def l2_norm(self) -> float:
+        """The L2 norm, summed in float64 block by block (no model-sized float64 copy)."""
+        return math.sqrt(sum(float(part.double().square().sum()) for part in self._blocks()))
+
+    def scale(self, *factors: float) -> None:
+        """``self = float32(float64(self) * f1 * f2 ...)`` (one rounding to float32), block by block."""
+        for part in self._blocks():
+            scaled = part.double()
+            for f in factors:
+                scaled *= f
+            part.copy_(scaled)
+
+    def encoded(self) -> EncodedTensors:
+        h = new_hasher(self.specs)
+        h.update(self.data)
+        return EncodedTensors(self.specs, self.data, h.hexdigest())

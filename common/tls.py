@@ -54,14 +54,16 @@ def channel_credentials(files: TlsFiles, expect_role: Role) -> grpc.ChannelCrede
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
-def keepalive_options(heartbeat_interval_s: float) -> list[tuple[str, Any]]:
+def keepalive_options(heartbeat_interval_s: float, timeout_s: float | None = None) -> list[tuple[str, Any]]:
     """HTTP/2 keepalive: a ping every ``heartbeat_interval_s``, and the connection is dropped when one is not answered
-    within the same time. So a dead or frozen peer (or one behind a NAT that forgot the flow) is noticed within two
-    intervals; the coordinator passes half its heartbeat interval, so a site is dropped within one."""
+    within ``timeout_s`` (default: the same time). So a dead or frozen peer (or one behind a NAT that forgot the flow)
+    is noticed within interval + timeout. The coordinator pings every half heartbeat interval and waits
+    ``server.keepalive_timeout_s`` (two intervals by default): long enough for a loaded site or a lossy WAN link."""
     interval_ms = max(250, int(heartbeat_interval_s * 1000))
+    timeout_ms = interval_ms if timeout_s is None else max(250, int(timeout_s * 1000))
     return [
         ("grpc.keepalive_time_ms", interval_ms),
-        ("grpc.keepalive_timeout_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", min(interval_ms, 5000)),

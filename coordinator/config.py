@@ -58,6 +58,10 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     tls: TlsFiles | None = None
     heartbeat_interval_s: float = 5.0
+    # HTTP/2 keepalive: the coordinator pings every half heartbeat interval and closes a connection whose ping is not
+    # answered within this many seconds (None: two heartbeat intervals). This, not a late heartbeat, is what drops a
+    # site that has a task in hand, so it bounds how long a busy site may be frozen (swapped out, starved of CPU).
+    keepalive_timeout_s: float | None = None
     shutdown_grace_s: float = 5.0
     max_chunk_bytes: int = 4 << 20
     max_update_bytes: int = 2 << 30
@@ -69,6 +73,10 @@ class ServerConfig:
     join_global_rate_per_min: float = 600.0
     join_global_burst: int = 0
 
+    @property
+    def keepalive_timeout(self) -> float:
+        return self.keepalive_timeout_s if self.keepalive_timeout_s is not None else 2 * self.heartbeat_interval_s
+
     def check(self, path: str) -> None:
         where = path or "server"
         parse_address(self.listen, f"{where}.listen")
@@ -76,6 +84,8 @@ class ServerConfig:
             raise ConfigError(f"{where}.tls: required (ca, cert, key); Cohort has no insecure mode")
         if not 0.05 <= self.heartbeat_interval_s <= 600:
             raise ConfigError(f"{where}.heartbeat_interval_s: must be between 0.05 and 600 seconds")
+        if self.keepalive_timeout_s is not None and not 1 <= self.keepalive_timeout_s <= 3600:
+            raise ConfigError(f"{where}.keepalive_timeout_s: must be between 1 and 3600 seconds")
         if self.shutdown_grace_s < 0:
             raise ConfigError(f"{where}.shutdown_grace_s: must be >= 0")
         if not 1 << 16 <= self.max_chunk_bytes <= 64 << 20:
@@ -210,6 +220,9 @@ class JobConfig:
     # Over-selection (Bonawitz et al. 2019): pick ceil(k * (1 + over_selection)) sites for a round that needs k and
     # close it as soon as k have reported, so a few stragglers do not hold every round up to its deadline.
     over_selection: float = 0.0
+    # After the last round, a federated evaluation on the sites' test splits gives the job's test accuracy. Benches
+    # and batch runs that do not need it switch it off.
+    final_evaluation: bool = True
     params: TrainParamsConfig = field(default_factory=TrainParamsConfig)
     # The task's own parameters (model width, loss ...), checked against the schema the task declares when the
     # coordinator loads it; sent with every task, part of the job's identity (common/tasks/params.py).

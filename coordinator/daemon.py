@@ -52,7 +52,7 @@ class CoordinatorDaemon(Lifecycle):
             self.ops_http.start()
         coordinator = Federation(cfg, progress=self._progress)
         server = grpc.aio.server(
-            options=keepalive_options(cfg.server.heartbeat_interval_s / 2)
+            options=keepalive_options(cfg.server.heartbeat_interval_s / 2, cfg.server.keepalive_timeout)
             + message_options(cfg.server.max_chunk_bytes + (64 << 10))
         )
         add_service(server, "Federation", FederationServicer(coordinator))

@@ -78,11 +78,19 @@ class Federation:
 
     async def watch_liveness(self) -> None:
         """Drop sessions whose site stopped heartbeating: within one heartbeat interval, checked four times per
-        interval. The job hears of it at once (a dropout), and the site joins again when it is back."""
+        interval. The job hears of it at once (a dropout), and the site joins again when it is back.
+
+        Only idle sites are dropped this way: a site with a train or evaluate task in hand may be too busy to
+        heartbeat on time (Registry.silent); a dead connection ends its stream through HTTP/2 keepalive instead. A
+        check that itself ran late (this event loop was held up) drops nobody: the heartbeats that arrived meanwhile
+        may not have been processed yet."""
         interval = self.config.server.heartbeat_interval_s
         while not self.registry.closed.is_set():
+            before = time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.registry.closed.wait(), timeout=interval / 4)
+            if time.monotonic() - before > interval / 2:
+                continue
             for session in self.registry.silent(interval):
                 if self.registry.drop(session.site) is not None:
                     silent_s = time.time() - session.heard

@@ -84,3 +84,6 @@ class ParticipantConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: RecordPrivacyConfig = field(default_factory=RecordPrivacyConfig)
     http: HttpConfig = field(default_factory=HttpConfig)  # /healthz, /readyz (common/ops_http.py); off when empty
+    # Stop the daemon (exit code 0) once the coordinator says the job it serves has finished: for benches and batch
+    # runs. A long-running site leaves it off and waits for the next job.
+    exit_after_job: bool = False

@@ -1,7 +1,8 @@
 """The participant's link to the coordinator: one mutual-TLS channel, Join, the work stream and heartbeats.
 
 It never listens on a port. A session is Join -> WaitForWork (a server stream of work items and heartbeats). When
-the stream ends or goes silent past the heartbeat window, it reconnects with exponential backoff and full jitter.
+the stream ends or goes silent past the heartbeat window, it reconnects with exponential backoff and full jitter; a
+silent stream is not given up while the site has a task in hand (``busy``): it may just have been too busy to read.
 Permanent refusals (not on the allow-list, wrong task or schema, bad certificate) end it with the coordinator's
 message instead of retrying forever. Calls that may be retried go through :meth:`Connection.retrying`.
 """
@@ -48,8 +49,10 @@ class Connection:
         join_request: Callable[[], pb.JoinRequest],
         on_item: Callable[[pb.WorkItem], None],
         stop: asyncio.Event,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
+        self._busy = busy
         self._credentials = credentials
         self._join_request = join_request
         self._on_item = on_item
@@ -117,14 +120,24 @@ class Connection:
         stream = stub.WaitForWork(pb.WaitRequest(session_id=reply.session_id))
         window = 2 * reply.heartbeat_interval_s + 1.0
         beating = asyncio.create_task(self._heartbeats(stub, reply, stream), name="participant-heartbeat")
+        read: asyncio.Future[Any] | None = None
         try:
             while not self._stop.is_set():
+                read = read or asyncio.ensure_future(stream.read())
                 try:
-                    item = await asyncio.wait_for(stream.read(), timeout=window)
+                    # Shielded: cancelling a read would cancel the stream. While this site has a task in hand, a
+                    # silent stream is not given up (this site may just have been too busy to read it): the task's
+                    # transfers and HTTP/2 keepalive notice a dead coordinator.
+                    item = await asyncio.wait_for(asyncio.shield(read), timeout=window)
+                except TimeoutError:
+                    if self._busy():
+                        continue
+                    raise
                 except asyncio.CancelledError:
                     if beating.done() and not self._stop.is_set():
                         return  # _heartbeats ended the stream: the coordinator dropped this session
                     raise
+                read = None
                 if item is grpc.aio.EOF:
                     log.info("coordinator ended the work stream")
                     return
@@ -136,6 +149,8 @@ class Connection:
         finally:
             beating.cancel()
             stream.cancel()
+            if read is not None:
+                read.cancel()
 
     async def _heartbeats(self, stub: pb_grpc.FederationAsyncStub, reply: pb.JoinReply, stream: Any) -> None:
         """Tell the coordinator this site is alive, three times per heartbeat interval (it drops a site after one

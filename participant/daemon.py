@@ -96,7 +96,8 @@ class ParticipantDaemon(Lifecycle):
                 training_code_digest=code.training_code,
             )
 
-        self.connection = Connection(cfg, credentials, join_request, self._on_item, self._stop)
+        busy = lambda: self.work is not None and self.work.busy  # noqa: E731
+        self.connection = Connection(cfg, credentials, join_request, self._on_item, self._stop, busy=busy)
         self.secagg = SecAggSessions(self.connection, keys, lambda: self.site_id)
         self.work = Work(cfg, self.site, self.connection, self.secagg, budget)
         self._tasks = [
@@ -108,6 +109,8 @@ class ParticipantDaemon(Lifecycle):
     def _on_item(self, item: pb.WorkItem) -> None:
         assert self.work is not None
         self.work.dispatch(item)
+        if item.WhichOneof("kind") == "job_finished" and self.config.exit_after_job:
+            self._stop.set()  # run() then closes the daemon gracefully (exit code 0)
 
     async def _connect(self) -> None:
         assert self.connection is not None

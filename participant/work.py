@@ -61,6 +61,11 @@ class Work:
         self._optimizer_job = ""  # the job whose local optimizer state the site keeps (keep_optimizer_state)
         self._side: set[asyncio.Task[None]] = set()
 
+    @property
+    def busy(self) -> bool:
+        """A train or evaluate task is queued or running."""
+        return bool(self._pending)
+
     # -- what arrives on the work stream ------------------------------------------------------------------------
     def dispatch(self, item: pb.WorkItem) -> None:
         kind = item.WhichOneof("kind")
@@ -228,7 +233,7 @@ class Work:
         if task.HasField("secagg"):
             failpoints.hit("participant.masked_sent", round=task.round)
         log.info(
-            "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.2fs, train %.2fs, upload %.2fs",
+            "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.3fs, train %.3fs, upload %.3fs",
             task.round,
             local.result.num_samples,
             local.result.loss,

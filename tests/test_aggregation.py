@@ -41,7 +41,7 @@ def test_running_sum_is_the_weighted_mean(tmp_path: Path) -> None:
 def test_spool_refuses_tampering_and_leaves_nothing(tmp_path: Path) -> None:
     enc = encode({"w": torch.ones(1000)})
     spool = UpdateSpool(tmp_path / "x", enc.specs, len(enc.data), enc.sha256, max_chunk=4 << 20)
-    spool.write(enc.data[:-4] + b"\x00\x00\x80\x7f")  # last value replaced by +Inf
+    spool.write(bytes(enc.data[:-4]) + b"\x00\x00\x80\x7f")  # last value replaced by +Inf
     with pytest.raises(InvalidArgument, match="digest mismatch"):
         spool.finish()
     spool.discard()
@@ -49,10 +49,10 @@ def test_spool_refuses_tampering_and_leaves_nothing(tmp_path: Path) -> None:
 
     spool = UpdateSpool(tmp_path / "y", enc.specs, len(enc.data), enc.sha256, max_chunk=4 << 20)
     with pytest.raises(InvalidArgument, match="more than"):
-        spool.write(enc.data + b"1234")
+        spool.write(bytes(enc.data) + b"1234")
     spool.discard()
     spool = UpdateSpool(tmp_path / "z", enc.specs, len(enc.data), enc.sha256, max_chunk=4 << 20)
-    spool.write(enc.data[:100])
+    spool.write(bytes(enc.data[:100]))
     with pytest.raises(InvalidArgument, match="ended after"):
         spool.finish()
     spool.discard()
@@ -62,9 +62,9 @@ def test_spool_refuses_tampering_and_leaves_nothing(tmp_path: Path) -> None:
 def test_non_finite_updates_are_refused_while_spooling(tmp_path: Path) -> None:
     enc = encode({"w": torch.tensor([1.0, 3.0, float("nan"), 2.0])})
     spool = UpdateSpool(tmp_path / "nan", enc.specs, len(enc.data), enc.sha256, 4 << 20, Float32Values())
-    spool.write(enc.data[:6])  # the NaN is split across two chunks
+    spool.write(bytes(enc.data[:6]))  # the NaN is split across two chunks
     with pytest.raises(InvalidArgument, match="NaN or Inf"):
-        spool.write(enc.data[6:])
+        spool.write(bytes(enc.data[6:]))
     spool.discard()
     assert list(tmp_path.iterdir()) == []
 
@@ -77,7 +77,7 @@ def test_values_are_checked_in_the_same_pass_as_the_digest(tmp_path: Path) -> No
         values = Float32Values()
         spool = UpdateSpool(tmp_path / f"u{cut}", enc.specs, len(enc.data), enc.sha256, 4 << 20, values)
         for i in range(0, len(enc.data), cut):
-            spool.write(enc.data[i : i + cut])
+            spool.write(bytes(enc.data[i : i + cut]))
         spool.finish()
         assert values.l2_norm == pytest.approx(float(x.double().norm()), rel=1e-12)
 

@@ -383,7 +383,7 @@ def test_assembler_accepts_exactly_the_announced_stream(
         flipped[i] ^= 1 << data.draw(st.integers(0, 7))
         chunks = [bytes(flipped)]
     elif op == "truncate" and enc.data:
-        chunks = [enc.data[: data.draw(st.integers(0, len(enc.data) - 1))]]
+        chunks = [bytes(enc.data[: data.draw(st.integers(0, len(enc.data) - 1))])]
     elif op == "extend":
         chunks.append(data.draw(st.binary(min_size=1, max_size=9)))
     elif op == "drop_chunk" and chunks:
@@ -393,7 +393,7 @@ def test_assembler_accepts_exactly_the_announced_stream(
     elif op == "swap_chunks" and len(chunks) > 1 and chunks[0] != chunks[-1]:
         chunks[0], chunks[-1] = chunks[-1], chunks[0]
     elif op == "big_chunk":
-        chunks = [enc.data + bytes(LIMITS.max_chunk_bytes + 1)]
+        chunks = [bytes(enc.data) + bytes(LIMITS.max_chunk_bytes + 1)]
     intact = same(manifest, enc.manifest()) and b"".join(chunks) == enc.data
     try:
         asm = Assembler(manifest, LIMITS)

@@ -304,7 +304,7 @@ async def download(stub: pb_grpc.FederationAsyncStub, job_id: str, version: str)
 
 
 def upload(task: pb.TrainTask, enc: EncodedTensors, **header: object) -> tuple[pb.UpdateHeader, bytes]:
-    return update_header(task, enc, **({"train_seconds": 1.0} | header)), enc.data
+    return update_header(task, enc, **({"train_seconds": 1.0} | header)), bytes(enc.data)
 
 
 def secure_upload(task: pb.TrainTask, enc: EncodedTensors) -> tuple[pb.UpdateHeader, bytes]:
@@ -312,7 +312,7 @@ def secure_upload(task: pb.TrainTask, enc: EncodedTensors) -> tuple[pb.UpdateHea
     header = update_header(task, enc)
     header.num_samples, header.train_seconds = 0, 0.0
     header.metrics.clear()
-    return header, enc.data
+    return header, bytes(enc.data)
 
 
 def encoded(specs: Sequence[Spec], data: bytes) -> EncodedTensors:

@@ -30,6 +30,7 @@ CHANGES: list[tuple[str, dict[str, Any]]] = [
     ("", {"evaluate_every": 0}),  # 0 means never, not "unset"
     ("", {"max_round_retries": 0}),
     ("", {"over_selection": 0.25}),
+    ("", {"final_evaluation": False}),
     # Task parameters travel as canonical JSON: each value keeps its type (an int is not read back as a float).
     ("", {"task_params": {"hidden": 16, "loss": "focal", "pos_weight": 0.5, "balanced": True}}),
     ("params", {"local_epochs": 3}),

@@ -346,6 +346,19 @@ def test_evaluate_every_zero_never_evaluates_and_the_last_round_ends_with_the_te
     assert (finish.state, finish.detail) == (JobState.FINISHED, "completed 1 rounds")
 
 
+def test_without_the_final_evaluation_the_last_commit_finishes_the_job() -> None:
+    m = started(spec(evaluate_every=0, rounds=1, final_evaluation=False))
+    for s in ("s00", "s01", "s02"):
+        upload(m, s, header(1, 0))
+    out = aggregated(m, T0 + 3)
+    assert of(out, CommitRound)
+    assert sent(out, "evaluate") == {}
+    assert [u for u in of(out, UpdateJob) if "test_accuracy" in u.fields] == []
+    [finish] = of(out, FinishJob)
+    assert (finish.state, finish.detail) == (JobState.FINISHED, "completed 1 rounds")
+    assert of(out, Broadcast)[0].item.job_finished.job_id == m.job_id
+
+
 # -- dropouts, deadlines, over-selection ----------------------------------------------------------------------------
 
 
@@ -563,7 +576,7 @@ class Sites:
         rnd = self.m.round
         assert rnd is not None
         assert rnd.secagg is not None
-        rnd.secagg.server.receive_masked_chunks(site, [masked.data])  # what the runner's fold does
+        rnd.secagg.server.receive_masked_chunks(site, [bytes(masked.data)])  # what the runner's fold does
         h = header(rnd.number, rnd.attempt, enc=masked, samples=0, metrics={})
         specs = tuple(Spec(t.name, t.dtype, tuple(t.shape)) for t in h.manifest.tensors)
         return self.m.handle(UploadStarted(site, h, specs, now)) + self.m.handle(UploadVerified(site, h, now))
@@ -720,7 +733,7 @@ def test_a_secure_evaluation_yields_totals_only() -> None:
     out = []
     for s, (n, loss, acc) in results.items():
         masked = evals.sessions[s].masked_lanes(eval_lane_values(n, loss, acc))
-        ev.secure.sa.server.receive_masked_chunks(s, [masked.data])
+        ev.secure.sa.server.receive_masked_chunks(s, [bytes(masked.data)])
         h = header(1, ev.instance, enc=masked, samples=0, metrics={}, split="test", base_model_version=ev.version)
         specs = (ev.secure.sa.masked_spec,)
         out += m.handle(UploadStarted(s, h, specs, T0 + 11)) + m.handle(UploadVerified(s, h, T0 + 11))

@@ -184,7 +184,7 @@ def test_under_secure_aggregation_only_the_summed_histogram_is_seen() -> None:
         h = score_histogram(scores[part], y[part])
         n = len(y[part])
         masked = evals.sessions[s].masked_lanes(eval_lane_values(n, 0.2, 0.9) | score_lane_values(h))
-        ev.secure.sa.server.receive_masked_chunks(s, [masked.data])
+        ev.secure.sa.server.receive_masked_chunks(s, [bytes(masked.data)])
         hd = header(1, ev.instance, enc=masked, samples=0, metrics={}, split="test", base_model_version=ev.version)
         specs = (ev.secure.sa.masked_spec,)
         out += m.handle(UploadStarted(s, hd, specs, T0 + 11)) + m.handle(UploadVerified(s, hd, T0 + 11))

@@ -119,7 +119,7 @@ def run_phase(m: JobMachine, tasks: dict[str, pb.WorkItem], data: dict[str, np.n
     for s, x in data.items():
         lanes = statistics_lane_values(site_statistics(x, STATS), STATS, MAX_STATISTICS_ROWS)
         masked = helpers.sessions[s].masked_lanes(lanes)
-        ev.secure.sa.server.receive_masked_chunks(s, [masked.data])  # what the runner's fold does
+        ev.secure.sa.server.receive_masked_chunks(s, [bytes(masked.data)])  # what the runner's fold does
         h = header(0, ev.instance, enc=masked, samples=0, metrics={}, split=STATS_SPLIT, base_model_version=ev.version)
         specs = (ev.secure.sa.masked_spec,)
         out += m.handle(UploadStarted(s, h, specs, now + 4)) + m.handle(UploadVerified(s, h, now + 4))

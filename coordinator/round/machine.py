@@ -318,8 +318,10 @@ class JobMachine:
             number, attempt = self._pending_eval
             self._pending_eval = None
             self._open_evaluation(now, number, attempt, "val")
-        elif self.number > self.spec.rounds:
+        elif self.number > self.spec.rounds and self.spec.final_evaluation:
             self._open_evaluation(now, self.spec.rounds, 0, "test")
+        elif self.number > self.spec.rounds:
+            self._finish(JobState.FINISHED, f"completed {self.spec.rounds} rounds")
         else:
             self._wait(now)
 

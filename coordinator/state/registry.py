@@ -2,7 +2,8 @@
 
 One session per site (a new Join replaces the old one). A site counts as connected while its WaitForWork stream
 is open; the job runner is told when a site connects or goes away, including when its session is dropped because
-its certificate was revoked (coordinator/denylist.py).
+its certificate was revoked (coordinator/denylist.py) or because it went silent (:meth:`Registry.silent`: an idle
+site that stopped heartbeating; a site with a task in hand is left to HTTP/2 keepalive and the task's deadline).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class Session:
     heard: float = 0.0  # when the site last proved it is alive (attach or Heartbeat)
     beats: bool = False  # it sends Heartbeat calls (a client that never does is watched by HTTP/2 keepalive only)
     cert: CertRef | None = None  # the certificate the site joined with (revocation by serial or fingerprint)
+    # Until when (wall clock) the site has work in hand: the deadline of the last train or evaluate task sent to it.
+    # Meanwhile a late heartbeat does not drop it (a busy site is not a dead one); its connection's HTTP/2
+    # keepalive and the task's deadline still do.
+    busy_until: float = 0.0
 
     @property
     def connected(self) -> bool:
@@ -121,9 +126,13 @@ class Registry:
         return True
 
     def silent(self, ttl: float) -> list[Session]:
-        """Connected, heartbeating sessions not heard from for more than ``ttl`` seconds."""
+        """Connected, heartbeating sessions not heard from for more than ``ttl`` seconds and with no work in hand."""
         now = self._clock()
-        return [s for s in self._sessions.values() if s.connected and s.beats and now - s.heard > ttl]
+        return [
+            s
+            for s in self._sessions.values()
+            if s.connected and s.beats and now - s.heard > ttl and now >= s.busy_until
+        ]
 
     def touch(self, site: str) -> None:
         session = self._sessions.get(site)
@@ -141,6 +150,9 @@ class Registry:
         if session is None or not session.connected:
             return False
         session.queue.put_nowait(item)
+        kind = item.WhichOneof("kind")
+        if kind == "train" or kind == "evaluate":
+            session.busy_until = max(session.busy_until, getattr(item, kind).deadline_unix)
         return True
 
     def close_all(self) -> None:

@@ -1350,6 +1350,7 @@ class JobSpec(_message.Message):
     TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
     STANDARDIZE_FIELD_NUMBER: _builtins.int
+    FINAL_EVALUATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """task plug-in name, e.g. "breast_cancer" """
@@ -1370,6 +1371,8 @@ class JobSpec(_message.Message):
     """ask ceil(k * (1 + x)) sites, close the round when k reported (0: off)"""
     task_params_json: _builtins.str
     """the task's parameters, a JSON object of scalars checked by its schema"""
+    final_evaluation: _builtins.bool
+    """after the last round, evaluate on the sites' test splits (unset: true)"""
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -1404,13 +1407,16 @@ class JobSpec(_message.Message):
         task_params_json: _builtins.str | None = ...,
         strategy: Global___StrategySpec | None = ...,
         standardize: Global___StandardizeSpec | None = ...,
+        final_evaluation: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "standardize", b"standardize", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "standardize", b"standardize", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "standardize", b"standardize", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every", "_final_evaluation", b"_final_evaluation", "_fraction", b"_fraction", "_max_round_retries", b"_max_round_retries", "_min_available_sites", b"_min_available_sites", "_min_sites", b"_min_sites", "_name", b"_name", "_over_selection", b"_over_selection", "_round_timeout_s", b"_round_timeout_s", "_rounds", b"_rounds", "_task", b"_task", "_task_params_json", b"_task_params_json", "_wait_for_sites_s", b"_wait_for_sites_s", "evaluate_every", b"evaluate_every", "final_evaluation", b"final_evaluation", "fraction", b"fraction", "max_round_retries", b"max_round_retries", "min_available_sites", b"min_available_sites", "min_sites", b"min_sites", "name", b"name", "over_selection", b"over_selection", "params", b"params", "privacy", b"privacy", "round_timeout_s", b"round_timeout_s", "rounds", b"rounds", "secure_aggregation", b"secure_aggregation", "standardize", b"standardize", "strategy", b"strategy", "task", b"task", "task_params_json", b"task_params_json", "wait_for_sites_s", b"wait_for_sites_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__evaluate_every: _TypeAlias = _typing.Literal["evaluate_every"]  # noqa: Y015
     _WhichOneofArgType__evaluate_every: _TypeAlias = _typing.Literal["_evaluate_every", b"_evaluate_every"]  # noqa: Y015
+    _WhichOneofReturnType__final_evaluation: _TypeAlias = _typing.Literal["final_evaluation"]  # noqa: Y015
+    _WhichOneofArgType__final_evaluation: _TypeAlias = _typing.Literal["_final_evaluation", b"_final_evaluation"]  # noqa: Y015
     _WhichOneofReturnType__fraction: _TypeAlias = _typing.Literal["fraction"]  # noqa: Y015
     _WhichOneofArgType__fraction: _TypeAlias = _typing.Literal["_fraction", b"_fraction"]  # noqa: Y015
     _WhichOneofReturnType__max_round_retries: _TypeAlias = _typing.Literal["max_round_retries"]  # noqa: Y015
@@ -1435,6 +1441,8 @@ class JobSpec(_message.Message):
     _WhichOneofArgType__wait_for_sites_s: _TypeAlias = _typing.Literal["_wait_for_sites_s", b"_wait_for_sites_s"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__evaluate_every) -> _WhichOneofReturnType__evaluate_every | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__final_evaluation) -> _WhichOneofReturnType__final_evaluation | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__fraction) -> _WhichOneofReturnType__fraction | None: ...
     @_typing.overload
