@@ -304,6 +304,29 @@ async def test_uploads_in_flight_at_a_crash_are_taken_by_the_reopened_round_with
     assert_each_round_counted_once(run)
 
 
+async def test_a_fedbuff_buffer_keeps_its_accepted_updates_across_a_crash(
+    tmp_path: Path, pki: Pki, site_data: dict[str, Path]
+) -> None:
+    """Asynchronous rounds: the coordinator dies right after the first update of version 2's buffer is accepted. The
+    buffer is reopened with that update (counted once, with its recorded staleness) and the job finishes; which sites
+    fill a buffer depends on timing, so there is no bit-identical twin run to compare with."""
+    fedbuff = {"strategy": {"mode": "async", "buffer_size": 2, "max_staleness": 2}, "min_sites": 2, "evaluate_every": 0}
+    run = make_run(tmp_path / "run", pki, fedbuff)
+    await federate(run, pki, site_data, crashes=("coordinator.upload_accepted@2",))
+    job = run.job()
+    assert job["state"] == "finished", job["detail"]
+    assert "job_resumed" in run.audit_kinds()
+    completed = [r for r in run.rounds() if r["state"] == "completed"]
+    assert [r["round"] for r in completed] == [1, 2]
+    for r in completed:
+        ups = [u for u in run.uploads() if (u["round"], u["attempt"]) == (r["round"], r["attempt"])]
+        assert len(ups) >= 2
+        assert len({u["site"] for u in ups}) == len(ups)  # each site once in a buffer
+        assert sorted(json.loads(r["reported"])) == sorted(u["site"] for u in ups)
+        assert all("staleness" in json.loads(u["metrics"]) for u in ups)
+    assert not list((run.state / "spool").rglob("*.part"))
+
+
 async def test_an_evaluation_after_a_damaged_checkpoint_counts_the_reports_it_had(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, pki: Pki, site_data: dict[str, Path]
 ) -> None:
