@@ -128,6 +128,7 @@ class JoinRequest(_message.Message):
     TASK_VERSION_FIELD_NUMBER: _builtins.int
     TASK_CODE_DIGEST_FIELD_NUMBER: _builtins.int
     TRAINING_CODE_DIGEST_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     task_digest: _builtins.str
     """"sha256:<hex>" of the task code installed at the site"""
@@ -142,6 +143,10 @@ class JoinRequest(_message.Message):
     """"sha256:<hex>" of the task's own modules and its version"""
     training_code_digest: _builtins.str
     """"sha256:<hex>" of the Cohort training code (common.tasks) it uses"""
+    instance: _builtins.str
+    """This daemon process ("host pid N", plus a random tag), so that a second daemon started with the same site
+    identity is told apart from a reconnect of the first. Shown to operators only; identity is the certificate's.
+    """
     def __init__(
         self,
         *,
@@ -152,10 +157,11 @@ class JoinRequest(_message.Message):
         task_version: _builtins.str = ...,
         task_code_digest: _builtins.str = ...,
         training_code_digest: _builtins.str = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_code_digest", b"task_code_digest", "task_digest", b"task_digest", "task_name", b"task_name", "task_version", b"task_version", "training_code_digest", b"training_code_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_code_digest", b"task_code_digest", "task_digest", b"task_digest", "task_name", b"task_name", "task_version", b"task_version", "training_code_digest", b"training_code_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
