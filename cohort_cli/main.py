@@ -176,7 +176,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, kit_cmd, privacy_cmd, task_cmd
+    from cohort_cli import certs_cmd, data_cmd, kit_cmd, model_cmd, privacy_cmd, task_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     privacy_cmd.register(sub)
     task_cmd.register(sub)
     kit_cmd.register(sub)
+    model_cmd.register(sub, _add_admin_args)
 
     p = sub.add_parser("demo", help="run a federation on this machine: 5 hospitals, or 4 banks (--use-case fraud)")
     p.add_argument(

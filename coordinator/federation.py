@@ -62,6 +62,7 @@ class Federation:
             limits=self.limits,
             ca_certs=load_ca_certs(server.tls.ca),  # verifies sites' signed secure-aggregation keys
             progress=progress,
+            keep_models=config.state.keep_models,
         )
 
     @property
