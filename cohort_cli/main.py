@@ -56,7 +56,13 @@ def _cmd_participant(args: argparse.Namespace) -> int:
     cfg = config_loader.load(
         pc.ParticipantConfig, args.config, env=os.environ, env_prefix=pc.ENV_PREFIX, overrides=args.overrides
     )
-    return asyncio.run(run(cfg))
+    rc = asyncio.run(run(cfg))
+    # The daemon has closed (its ledger and state are on disk). Exit now: the interpreter's own finalization can hang
+    # in gRPC's garbage collection after a busy session, past an orchestrator's stop timeout (then SIGKILL).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _endpoint(args: argparse.Namespace) -> object:
