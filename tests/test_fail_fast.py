@@ -161,20 +161,8 @@ async def test_a_second_coordinator_on_a_used_port_fails_clearly(
 @pytest.mark.slow
 def test_a_used_port_and_state_dir_from_the_command_line(pki: Pki, tmp_path: Path) -> None:
     config = coordinator_yaml(pki, tmp_path / "c.yaml", tmp_path / "state")
-    ready = tmp_path / "addr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cohort_cli", "coordinator", "--config", str(config), "--ready-file", str(ready)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, address = _coordinator_process(config, tmp_path / "addr")
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        address = ready.read_text().strip()
         line = one_line_error(cohort("coordinator", "--config", str(config)), "coordinator")
         assert f"is in use by another coordinator (pid {proc.pid})" in line
         other = coordinator_yaml(pki, tmp_path / "c2.yaml", tmp_path / "state2", listen=address)
@@ -192,14 +180,7 @@ def test_a_requested_stop_exits_0_after_a_failed_job(pki: Pki, tmp_path: Path) -
     # No site ever connects: the job fails after its short wait; the coordinator keeps serving.
     with config.open("a") as f:
         f.write("job: {task: breast_cancer, rounds: 1, min_sites: 1, wait_for_sites_s: 0.2}\n")
-    ready = tmp_path / "addr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cohort_cli", "coordinator", "--config", str(config), "--ready-file", str(ready)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc, _ = _coordinator_process(config, tmp_path / "addr")
     try:
         from coordinator.state.store import SqliteStore
 
@@ -207,17 +188,16 @@ def test_a_requested_stop_exits_0_after_a_failed_job(pki: Pki, tmp_path: Path) -
         while True:
             assert proc.poll() is None
             assert time.monotonic() < deadline
-            if ready.exists():
-                store = SqliteStore(tmp_path / "state" / "coordinator.db")
-                jobs = store.jobs()
-                store.close()
-                if jobs and jobs[-1]["state"] == "failed":
-                    break
+            store = SqliteStore(tmp_path / "state" / "coordinator.db")
+            jobs = store.jobs()
+            store.close()
+            if jobs and jobs[-1]["state"] == "failed":
+                break
             time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0, out
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
 
 
 # -- a site --------------------------------------------------------------------------------------------------------
