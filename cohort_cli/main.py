@@ -57,7 +57,13 @@ def _cmd_participant(args: argparse.Namespace) -> int:
     cfg = config_loader.load(
         pc.ParticipantConfig, args.config, env=os.environ, env_prefix=pc.ENV_PREFIX, overrides=overrides
     )
-    return asyncio.run(run(cfg))
+    rc = asyncio.run(run(cfg))
+    # The daemon has closed (its ledger and state are on disk). Exit now: the interpreter's own finalization can hang
+    # in gRPC's garbage collection after a busy session, past an orchestrator's stop timeout (then SIGKILL).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def _endpoint(args: argparse.Namespace) -> object:
@@ -177,7 +183,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, kit_cmd, privacy_cmd, simulate_cmd, task_cmd
+    from cohort_cli import certs_cmd, data_cmd, kit_cmd, model_cmd, privacy_cmd, simulate_cmd, task_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -209,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     task_cmd.register(sub)
     kit_cmd.register(sub)
     simulate_cmd.register(sub)
+    model_cmd.register(sub, _add_admin_args)
 
     p = sub.add_parser("demo", help="run a federation on this machine: 5 hospitals, or 4 banks (--use-case fraud)")
     p.add_argument(

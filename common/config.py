@@ -202,19 +202,39 @@ def load(
 ) -> T:
     """Load ``cls`` from defaults, a YAML file, environment variables and ``key.path=value`` overrides."""
     tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    origins: dict[str, str] = {}  # key path -> the environment variable or --set flag that set it
     if env_prefix and env:
         for name in sorted(env):
             if name.startswith(env_prefix):
                 dotted = name[len(env_prefix) :].lower().replace("__", ".")
                 _set_in(tree, dotted, _parse_scalar(env[name]), f"environment variable {name}")
+                origins[dotted] = f"environment variable {name}"
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         _set_in(tree, key.strip(), _parse_scalar(raw), f"--set {item!r}")
+        origins[key.strip()] = f"--set {item}"
     try:
         return build(cls, tree)
     except ConfigError as exc:
+        origin = _origin_of(str(exc), origins)
+        if origin is not None:
+            raise ConfigError(f"{origin}: {exc}") from None
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None
         raise
+
+
+def _origin_of(message: str, origins: Mapping[str, str]) -> str | None:
+    """The environment variable or ``--set`` flag that set the key an error names (its leading ``key.path:``), so
+    the operator is sent to what they typed rather than to the YAML file; None when the file set it."""
+    named = message.partition(": ")[0]
+    best: tuple[int, str] | None = None
+    for key, origin in origins.items():
+        # The value itself (``server.port``), something inside it (``server.tls.ca``, ``sites[2]``), or the key the
+        # error is about lies inside what was set (an unknown key under a mapping given whole).
+        inside = named == key or named.startswith((f"{key}.", f"{key}["))
+        if inside and (best is None or len(key) > best[0]):
+            best = (len(key), origin)
+    return best[1] if best is not None else None

@@ -272,6 +272,8 @@ class CoreLogFilter:
             self._pending = _Record(False, [line])
         elif self.consume and message.strip() == f"gRPC Tracers: {TRACER}":
             pass  # gRPC's start-up note that the tracer is on: we turned it on, the operator did not ask
+        elif self.consume and source == "add_port.cc" and message.startswith("Failed to add port"):
+            pass  # a bind failure: the coordinator reports it in one line naming server.listen (rpc/listen.py)
         elif self._passes(level):
             out.append(line)
         return out, events

@@ -275,12 +275,26 @@ class JobConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """What the coordinator keeps in ``state_dir`` (coordinator/state/retention.py)."""
+
+    # Model files per job: the last N completed rounds' models (and server-optimizer moments) plus the best one by
+    # validation accuracy. 0 keeps every round's model.
+    keep_models: int = 0
+
+    def check(self, path: str) -> None:
+        if self.keep_models < 0:
+            raise ConfigError(f"{path}.keep_models: 0 (keep all) or more, got {self.keep_models}")
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     federation: FederationConfig
     server: ServerConfig = field(default_factory=ServerConfig)
     state_dir: Path = Path("state/coordinator")
     job: JobConfig | None = None  # started at boot when given; otherwise an admin starts one
     http: HttpConfig = field(default_factory=HttpConfig)  # /healthz, /readyz (common/ops_http.py); off when empty
+    state: StateConfig = field(default_factory=StateConfig)  # retention of model files
 
     def check(self, path: str) -> None:
         if self.server.tls is None:

@@ -15,12 +15,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common import files
 from common.lifecycle import Lifecycle, Status, install_stop_handlers
 from common.ops_http import OpsHttpServer
-from common.settings import parse_address
 from common.tls import keepalive_options, message_options, server_credentials
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.round.runner import ProgressHook
 from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
+from coordinator.rpc.listen import NO_REUSEPORT, bind, resolve
 from coordinator.rpc.servicer import AdminServicer, FederationServicer
 from coordinator.rpc.wire import add_service
 
@@ -47,6 +47,7 @@ class CoordinatorDaemon(Lifecycle):
         cfg = self.config
         assert cfg.server.tls is not None  # checked when the config was loaded
         credentials = server_credentials(cfg.server.tls, federation=cfg.federation.name)
+        host, _ = resolve(cfg.server.listen)  # a host that does not resolve: one line, before anything opens
         if cfg.http.enabled:  # after the certificate checks, before the store opens: /healthz during a long resume
             self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
             self.ops_http.start()
@@ -54,15 +55,19 @@ class CoordinatorDaemon(Lifecycle):
         server = grpc.aio.server(
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2, cfg.server.keepalive_timeout)
             + message_options(cfg.server.max_chunk_bytes + (64 << 10))
+            + NO_REUSEPORT
         )
         add_service(server, "Federation", FederationServicer(coordinator))
         add_service(server, "Admin", AdminServicer(coordinator))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        host, _ = parse_address(cfg.server.listen, "server.listen")
-        port = server.add_secure_port(cfg.server.listen, credentials)
-        if port == 0:
-            raise OSError(f"cannot listen on {cfg.server.listen}")
+        try:
+            port = bind(server, cfg.server.listen, credentials)
+        except BaseException:
+            coordinator.close()  # the store and the state_dir lock: nothing was served
+            if self.ops_http is not None:
+                self.ops_http.close()
+            raise
         self._handshakes = await watch_handshakes(coordinator.store.audit, port)
         await server.start()
         for name in ("", *SERVICES):
@@ -134,5 +139,7 @@ async def run(config: CoordinatorConfig, ready_file: Path | None = None, exit_wh
     for w in waiters:
         w.cancel()
     await daemon.close("signal" if stop.is_set() else "job finished")
+    if stop.is_set():
+        return 0  # a requested stop is a success whatever the last job did (systemd must not mark the unit failed)
     runner = daemon.coordinator.runner
     return 0 if runner is None or runner.state in ("finished", "running", "stopped", "interrupted") else 1

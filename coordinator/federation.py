@@ -18,6 +18,7 @@ from coordinator.round.runner import JobRunner, ProgressHook
 from coordinator.round.secagg import load_ca_certs
 from coordinator.rpc.denylist import Revocations
 from coordinator.rpc.ratelimit import AuditThrottle, JoinLimiter
+from coordinator.state.lock import StateLock
 from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Registry
 from coordinator.state.store import SqliteStore
@@ -30,9 +31,14 @@ class Federation:
         self.config = config
         self.allowed = frozenset(config.federation.sites)
         state = files.private_tree(config.state_dir, "state_dir")  # owner-only; refused if others may write it
+        self.lock = StateLock(state).acquire()  # one coordinator per state_dir, before anything there is opened
         self.registry = Registry()
         fed, server = config.federation, config.server
-        deny = Revocations.initial(fed.deny_list)  # before the store opens: a broken file stops the start-up
+        try:
+            deny = Revocations.initial(fed.deny_list)  # before the store opens: a broken file stops the start-up
+        except BaseException:
+            self.lock.release()
+            raise
         self.store = SqliteStore(state / "coordinator.db")
         self.models = ModelStore(state / "models")
         self.spool_root = state / "spool"
@@ -56,6 +62,7 @@ class Federation:
             limits=self.limits,
             ca_certs=load_ca_certs(server.tls.ca),  # verifies sites' signed secure-aggregation keys
             progress=progress,
+            keep_models=config.state.keep_models,
         )
 
     @property
@@ -108,3 +115,4 @@ class Federation:
     def close(self) -> None:
         """Second half, after the server stopped: nothing can reach the store any more."""
         self.store.close()
+        self.lock.release()

@@ -22,8 +22,10 @@ from coordinator.config import JobConfig
 from coordinator.round.events import JobState
 from coordinator.round.identity import JobIdentity
 from coordinator.round.machine import JobMachine, JobSetup
+from coordinator.round.model_meta import job_metadata
 from coordinator.round.privacy import JobPrivacy
 from coordinator.round.runner import JobRunner, ProgressHook
+from coordinator.state import retention
 from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Registry
 from coordinator.state.resume import CannotResume, ResumePoint, plan_resume
@@ -46,12 +48,14 @@ class Jobs:
         ca_certs: list[x509.Certificate],
         progress: ProgressHook | None = None,
         clock: Callable[[], float] = time.time,
+        keep_models: int = 0,
     ) -> None:
         self.allowed = allowed
         self.clock = clock  # what every event's time comes from: the wall clock, or a simulation's (simulation/)
         self.store, self.models, self.registry = store, models, registry
         self.spool_root, self.limits, self.ca_certs = spool_root, limits, ca_certs
         self.progress = progress
+        self.keep_models = keep_models  # state.keep_models (coordinator/state/retention.py)
         # Server optimizer moments, content-addressed like the models and named by the round that committed them.
         self.strategy_files = ModelStore(models.root.parent / "strategy", "state_dir/strategy")
         self.current: JobRunner | None = None
@@ -108,8 +112,8 @@ class Jobs:
             )
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         tensors = state_dict_float32(configured.build_model(seed=spec.params.seed))
-        model = self.models.save(tensors, {"job": job_id, "round": "0"})
         identity = JobIdentity.of(task, spec.task_params)  # the installed task's code, and the job's parameters
+        model = self.models.save(tensors, job_metadata(job_id, spec, identity, task.name))
         task = configured
         self.store.create_job(job_id, spec.name, asdict(spec) | {"identity": asdict(identity)}, model.version)
         self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
@@ -219,6 +223,11 @@ class Jobs:
         runner.machine.privacy.model_numel = sum(s.numel for s in runner.global_specs)
         self.current = runner
         self.runners[runner.job_id] = runner
+        if self.keep_models > 0:
+            strategy = runner.spec.strategy
+            keep = max(self.keep_models, strategy.max_staleness + 1 if strategy.mode == "async" else 0)
+            job_id = runner.job_id
+            runner.after_commit = lambda: retention.prune(self.store, self.models, self.strategy_files, job_id, keep)
         self._task = asyncio.get_running_loop().create_task(runner.run(), name=f"job-{runner.job_id}")
         return runner
 

@@ -24,6 +24,7 @@ from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
 from common.tls import keepalive_options, message_options
 from participant.config import ParticipantConfig
+from participant.tls_check import MAX_TLS_FAILURES, diagnose, tls_mismatch
 
 log = logging.getLogger("cohort.participant")
 
@@ -35,6 +36,7 @@ FATAL_CODES = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.ALREADY_EXISTS,  # "duplicate session": another daemon with this site identity took over
     }
 )
 
@@ -63,6 +65,8 @@ class Connection:
         self._stub: pb_grpc.FederationAsyncStub | None = None
         self._channel: grpc.aio.Channel | None = None
         self._backoff = Backoff(config.reconnect.initial_backoff_s, config.reconnect.max_backoff_s)
+        self._tls_failures = 0  # consecutive attempts refused on the coordinator's certificate
+        self._displaced: str | None = None  # the coordinator's word that another daemon replaced this one
 
     @property
     def stub(self) -> pb_grpc.FederationAsyncStub:
@@ -101,9 +105,12 @@ class Connection:
             hint = 0.0
             try:
                 await self._session(stub)
+                if self._displaced is not None:
+                    return self._displaced
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL_CODES:
                     return f"coordinator refused this site ({exc.code().name}): {exc.details()}"
+                await self._count_tls_failure(exc)
                 log.warning("connection to coordinator lost (%s: %s); reconnecting", exc.code().name, exc.details())
                 hint = retry_after_s(exc)
             except TimeoutError:
@@ -145,12 +152,25 @@ class Connection:
                 if not self.joined.is_set():
                     self.joined.set()
                     self._backoff.reset()
+                    self._tls_failures = 0
                 self._on_item(item)
         finally:
             beating.cancel()
             stream.cancel()
             if read is not None:
                 read.cancel()
+
+    async def _count_tls_failure(self, exc: grpc.aio.AioRpcError) -> None:
+        """A refused coordinator certificate is retried :data:`MAX_TLS_FAILURES` times, then a ConfigError."""
+        kind = tls_mismatch(exc.details() or "") if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+        if kind is None:
+            self._tls_failures = 0
+            return
+        self._tls_failures += 1
+        if self._tls_failures >= MAX_TLS_FAILURES:
+            cfg = self.config.coordinator
+            details = exc.details() or ""
+            raise await asyncio.to_thread(diagnose, cfg.address, cfg.server_name, self.config.tls, kind, details)
 
     async def _heartbeats(self, stub: pb_grpc.FederationAsyncStub, reply: pb.JoinReply, stream: Any) -> None:
         """Tell the coordinator this site is alive, three times per heartbeat interval (it drops a site after one
@@ -163,6 +183,10 @@ class Connection:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.info("coordinator no longer knows this session (%s); joining again", exc.details())
+                    stream.cancel()
+                    return
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:  # a duplicate daemon won: stop, do not rejoin
+                    self._displaced = f"coordinator refused this site ({exc.code().name}): {exc.details()}"
                     stream.cancel()
                     return
                 log.debug("heartbeat not delivered: %s", exc.code().name)

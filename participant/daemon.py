@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import secrets
+import socket
 
 import torch
 
 from common.certs import Role
+from common.errors import ConfigError
 from common.lifecycle import Lifecycle, Status
 from common.ops_http import OpsHttpServer
 from common.proto.cohort.v1 import cohort_pb2 as pb
@@ -32,6 +36,9 @@ from participant.work import Work, WorkKey
 
 log = logging.getLogger("cohort.participant")
 
+# This process, as the coordinator's duplicate-session message names it to operators (not an identity).
+INSTANCE = f"{socket.gethostname()} pid {os.getpid()} {secrets.token_hex(2)}"
+
 
 class ParticipantDaemon(Lifecycle):
     def __init__(self, config: ParticipantConfig, task: Task | None = None) -> None:
@@ -40,6 +47,7 @@ class ParticipantDaemon(Lifecycle):
         self.task = task
         self.site: Site | None = None
         self.error: str | None = None
+        self.config_error: ConfigError | None = None  # a setting that cannot work (the coordinator's certificate)
         self.connection: Connection | None = None
         self.work: Work | None = None
         self.secagg: SecAggSessions | None = None
@@ -79,7 +87,10 @@ class ParticipantDaemon(Lifecycle):
             if cfg.privacy.enabled
             else None
         )
-        task = self.task or load_task(cfg.task)
+        try:
+            task = self.task or load_task(cfg.task)
+        except ValueError as exc:  # an unknown name or a malformed dotted path: a config mistake, one line
+            raise ConfigError(f"task: {exc}") from None
         data = await asyncio.to_thread(task.load_data, cfg.data_dir)
         self.task, self.site = task, Site(task, data)
         code = task_code.compute(task)
@@ -94,6 +105,7 @@ class ParticipantDaemon(Lifecycle):
                 task_version=code.version,
                 task_code_digest=code.task_code,
                 training_code_digest=code.training_code,
+                instance=INSTANCE,
             )
 
         busy = lambda: self.work is not None and self.work.busy  # noqa: E731
@@ -114,7 +126,10 @@ class ParticipantDaemon(Lifecycle):
 
     async def _connect(self) -> None:
         assert self.connection is not None
-        error = await self.connection.run()
+        try:
+            error = await self.connection.run()
+        except ConfigError as exc:
+            self.config_error, error = exc, str(exc)
         if error is not None:
             self.error = error
             self.status = Status.FAILED
@@ -159,4 +174,6 @@ async def run(config: ParticipantConfig) -> int:
         w.cancel()
     error = daemon.error
     await daemon.close("signal" if stop.is_set() else "stopped")
+    if daemon.config_error is not None:
+        raise daemon.config_error  # one line, exit 2: `cohort participant: error: ...`
     return 1 if error else 0

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from common.errors import CohortError, FailedPrecondition, PermissionDenied
+from common.errors import AlreadyExists, CohortError, FailedPrecondition, PermissionDenied
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, specs_from_manifest
 from common.tls import CertRef
@@ -48,8 +48,10 @@ def join(caller: CertRef, req: pb.JoinRequest, state: Federation) -> pb.JoinRepl
         if mismatch is not None:
             state.store.audit("join_refused", site, reason=mismatch)
             raise FailedPrecondition(f"site {site!r} does not fit job {runner.job_id}: {mismatch}")
-    session = state.registry.join(site, decl, caller)
+    session = state.registry.join(site, decl, caller, req.instance)
     state.store.audit("join", site, task=req.task_name, version=req.software_version)
+    if session.displaced:
+        duplicate_session(site, session.displaced, req.instance, state)
     return pb.JoinReply(
         session_id=session.session_id,
         heartbeat_interval_s=state.config.server.heartbeat_interval_s,
@@ -73,6 +75,7 @@ async def work_stream(caller: CertRef, req: pb.WaitRequest, state: Federation) -
             except TimeoutError:
                 item = pb.WorkItem(heartbeat=pb.Heartbeat(server_time=time.time()))
             if item is None:
+                refuse_if_displaced(site, session.session_id, state)
                 return
             state.registry.touch(site)
             yield item
@@ -80,8 +83,31 @@ async def work_stream(caller: CertRef, req: pb.WaitRequest, state: Federation) -
         state.registry.detach(session)
 
 
+def duplicate_session(site: str, loser: str, winner: str, state: Federation) -> None:
+    """A second daemon joined with the identity of a connected site: the newer session won; say so once."""
+    state.store.audit("duplicate_session", site, winner=winner, replaced=loser)
+    log.warning(
+        "duplicate session for site %s: daemon %s joined while %s was connected; the newer one (%s) won and the "
+        "other is told to stop",
+        site,
+        winner,
+        loser,
+        winner,
+    )
+
+
+def refuse_if_displaced(site: str, session_id: str, state: Federation) -> None:
+    winner = state.registry.displaced_by(site, session_id)
+    if winner is not None:
+        raise AlreadyExists(
+            f"duplicate session: another daemon with site identity {site!r} ({winner}) joined and replaced this "
+            "one; run one participant daemon per site"
+        )
+
+
 def heartbeat(caller: CertRef, req: pb.HeartbeatRequest, state: Federation) -> pb.Ack:
     if not state.registry.heartbeat(caller.name, req.session_id):
+        refuse_if_displaced(caller.name, req.session_id, state)
         raise FailedPrecondition("unknown or replaced session; call Join again")
     return pb.Ack()
 

@@ -59,6 +59,7 @@ from coordinator.round.events import (
     UploadVerified,
 )
 from coordinator.round.machine import JobMachine
+from coordinator.round.model_meta import round_metadata
 from coordinator.round.privacy import JobPrivacy
 from coordinator.round.records import RoundAttempt
 from coordinator.state.model_store import ModelStore
@@ -100,6 +101,7 @@ class JobRunner:
         self.store, self.models, self.registry = store, models, registry
         self.spool_root, self.limits = spool_root, limits
         self.progress = progress or (lambda line: log.info("%s", line))
+        self.after_commit: Callable[[], object] | None = None  # set by Jobs: the retention of model files
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -313,6 +315,8 @@ class JobRunner:
         if action.site_epsilon:
             self.store.update_job(self.job_id, site_epsilon=json.dumps(action.site_epsilon, sort_keys=True))
         self._forget_spool(action.number, action.attempt)
+        if self.after_commit is not None:
+            self.after_commit()
 
     def spool_of(self, number: int, attempt: int) -> Path:
         """Where an attempt's uploads are spooled."""
@@ -340,7 +344,8 @@ class JobRunner:
             else:
                 delta, report = await asyncio.to_thread(self._fold, action)
             new, optimizer, ref = await asyncio.to_thread(self._step, delta, action.number)
-            encoded = await asyncio.to_thread(self.models.save, new, {"job": self.job_id, "round": str(action.number)})
+            meta = round_metadata(self.machine, action.number, rnd, totals)  # task, round, metrics, epsilon ...
+            encoded = await asyncio.to_thread(self.models.save, new, meta)
             failpoints.hit("coordinator.checkpoint_saved", round=action.number)
         except (SecAggAborted, InvalidArgument) as exc:
             await self.feed(

@@ -36,6 +36,7 @@ from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.tls import CertRef, cert_ref
 from coordinator.federation import Federation
 from coordinator.handlers import admin as admin_handlers
+from coordinator.handlers import models as model_handlers
 from coordinator.handlers import participant as handlers
 from coordinator.rpc.upload_guard import GuardedStream, StreamLimits
 from coordinator.rpc.wire import refuse_undecodable
@@ -235,3 +236,8 @@ class AdminServicer(pb_grpc.AdminServicer):
     @translated
     async def ClearSuspension(self, request: pb.ClearSuspensionRequest, context: Ctx) -> pb.JobStatus:
         return await admin_handlers.clear_suspension(self._admin(context), request, self.c)
+
+    @translated_stream
+    async def DownloadModelFile(self, request: pb.ModelFileRequest, context: Ctx) -> AsyncIterator[pb.ModelFileChunk]:
+        async for chunk in model_handlers.model_file(self._admin(context), request, self.c):
+            yield chunk

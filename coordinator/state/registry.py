@@ -48,6 +48,8 @@ class Session:
     # Meanwhile a late heartbeat does not drop it (a busy site is not a dead one); its connection's HTTP/2
     # keepalive and the task's deadline still do.
     busy_until: float = 0.0
+    instance: str = ""  # the daemon process that joined (JoinRequest.instance)
+    displaced: str = ""  # the other daemon's instance this session replaced while it was connected (a duplicate)
 
     @property
     def connected(self) -> bool:
@@ -62,6 +64,7 @@ class Registry:
         self._sessions: dict[str, Session] = {}
         self._clock = clock
         self._listeners: list[Listener] = []
+        self._replaced: dict[str, tuple[str, str]] = {}  # site -> (session id, winner) of a displaced duplicate
         self.changed = asyncio.Event()
         self.closed = asyncio.Event()  # set by close_all(): shutdown; background watchers stop on it
 
@@ -77,12 +80,17 @@ class Registry:
         for listener in list(self._listeners):
             listener(site, connected)
 
-    def join(self, site: str, declaration: Declaration, cert: CertRef | None = None) -> Session:
+    def join(self, site: str, declaration: Declaration, cert: CertRef | None = None, instance: str = "") -> Session:
         old = self._sessions.get(site)
-        if old is not None:
-            old.queue.put_nowait(None)  # ends the old session's stream
         now = self._clock()
-        session = Session(site, secrets.token_hex(16), declaration, now, now, cert=cert)
+        session = Session(site, secrets.token_hex(16), declaration, now, now, cert=cert, instance=instance)
+        if old is not None:
+            if old.connected and old.instance and instance and old.instance != instance:
+                # Another daemon with this site's identity is connected: the newer one wins (a restarted daemon must
+                # not wait for its dead predecessor to time out); the older is told it was replaced and stops.
+                session.displaced = old.instance
+                self._replaced[site] = (old.session_id, instance)
+            old.queue.put_nowait(None)  # ends the old session's stream
         self._sessions[site] = session
         return session
 
@@ -115,6 +123,13 @@ class Registry:
         current = self._sessions.get(session.site) is session
         if session.streams == 0 and current:
             self._notify(session.site, False)
+
+    def displaced_by(self, site: str, session_id: str) -> str | None:
+        """The instance that replaced ``site``'s session ``session_id`` as a duplicate daemon, or None."""
+        replaced = self._replaced.get(site)
+        if replaced is None or not secrets.compare_digest(replaced[0].encode(), session_id.encode()):
+            return None
+        return replaced[1]
 
     def heartbeat(self, site: str, session_id: str) -> bool:
         """Record that ``site``'s current session is alive; False when that session is not (or no longer) current."""

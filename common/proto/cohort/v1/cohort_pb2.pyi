@@ -128,6 +128,7 @@ class JoinRequest(_message.Message):
     TASK_VERSION_FIELD_NUMBER: _builtins.int
     TASK_CODE_DIGEST_FIELD_NUMBER: _builtins.int
     TRAINING_CODE_DIGEST_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     task_name: _builtins.str
     task_digest: _builtins.str
     """"sha256:<hex>" of the task code installed at the site"""
@@ -142,6 +143,10 @@ class JoinRequest(_message.Message):
     """"sha256:<hex>" of the task's own modules and its version"""
     training_code_digest: _builtins.str
     """"sha256:<hex>" of the Cohort training code (common.tasks) it uses"""
+    instance: _builtins.str
+    """This daemon process ("host pid N", plus a random tag), so that a second daemon started with the same site
+    identity is told apart from a reconnect of the first. Shown to operators only; identity is the certificate's.
+    """
     def __init__(
         self,
         *,
@@ -152,10 +157,11 @@ class JoinRequest(_message.Message):
         task_version: _builtins.str = ...,
         task_code_digest: _builtins.str = ...,
         training_code_digest: _builtins.str = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_code_digest", b"task_code_digest", "task_digest", b"task_digest", "task_name", b"task_name", "task_version", b"task_version", "training_code_digest", b"training_code_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "schema_fingerprint", b"schema_fingerprint", "software_version", b"software_version", "task_code_digest", b"task_code_digest", "task_digest", b"task_digest", "task_name", b"task_name", "task_version", b"task_version", "training_code_digest", b"training_code_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2200,3 +2206,121 @@ class StatusReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class ModelFileRequest(_message.Message):
+    """---------------------------------------------------------------------------------------------------------------
+    Taking the model out (admin)
+    ---------------------------------------------------------------------------------------------------------------
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """empty: the newest job"""
+    round: _builtins.int
+    """the model round N committed; absent: the job's current (final) model; 0: initial"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_round", b"_round", "round", b"round"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_round", b"_round", "job_id", b"job_id", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__round: _TypeAlias = _typing.Literal["round"]  # noqa: Y015
+    _WhichOneofArgType__round: _TypeAlias = _typing.Literal["_round", b"_round"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__round) -> _WhichOneofReturnType__round | None: ...
+
+Global___ModelFileRequest: _TypeAlias = ModelFileRequest  # noqa: Y015
+
+@_typing.final
+class ModelFileInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    FILE_SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    round: _builtins.int
+    model_version: _builtins.str
+    """"sha256:<hex>": Cohort's digest of the tensors (names, dtypes, shapes, bytes)"""
+    file_sha256: _builtins.str
+    """"sha256:<hex>" of the file's bytes, as streamed"""
+    size: _builtins.int
+    """bytes in the file"""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """the file's safetensors metadata (task, round, metrics, epsilon, strategy ...)"""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        round: _builtins.int = ...,
+        model_version: _builtins.str = ...,
+        file_sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_sha256", b"file_sha256", "job_id", b"job_id", "metadata", b"metadata", "model_version", b"model_version", "round", b"round", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFileInfo: _TypeAlias = ModelFileInfo  # noqa: Y015
+
+@_typing.final
+class ModelFileChunk(_message.Message):
+    """First message carries the info, the rest the file's bytes in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    @_builtins.property
+    def info(self) -> Global___ModelFileInfo: ...
+    def __init__(
+        self,
+        *,
+        info: Global___ModelFileInfo | None = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "info", b"info", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["info", "data"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ModelFileChunk: _TypeAlias = ModelFileChunk  # noqa: Y015

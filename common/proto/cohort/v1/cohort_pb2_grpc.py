@@ -431,6 +431,11 @@ class AdminStub:
                 request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ClearSuspensionRequest.SerializeToString,
                 response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.DownloadModelFile = channel.unary_stream(
+                '/cohort.v1.Admin/DownloadModelFile',
+                request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileRequest.SerializeToString,
+                response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -460,6 +465,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadModelFile(self, request, context):
+        """The safetensors file of a job's model, byte for byte as the coordinator keeps it (cohort model download).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -482,6 +494,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ClearSuspension,
                     request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ClearSuspensionRequest.FromString,
                     response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.SerializeToString,
+            ),
+            'DownloadModelFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadModelFile,
+                    request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileRequest.FromString,
+                    response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -592,6 +609,33 @@ class Admin:
             '/cohort.v1.Admin/ClearSuspension',
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ClearSuspensionRequest.SerializeToString,
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadModelFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cohort.v1.Admin/DownloadModelFile',
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileRequest.SerializeToString,
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileChunk.FromString,
             options,
             channel_credentials,
             insecure,

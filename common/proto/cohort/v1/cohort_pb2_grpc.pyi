@@ -143,6 +143,8 @@ class AdminStub:
     StopJob: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.StopJobRequest, _cohort_pb2.JobStatus]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.StatusRequest, _cohort_pb2.StatusReply]
     ClearSuspension: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.ClearSuspensionRequest, _cohort_pb2.JobStatus]
+    DownloadModelFile: _grpc.UnaryStreamMultiCallable[_cohort_pb2.ModelFileRequest, _cohort_pb2.ModelFileChunk]
+    """The safetensors file of a job's model, byte for byte as the coordinator keeps it (cohort model download)."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -151,6 +153,8 @@ class AdminAsyncStub(AdminStub):
     StopJob: _aio.UnaryUnaryMultiCallable[_cohort_pb2.StopJobRequest, _cohort_pb2.JobStatus]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_cohort_pb2.StatusRequest, _cohort_pb2.StatusReply]  # type: ignore[assignment]
     ClearSuspension: _aio.UnaryUnaryMultiCallable[_cohort_pb2.ClearSuspensionRequest, _cohort_pb2.JobStatus]  # type: ignore[assignment]
+    DownloadModelFile: _aio.UnaryStreamMultiCallable[_cohort_pb2.ModelFileRequest, _cohort_pb2.ModelFileChunk]  # type: ignore[assignment]
+    """The safetensors file of a job's model, byte for byte as the coordinator keeps it (cohort model download)."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -180,5 +184,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _cohort_pb2.ClearSuspensionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cohort_pb2.JobStatus, _abc.Awaitable[_cohort_pb2.JobStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadModelFile(
+        self,
+        request: _cohort_pb2.ModelFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cohort_pb2.ModelFileChunk], _abc.AsyncIterator[_cohort_pb2.ModelFileChunk]]:
+        """The safetensors file of a job's model, byte for byte as the coordinator keeps it (cohort model download)."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
