@@ -19,12 +19,10 @@ from common.version import VERSION
 log = logging.getLogger("cohort")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from common import logs
+
+    logs.setup(level, fmt)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +174,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, kit_cmd, privacy_cmd, task_cmd
+    from cohort_cli import certs_cmd, data_cmd, kit_cmd, privacy_cmd, report_cmd, task_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -184,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=os.environ.get("COHORT_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("COHORT_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="json: one object per line (time, level, logger, event, job, round, site); env COHORT_LOG_FORMAT",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -202,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     privacy_cmd.register(sub)
     task_cmd.register(sub)
     kit_cmd.register(sub)
+    report_cmd.register(sub)
 
     p = sub.add_parser("demo", help="run a federation on this machine: 5 hospitals, or 4 banks (--use-case fraud)")
     p.add_argument(
@@ -260,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         rc = args.func(args)
         return int(rc or 0)

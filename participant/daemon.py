@@ -13,10 +13,12 @@ import collections
 import logging
 
 import torch
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.certs import Role
 from common.lifecycle import Lifecycle, Status
-from common.ops_http import OpsHttpServer
+from common.logs import quiet_accountant
+from common.ops_http import OpsHttpServer, Response
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.tasks import digest as task_code
 from common.tasks.base import Task, load_task
@@ -28,6 +30,7 @@ from participant.record_dp import SiteBudget
 from participant.secagg_client import SecAggSessions
 from participant.secagg_session import SiteKeys
 from participant.site import Site
+from participant.stats import registry_for
 from participant.work import Work, WorkKey
 
 log = logging.getLogger("cohort.participant")
@@ -69,6 +72,7 @@ class ParticipantDaemon(Lifecycle):
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def _start(self) -> str:
         cfg = self.config
+        quiet_accountant()
         credentials = channel_credentials(cfg.tls, Role.PARTICIPANT)
         keys = SiteKeys.load(cfg.tls)
         if cfg.http.enabled:  # after the certificate checks, before the data loads: /healthz while it does
@@ -97,6 +101,11 @@ class ParticipantDaemon(Lifecycle):
             )
 
         self.connection = Connection(cfg, credentials, join_request, self._on_item, self._stop)
+        if cfg.privacy.enabled:
+            self.connection.stats.epsilon_budget = cfg.privacy.target_epsilon
+        if self.ops_http is not None:
+            metrics = registry_for(self.connection.stats)
+            self.ops_http.add_route("/metrics", lambda: Response(200, generate_latest(metrics), CONTENT_TYPE_LATEST))
         self.secagg = SecAggSessions(self.connection, keys, lambda: self.site_id)
         self.work = Work(cfg, self.site, self.connection, self.secagg, budget)
         self._tasks = [
