@@ -75,17 +75,18 @@ CONVERGENCE = ConvergenceFlood()
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
-    """Configure the root logger once for a ``cohort`` command (stderr)."""
+    """Configure the root logger for a ``cohort`` command (stderr). Like ``logging.basicConfig``, it leaves a root
+    logger that already has handlers alone (a test runner's, or an embedding program's)."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    quiet_accountant()
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    quiet_accountant()
 
 
 def quiet_accountant() -> None:

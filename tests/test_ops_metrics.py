@@ -153,3 +153,57 @@ async def test_metrics_match_the_round_records(
     ]
     joined = {getattr(r, "site", None) for r in caplog.records if r.getMessage().endswith(" joined")}
     assert joined == set(sites)
+
+
+@pytest.mark.slow
+async def test_record_level_epsilon_logged_and_exposed_per_site(
+    pki: Pki,
+    tmp_path: Path,
+    site_data: dict[str, Path],
+    coordinator_factory: CoordinatorFactory,
+    participant_factory: ParticipantFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DP-SGD at each site under secure aggregation: each site's record-level epsilon (which it publishes in the
+    clear) is logged per round and exposed on both sides; secure aggregation is logged as on for every round."""
+    from coordinator.config import PrivacyConfig, SecureAggregationConfig
+    from participant.config import RecordPrivacyConfig
+
+    caplog.set_level(logging.INFO, logger="cohort.coordinator.ops")
+    sites = SITES[:3]
+    job = replace(
+        job_config(rounds=2, min_sites=3, evaluate_every=0),
+        privacy=PrivacyConfig(unit="record", delta=1e-5),
+        secure_aggregation=SecureAggregationConfig(enabled=True, clip=1.0, weight_cap=1000, stage_timeout_s=30),
+    )
+    config = coordinator_config(pki, tmp_path / "state", sites=sites, job=job)
+    coordinator = await coordinator_factory(replace(config, http=HttpConfig("127.0.0.1:0")))
+    assert coordinator.ops_http is not None
+    participants = []
+    for site in sites:
+        cfg = participant_config(pki.site(site), coordinator.address, site_data[site])
+        privacy = RecordPrivacyConfig(
+            enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5, target_epsilon=1e9,
+            state_file=tmp_path / f"{site}.json",
+        )  # fmt: skip
+        http = HttpConfig("127.0.0.1:0")
+        participants.append(await participant_factory(replace(cfg, privacy=privacy, http=http)))
+    runner = runner_of(coordinator)
+    await poll_until(lambda: runner.state.value != "running", timeout=180, what="the job to end")
+    assert runner.state.value == "finished", runner.detail
+    [row] = coordinator.coordinator.store.jobs()
+    site_eps = json.loads(row["site_epsilon"])
+    after = await asyncio.to_thread(scrape, coordinator.ops_http.address)
+    for site, participant in zip(sites, participants, strict=True):
+        assert value(after, "cohort_site_record_epsilon", site=site) == pytest.approx(site_eps[site])
+        assert participant.ops_http is not None
+        mine = await asyncio.to_thread(scrape, participant.ops_http.address)
+        assert value(mine, "cohort_site_record_epsilon") == pytest.approx(site_eps[site])
+        assert value(mine, "cohort_site_record_epsilon_budget") == 1e9
+        logged = [r for r in caplog.records if getattr(r, "site", None) == site and "record-level epsilon" in r.msg]
+        assert [getattr(r, "round", None) for r in logged] == [1, 2]
+    assert value(after, "cohort_privacy_epsilon") == pytest.approx(max(site_eps.values()))
+    # Secure aggregation on: per-site sample counts, losses and times never reach a metric; unmasking is timed.
+    assert value(after, "cohort_round_phase_seconds_count", phase="unmask") == 2
+    starts = [r.getMessage() for r in caplog.records if "secure aggregation on" in r.getMessage()]
+    assert len(starts) == len(coordinator.coordinator.store.rounds(runner.job_id))
