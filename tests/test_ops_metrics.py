@@ -9,15 +9,19 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
     SITES,
+    UNLISTED,
     CoordinatorFactory,
     ParticipantFactory,
     Pki,
+    channel,
     coordinator_config,
     job_config,
+    join_request,
     participant_config,
     poll_until,
     runner_of,
@@ -25,6 +29,7 @@ from support import (
 
 from cohort_cli.admin_client import AdminEndpoint, get_status, to_json
 from common.ops_http import probe
+from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.settings import HttpConfig
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -64,6 +69,12 @@ async def test_metrics_match_the_round_records(
     assert value(before, "cohort_sites_allowed") == 3
     assert value(before, "cohort_rounds_started_total") == 0
     assert value(before, "process_resident_memory_bytes") > 10 << 20  # the coordinator's RSS
+
+    # A site that is not on the allow-list is refused: counted by method and status, and audited once.
+    async with channel(coordinator.address, pki.site(UNLISTED), pki.coordinator.ca) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pb_grpc.FederationStub(ch).Join(join_request(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     participants = []
     for site in sites:
@@ -121,8 +132,11 @@ async def test_metrics_match_the_round_records(
         assert value(mine, "cohort_site_joins_total") >= 1
         assert value(mine, "cohort_site_train_seconds_total") > 0
 
-    # A refused call is counted by method and status.
-    assert value(after, "cohort_rpcs_refused_total", method="UploadUpdate", code="FAILED_PRECONDITION") == 0
+    # Refused calls, by method and status, as the audit log has them.
+    refusals = coordinator.coordinator.store.audit_events("join_refused")
+    assert len(refusals) == 1
+    assert value(after, "cohort_rpcs_refused_total", method="Join", code="PERMISSION_DENIED") == len(refusals)
+    assert value(after, "cohort_uploads_refused_total", reason="FAILED_PRECONDITION") == 0
 
     # The dashboard's JSON carries exactly what `cohort status --json` prints.
     status, body = await asyncio.to_thread(probe, f"http://{http}/api/dashboard", 10)

@@ -63,6 +63,7 @@ def test_cohort_report_writes_html_and_plots(tmp_path: Path, capsys: pytest.Capt
         assert f"{eps:.3f}" in html
     assert "too few uploads" in html  # the failed attempt is listed
     assert "secure aggregation: off" in html
+    assert "strategy: fedavg (server lr 1), aggregation mean, selection random" in html  # as `cohort status` says
     assert "federated test: accuracy 0.9000" in html
     plots = sorted(p.name for p in page.parent.glob("*.png"))
     assert plots == ["accuracy_loss.png", "epsilon.png", "round_time.png"]

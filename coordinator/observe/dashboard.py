@@ -22,6 +22,7 @@ from typing import Any
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.job_text import strategy_line
 from common.ops_http import OpsHttpServer, Response
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from coordinator.federation import Federation
@@ -93,7 +94,7 @@ def snapshot(state: Federation) -> dict[str, Any]:
             "rounds": runner.spec.rounds,
             "eta_s": round(left * statistics.fmean(times), 1) if running and times else None,
             "epsilon_budget": runner.spec.privacy.target_epsilon if runner.spec.privacy.unit != "none" else None,
-            "strategy": _strategy(rows[0].spec) if rows else "",
+            "strategy": strategy_line(rows[0].spec) if rows else "",
         }
     return {
         "status": status,
@@ -105,12 +106,6 @@ def snapshot(state: Federation) -> dict[str, Any]:
             "round_times": rounds[-50:],
         },
     }
-
-
-def _strategy(spec: Any) -> str:
-    from cohort_cli.admin_client import strategy_line
-
-    return strategy_line(spec)
 
 
 def _recent_audit(state: Federation) -> list[dict[str, Any]]:

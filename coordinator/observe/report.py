@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ConfigError, NotFound
+from common.job_text import strategy_line
+from coordinator import jobspec
 from coordinator.state.store import Store
 
 
@@ -193,6 +195,7 @@ def _html(data: ReportData, plots: list[Path]) -> str:
         f"state <b>{e(data.state)}</b>{' (' + e(data.detail) + ')' if data.detail else ''}",
         f"task {e(str(spec.get('task', '')))}, {len(done)} of {spec.get('rounds', '?')} rounds completed",
         "secure aggregation: " + ("on (SecAgg+): the coordinator saw only sums" if secure else "off"),
+        f"strategy: {e(strategy_line(jobspec.job_spec_of_record(spec)))}",
     ]
     if privacy.get("unit", "none") != "none":
         per_site = ", ".join(f"{e(s)} {v:.2f}" for s, v in sorted(data.site_epsilon.items()))
