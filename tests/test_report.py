@@ -88,3 +88,18 @@ def test_cohort_report_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureF
     assert err.startswith("cohort report: error: no job 'nope'")
     assert main(["report", "--state-dir", str(tmp_path / "missing")]) == 2
     assert "no coordinator database" in capsys.readouterr().err
+
+
+def test_report_of_a_job_without_rounds(tmp_path: Path) -> None:
+    """A job stopped before its first round still gets a report (empty plots, no warning: warnings are errors)."""
+    from coordinator.observe.report import write_report
+
+    store = SqliteStore(tmp_path / "coordinator.db")
+    store.create_job("job-empty", "empty", {"task": "breast_cancer", "rounds": 5}, "sha256:0")
+    store.update_job("job-empty", state="stopped", detail="stopped by admin")
+    store.close()
+    paths = write_report(ReportData.from_database(tmp_path / "coordinator.db", ""), tmp_path / "out")
+    html = paths.html.read_text()
+    assert "0 of 5 rounds completed" in html
+    assert "stopped by admin" in html
+    assert [p.name for p in paths.plots] == ["accuracy_loss.png", "round_time.png"]  # no privacy: no epsilon plot

@@ -161,6 +161,19 @@ class JobWatch:
         return extra
 
     def timed(self, phase: str, number: int, attempt: int, seconds: float) -> None:
+        try:
+            self._timed(phase, number, attempt, seconds)
+        except Exception:  # metrics never stop a job
+            log.exception("job %s: recording the %s time failed", self.job_id, phase, extra=self._extra(number))
+
+    def applied(self, event: Event, actions: Sequence[Action], seconds: float) -> None:
+        """The runner carried out ``actions`` (for ``event``) in ``seconds``."""
+        try:
+            self._applied(event, actions, seconds)
+        except Exception:  # metrics never stop a job
+            log.exception("job %s: metrics for %s failed", self.job_id, type(event).__name__, extra=self._extra())
+
+    def _timed(self, phase: str, number: int, attempt: int, seconds: float) -> None:
         self.obs.metrics.phase_seconds.labels(phase).observe(seconds)
         clock = self._open.get((number, attempt)) or next(
             (c for c in reversed(self.obs.rounds) if (c.number, c.attempt) == (number, attempt)), None
@@ -168,8 +181,7 @@ class JobWatch:
         if clock is not None:
             clock.phases[phase] = clock.phases.get(phase, 0.0) + seconds
 
-    def applied(self, event: Event, actions: Sequence[Action], seconds: float) -> None:
-        """The runner carried out ``actions`` (for ``event``) in ``seconds``."""
+    def _applied(self, event: Event, actions: Sequence[Action], seconds: float) -> None:
         now = time.time()
         m = self.obs.metrics
         if isinstance(event, UploadStarted) and not event.header.split:
