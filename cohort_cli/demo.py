@@ -84,6 +84,16 @@ def prepare(run_dir: Path, use_case: UseCase = HOSPITALS) -> None:
     use_case.write_data(run_dir / "data")
 
 
+def run_report(state_dir: Path, job_id: str) -> Path:
+    """The job's run report: the one the coordinator wrote when the job ended, else written now from its records."""
+    from coordinator.observe.report import ReportData, write_report
+
+    page = state_dir / "reports" / job_id / "report.html"
+    if not page.exists():
+        write_report(ReportData.from_database(state_dir / "coordinator.db", job_id), page.parent)
+    return page
+
+
 def run_demo(
     run_dir: Path, rounds: int | None = None, deploy_dir: Path | None = None, case: UseCase = HOSPITALS
 ) -> int:
@@ -161,6 +171,8 @@ def run_demo(
     if case.report is not None and job.state == "finished":
         summary |= case.report(run_dir, deploy, job, model_path)
         summary["seconds"] = round(time.monotonic() - started, 2)
+    summary["report"] = str(run_report(run_dir / "state" / "coordinator", job.job_id))
+    print(f"  run report: {summary['report']}")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"  summary: {run_dir / 'summary.json'}; logs: {run_dir / 'logs'}")
     return 0 if job.state == "finished" else 1

@@ -19,12 +19,10 @@ from common.version import VERSION
 log = logging.getLogger("cohort")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from common import logs
+
+    logs.setup(level, fmt)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -183,7 +181,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, kit_cmd, model_cmd, privacy_cmd, simulate_cmd, task_cmd
+    from cohort_cli import certs_cmd, data_cmd, kit_cmd, model_cmd, privacy_cmd, report_cmd, simulate_cmd, task_cmd
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -191,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=os.environ.get("COHORT_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("COHORT_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="json: one object per line (time, level, logger, event, job, round, site); env COHORT_LOG_FORMAT",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -216,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     kit_cmd.register(sub)
     simulate_cmd.register(sub)
     model_cmd.register(sub, _add_admin_args)
+    report_cmd.register(sub)
 
     p = sub.add_parser("demo", help="run a federation on this machine: 5 hospitals, or 4 banks (--use-case fraud)")
     p.add_argument(
@@ -274,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         rc = args.func(args)
         return int(rc or 0)

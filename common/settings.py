@@ -78,10 +78,16 @@ class HttpConfig:
     """
 
     listen: str = ""
+    # Coordinator only: also serve /dashboard and /api/dashboard. They show what `cohort status` shows an admin (sites,
+    # the job, epsilon, recent audit events with peer addresses) to anyone who reaches the port, so they are off
+    # unless asked for; /healthz, /readyz and /metrics carry no federation detail beyond aggregate counters.
+    dashboard: bool = False
 
     def check(self, path: str) -> None:
         if self.listen:
             parse_address(self.listen, f"{path or 'http'}.listen")
+        if self.dashboard and not self.listen:
+            raise ConfigError(f"{path or 'http'}.dashboard: needs {path or 'http'}.listen (the port it is served on)")
 
     @property
     def enabled(self) -> bool:

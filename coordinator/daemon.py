@@ -18,6 +18,8 @@ from common.ops_http import OpsHttpServer
 from common.tls import keepalive_options, message_options, server_credentials
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
+from coordinator.observe.dashboard import add_routes
+from coordinator.observe.watch import Observability
 from coordinator.round.runner import ProgressHook
 from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
 from coordinator.rpc.listen import NO_REUSEPORT, bind, resolve
@@ -52,6 +54,9 @@ class CoordinatorDaemon(Lifecycle):
             self.ops_http = OpsHttpServer(cfg.http.listen, self.readiness)
             self.ops_http.start()
         coordinator = Federation(cfg, progress=self._progress)
+        coordinator.ops = Observability.attach(coordinator)
+        if self.ops_http is not None:
+            add_routes(self.ops_http, coordinator, cfg.http.dashboard)  # /metrics (+ /dashboard, /api/dashboard)
         server = grpc.aio.server(
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2, cfg.server.keepalive_timeout)
             + message_options(cfg.server.max_chunk_bytes + (64 << 10))
@@ -68,7 +73,7 @@ class CoordinatorDaemon(Lifecycle):
             if self.ops_http is not None:
                 self.ops_http.close()
             raise
-        self._handshakes = await watch_handshakes(coordinator.store.audit, port)
+        self._handshakes = await watch_handshakes(coordinator.store.audit, port, coordinator.ops.handshake_refused)
         await server.start()
         for name in ("", *SERVICES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -98,6 +103,8 @@ class CoordinatorDaemon(Lifecycle):
         if self._handshakes is not None:
             await self._handshakes.close()
         if self._coordinator is not None:
+            if self._coordinator.ops is not None:
+                await self._coordinator.ops.close()  # run reports being written
             self._coordinator.close()
         if self.ops_http is not None:  # last: /readyz answers 503 for as long as the drain lasts
             await asyncio.to_thread(self.ops_http.close)

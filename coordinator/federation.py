@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from common import files
 from common.errors import PermissionDenied
@@ -22,6 +23,9 @@ from coordinator.state.lock import StateLock
 from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Registry
 from coordinator.state.store import SqliteStore
+
+if TYPE_CHECKING:
+    from coordinator.observe.watch import Observability
 
 log = logging.getLogger("cohort.coordinator")
 
@@ -51,6 +55,7 @@ class Federation:
             server.join_global_burst or max(100, 2 * len(self.allowed)),
         )
         self.audit_throttle = AuditThrottle()
+        self.ops: Observability | None = None  # metrics, operator log lines, run reports (coordinator/observe/)
         self.limits = Limits(max_chunk_bytes=server.max_chunk_bytes, max_total_bytes=server.max_update_bytes)
         assert server.tls is not None
         self.jobs = Jobs(

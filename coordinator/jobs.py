@@ -24,7 +24,7 @@ from coordinator.round.identity import JobIdentity
 from coordinator.round.machine import JobMachine, JobSetup
 from coordinator.round.model_meta import job_metadata
 from coordinator.round.privacy import JobPrivacy
-from coordinator.round.runner import JobRunner, ProgressHook
+from coordinator.round.runner import JobRunner, Observer, ProgressHook
 from coordinator.state import retention
 from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Registry
@@ -59,6 +59,7 @@ class Jobs:
         # Server optimizer moments, content-addressed like the models and named by the round that committed them.
         self.strategy_files = ModelStore(models.root.parent / "strategy", "state_dir/strategy")
         self.current: JobRunner | None = None
+        self.observer: Observer | None = None  # metrics and log lines (coordinator/observe/watch.py)
         self.runners: dict[str, JobRunner] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -215,6 +216,7 @@ class Jobs:
             "spool_root": self.spool_root,
             "limits": self.limits,
             "progress": self.progress,
+            "observer": self.observer,
             "strategy_files": self.strategy_files,
             "clock": self.clock,
         }

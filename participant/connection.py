@@ -24,6 +24,7 @@ from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
 from common.tls import keepalive_options, message_options
 from participant.config import ParticipantConfig
+from participant.stats import SiteStats
 from participant.tls_check import MAX_TLS_FAILURES, diagnose, tls_mismatch
 
 log = logging.getLogger("cohort.participant")
@@ -62,6 +63,7 @@ class Connection:
         self.joined = asyncio.Event()
         self.site_id = ""
         self.job_id = ""
+        self.stats = SiteStats()  # this site's counters (participant/stats.py; /metrics on the ops port)
         self._stub: pb_grpc.FederationAsyncStub | None = None
         self._channel: grpc.aio.Channel | None = None
         self._backoff = Backoff(config.reconnect.initial_backoff_s, config.reconnect.max_backoff_s)
@@ -123,6 +125,7 @@ class Connection:
     async def _session(self, stub: pb_grpc.FederationAsyncStub) -> None:
         reply: pb.JoinReply = await stub.Join(self._join_request(), timeout=self.config.coordinator.rpc_timeout_s)
         self.site_id, self.job_id = reply.site_id, reply.job_id
+        self.stats.joins += 1
         log.info("joined federation %r as site %r", reply.federation, reply.site_id)
         stream = stub.WaitForWork(pb.WaitRequest(session_id=reply.session_id))
         window = 2 * reply.heartbeat_interval_s + 1.0

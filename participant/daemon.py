@@ -16,11 +16,13 @@ import secrets
 import socket
 
 import torch
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.certs import Role
 from common.errors import ConfigError
 from common.lifecycle import Lifecycle, Status
-from common.ops_http import OpsHttpServer
+from common.logs import quiet_accountant
+from common.ops_http import OpsHttpServer, Response
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.tasks import digest as task_code
 from common.tasks.base import Task, load_task
@@ -32,6 +34,7 @@ from participant.record_dp import SiteBudget
 from participant.secagg_client import SecAggSessions
 from participant.secagg_session import SiteKeys
 from participant.site import Site
+from participant.stats import registry_for
 from participant.work import Work, WorkKey
 
 log = logging.getLogger("cohort.participant")
@@ -77,6 +80,7 @@ class ParticipantDaemon(Lifecycle):
     # -- lifecycle ------------------------------------------------------------------------------------------------
     async def _start(self) -> str:
         cfg = self.config
+        quiet_accountant()
         credentials = channel_credentials(cfg.tls, Role.PARTICIPANT)
         keys = SiteKeys.load(cfg.tls)
         if cfg.http.enabled:  # after the certificate checks, before the data loads: /healthz while it does
@@ -110,6 +114,11 @@ class ParticipantDaemon(Lifecycle):
 
         busy = lambda: self.work is not None and self.work.busy  # noqa: E731
         self.connection = Connection(cfg, credentials, join_request, self._on_item, self._stop, busy=busy)
+        if cfg.privacy.enabled:
+            self.connection.stats.epsilon_budget = cfg.privacy.target_epsilon
+        if self.ops_http is not None:
+            metrics = registry_for(self.connection.stats)
+            self.ops_http.add_route("/metrics", lambda: Response(200, generate_latest(metrics), CONTENT_TYPE_LATEST))
         self.secagg = SecAggSessions(self.connection, keys, lambda: self.site_id)
         self.work = Work(cfg, self.site, self.connection, self.secagg, budget)
         self._tasks = [

@@ -165,6 +165,7 @@ class Work:
                 assembler.add(chunk.data)
             if "sha256:" + assembler.expected_sha256 != version:
                 raise InvalidArgument("the coordinator sent a different model than the task named")
+            self._conn.stats.model_bytes_received += first.manifest.total_bytes
             return await asyncio.to_thread(assembler.finish)
 
         tensors = await self._conn.retrying("model download", deadline, download)
@@ -192,6 +193,7 @@ class Work:
             extra = local.result.extra
             # Spent once the update leaves the site: record before uploading (a crash then retrain counts twice).
             spent = self._budget.record(int(extra["dp_steps"]), extra["dp_sample_rate"], extra["dp_noise_multiplier"])
+            self._conn.stats.epsilon = spent
             local = replace(
                 local,
                 result=replace(local.result, extra={**extra, "dp_epsilon": spent, "dp_delta": self._budget.delta}),
@@ -232,6 +234,8 @@ class Work:
         reply = await self._upload(header, upload_tensors, task.deadline_unix, task.round)
         if task.HasField("secagg"):
             failpoints.hit("participant.masked_sent", round=task.round)
+        self._conn.stats.trainings += 1
+        self._conn.stats.train_seconds += t2 - t1
         log.info(
             "round %d: trained on %d samples (loss %.4f), uploaded %s%s; model %.3fs, train %.3fs, upload %.3fs",
             task.round,
@@ -257,6 +261,7 @@ class Work:
                     failpoints.hit("participant.upload", round=number)  # the stream is open, not yet ended
 
             reply: pb.UploadReply = await stub.UploadUpdate(chunks(), timeout=timeout)
+            self._conn.stats.update_bytes_sent += len(tensors.data)
             return reply
 
         return await self._conn.retrying("upload", deadline, upload)
@@ -267,6 +272,7 @@ class Work:
             return
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         result, seconds = await asyncio.to_thread(self.site.evaluate, tensors, task.split, TaskSetup.of(task))
+        self._conn.stats.evaluations += 1
         if task.HasField("secagg"):
             # A secure evaluation: the results are summed with the other sites' (the coordinator sees the totals).
             # The score histogram's lanes count only when the coordinator's layout has them.

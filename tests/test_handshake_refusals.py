@@ -14,6 +14,7 @@ import datetime as dt
 import io
 import json
 import logging
+import re
 import signal
 import socket
 import ssl
@@ -29,6 +30,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from prometheus_client.parser import text_string_to_metric_families
 from support import SITES, Pki, cert_pem, channel, join_request, key_pem, write_identity
 
 from cohort_cli.entry import command_of
@@ -36,6 +38,7 @@ from cohort_cli.main import main
 from common.ca import load_ca, new_private_key
 from common.certs import TlsFiles
 from common.handshake_log import CoreLogFilter, HandshakeFailure, TracerSetup, classify, run_filter, tracer_env
+from common.ops_http import probe
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from coordinator.rpc.handshakes import AUDIT_KIND, OVERALL_PER_MIN, HandshakeRefusals, peer_host
 from coordinator.state.audit import read_events
@@ -352,6 +355,7 @@ def coordinator_process(pki: Pki, tmp_path: Path) -> Iterator[tuple[str, Path, P
         f"federation: {{name: test, sites: [{', '.join(SITES)}]}}\n"
         f"server: {{listen: '127.0.0.1:0', tls: {{ca: '{c.ca}', cert: '{c.cert}', key: '{c.key}'}}}}\n"
         f"state_dir: '{state}'\n"
+        "http: {listen: '127.0.0.1:0'}\n"  # /metrics counts the refusals too
     )
     argv = [sys.executable, "-m", "cohort_cli", "coordinator", "--config", str(config), "--ready-file", str(ready)]
     with stderr.open("wb") as err:
@@ -426,5 +430,16 @@ async def test_every_refusal_class_is_logged_with_the_peer_and_audited(
     for reason, port in ports.items():
         assert f"peer=ipv4:127.0.0.1:{port} reason={reason} " in log
     assert "CallNextHandshakerLocked" not in log
+    # /metrics counts every refusal by reason (before the log and audit throttles).
+    [http] = re.findall(r"operations HTTP listening on http://(\S+) ", log)
+    status, body = await asyncio.to_thread(probe, f"http://{http}/metrics", 10)
+    assert status == 200
+    counted = {
+        s.labels["reason"]: s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name == "cohort_tls_handshakes_refused_total"
+    }
+    assert counted == dict.fromkeys(reasons, 1.0)
     assert "handshake_manager" not in log
     assert "Handshake failed with error" not in log

@@ -145,6 +145,10 @@ async def test_coordinator_and_participant_readiness(
     assert coordinator.ops_http is not None
     http = coordinator.ops_http.address
     assert await asyncio.to_thread(get, http, "/readyz") == (200, '{"ready": true}\n')
+    # The dashboard shows admin-level status to whoever reaches the port: off unless http.dashboard is set.
+    assert (await asyncio.to_thread(get, http, "/dashboard"))[0] == 404
+    assert (await asyncio.to_thread(get, http, "/api/dashboard"))[0] == 404
+    assert (await asyncio.to_thread(get, http, "/metrics"))[0] == 200
 
     site = SITES[0]
     pconfig = participant_config(pki.site(site), coordinator.address, site_data[site])

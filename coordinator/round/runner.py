@@ -14,8 +14,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -75,6 +76,17 @@ log = logging.getLogger("cohort.coordinator.job")
 ProgressHook = Callable[[str], None]
 
 
+class RunnerWatch(Protocol):
+    """Metrics and log lines about one job (coordinator/observe/watch.py): told what the runner did, never asked."""
+
+    def applied(self, event: Event, actions: Sequence[Action], seconds: float) -> None: ...
+    def timed(self, phase: str, number: int, attempt: int, seconds: float) -> None: ...
+
+
+class Observer(Protocol):
+    def watch(self, runner: JobRunner) -> RunnerWatch: ...
+
+
 class JobRunner:
     def __init__(
         self,
@@ -91,6 +103,7 @@ class JobRunner:
         strategy_files: ModelStore | None = None,
         optimizer: OptimizerState | None = None,
         clock: Callable[[], float] = time.time,
+        observer: Observer | None = None,
     ) -> None:
         self.machine = machine
         # The time every event carries: the wall clock, or a simulation's virtual clock (simulation/).
@@ -109,6 +122,7 @@ class JobRunner:
         # The server optimizer's moments as of the last committed round; saved with every commit (strategy_files).
         self.optimizer = optimizer or OptimizerState()
         self.strategy_files = strategy_files
+        self.watch = observer.watch(self) if observer is not None else None
 
     # -- views for status, servicers and tests --------------------------------------------------------------------
     @property
@@ -180,8 +194,11 @@ class JobRunner:
 
     def _apply(self, event: Event) -> list[Action]:
         actions = self.machine.handle(event)
+        started = time.perf_counter()
         for action in actions:
             self._execute(action)
+        if self.watch is not None:
+            self.watch.applied(event, actions, time.perf_counter() - started)
         if not isinstance(event, Tick):
             self._wake.set()  # the next deadline may have moved: the loop reads it again
         return actions
@@ -294,6 +311,7 @@ class JobRunner:
         assert pending is not None
         assert pending[:2] == (action.number, action.attempt)
         _, _, tensors, encoded, optimizer = pending
+        started = time.perf_counter()
         # The commit point: the round row, the job's model and its privacy state in one transaction.
         self.store.finish_round(
             self.job_id,
@@ -317,6 +335,11 @@ class JobRunner:
         self._forget_spool(action.number, action.attempt)
         if self.after_commit is not None:
             self.after_commit()
+        self._timed("commit", action.number, action.attempt, time.perf_counter() - started)
+
+    def _timed(self, phase: str, number: int, attempt: int, seconds: float) -> None:
+        if self.watch is not None:
+            self.watch.timed(phase, number, attempt, seconds)
 
     def spool_of(self, number: int, attempt: int) -> Path:
         """Where an attempt's uploads are spooled."""
@@ -339,6 +362,7 @@ class JobRunner:
                     unmasked = await asyncio.to_thread(secagg.finish)
                 finally:
                     evidence = tuple(sorted({r.holder for r in secagg.server.rejected}))
+                    self._timed("unmask", action.number, action.attempt, time.monotonic() - started)
                 assert unmasked.mean is not None
                 delta, totals = unmasked.mean, unmasked.totals
             else:

@@ -153,12 +153,22 @@ class HandshakeWatch:
                 await self._task
 
 
-async def watch_handshakes(audit: AuditFn, port: int) -> HandshakeWatch | None:
-    """Report refused handshakes on ``port`` if this process runs behind the gRPC log filter (`cohort coordinator`)."""
+async def watch_handshakes(
+    audit: AuditFn, port: int, count: Callable[[str], None] | None = None
+) -> HandshakeWatch | None:
+    """Report refused handshakes on ``port`` if this process runs behind the gRPC log filter (`cohort coordinator`);
+    ``count(reason)`` hears of every refusal, before the log and audit throttles (metrics)."""
     running = running_filter()
     if running is None:
         log.debug("TLS handshake refusals are not reported: start the coordinator with `cohort coordinator`")
         return None
-    watch = HandshakeWatch(running.events, HandshakeRefusals(audit, port).report)
+    refusals = HandshakeRefusals(audit, port)
+
+    def report(failure: HandshakeFailure) -> None:
+        if count is not None and failure.reason != "incomplete" and port_of(failure.local) in (None, port):
+            count(failure.reason)
+        refusals.report(failure)
+
+    watch = HandshakeWatch(running.events, report)
     await watch.start()
     return watch

@@ -50,6 +50,9 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -> None:
     code, message = status_for(exc)
+    ops = getattr(getattr(servicer, "c", None), "ops", None)
+    if ops is not None:
+        ops.refused(method, code.name)
     trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, RpcError):
         log.info("%s refused: %s: %s", method, code.name, message)
@@ -176,6 +179,8 @@ class FederationServicer(pb_grpc.FederationServicer):
                 yield pb.ModelChunk(data=bytes(chunk))
                 if i == 0:
                     failpoints.hit("coordinator.model_streaming", round=self.c.model_round())
+            if self.c.ops is not None:
+                self.c.ops.model_sent(len(model.data))
 
     @translated
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UpdateChunk], context: Ctx) -> pb.UploadReply:
