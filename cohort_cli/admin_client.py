@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from common.certs import Role, TlsFiles
 from common.metrics import RECALL_KEY
@@ -64,6 +66,14 @@ async def stop_job(endpoint: AdminEndpoint, job_id: str, reason: str) -> pb.JobS
         return reply
 
 
+async def cancel_job(endpoint: AdminEndpoint, job_id: str, reason: str) -> pb.JobStatus:
+    async with endpoint.channel() as channel:
+        reply: pb.JobStatus = await pb_grpc.AdminStub(channel).CancelJob(
+            pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=endpoint.timeout_s
+        )
+        return reply
+
+
 async def clear_suspension(endpoint: AdminEndpoint, job_id: str, site: str) -> pb.JobStatus:
     async with endpoint.channel() as channel:
         reply: pb.JobStatus = await pb_grpc.AdminStub(channel).ClearSuspension(
@@ -72,8 +82,58 @@ async def clear_suspension(endpoint: AdminEndpoint, job_id: str, site: str) -> p
         return reply
 
 
-def to_json(message: Any) -> str:
-    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2)
+def to_json(message: Message) -> str:
+    """JSON with the proto's field names, every field (zeros and empty strings too) and 64-bit integers as numbers
+    (protobuf's JSON mapping writes them as strings)."""
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return json.dumps(_numbers(data, message.DESCRIPTOR), indent=2)
+
+
+_INT64 = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _numbers(data: dict[str, Any], descriptor: Any) -> dict[str, Any]:  # a message Descriptor (python or upb)
+    """``data`` (MessageToDict of a ``descriptor`` message) with its 64-bit integer strings turned into ints."""
+    for name, value in data.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            if value_field.message_type is not None:
+                data[name] = {k: _numbers(v, value_field.message_type) for k, v in value.items()}
+            elif value_field.type in _INT64:
+                data[name] = {k: int(v) for k, v in value.items()}
+        elif field.message_type is not None:
+            if isinstance(value, list):
+                data[name] = [_numbers(v, field.message_type) for v in value]
+            elif isinstance(value, dict):
+                data[name] = _numbers(value, field.message_type)
+        elif field.type in _INT64:
+            data[name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return data
+
+
+def keep_last_rounds(reply: pb.StatusReply, last: int) -> pb.StatusReply:
+    """A copy of ``reply`` with each job's rounds cut to its last ``last`` (0: all)."""
+    out = pb.StatusReply()
+    out.CopyFrom(reply)
+    if last > 0:
+        for job in out.jobs:
+            keep = list(job.rounds)[-last:]
+            del job.rounds[:]
+            job.rounds.extend(keep)
+    return out
 
 
 def strategy_line(spec: pb.JobSpec) -> str:
@@ -97,7 +157,8 @@ def strategy_line(spec: pb.JobSpec) -> str:
     return ", ".join(parts)
 
 
-def format_status(reply: pb.StatusReply) -> str:
+def format_status(reply: pb.StatusReply, last: int = 0) -> str:
+    """Federation, sites and jobs; each job's last ``last`` round records (0: all)."""
     lines = [f"federation {reply.federation} (coordinator {reply.software_version})", "sites:"]
     for s in reply.sites:
         state = "connected" if s.connected else "offline"
@@ -107,10 +168,16 @@ def format_status(reply: pb.StatusReply) -> str:
             f"job {job.job_id} [{job.spec.name}] task={job.spec.task} state={job.state} "
             f"round {job.current_round}/{job.spec.rounds}"
         )
-        for r in job.rounds:
+        if job.waiting:
+            lines.append(f"  {job.waiting}")
+        shown = list(job.rounds)[-last:] if last > 0 else list(job.rounds)
+        if len(shown) < len(job.rounds):
+            lines.append(f"  ({len(job.rounds) - len(shown)} earlier round records not shown; --last 0 shows all)")
+        for r in shown:
+            acc = f"{r.val_accuracy:.4f}" if r.val_samples else "-"
             lines.append(
                 f"  round {r.round:>3} {r.state:<10} sites {len(r.reported)}/{len(r.cohort)} "
-                f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f}{_imbalance(r.val_metrics)} "
+                f"train loss {r.train_loss:.4f} val acc {acc}{_imbalance(r.val_metrics)} "
                 f"{r.seconds:.1f}s"
             )
         if job.privacy_unit not in ("", "none"):
