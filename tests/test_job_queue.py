@@ -153,3 +153,19 @@ async def test_job_stop_prints_the_state_reached(
     assert capsys.readouterr().out == f"job {job.job_id}: stopped\n"
     assert await asyncio.to_thread(main, ["job", "cancel", job.job_id, *args]) == 3
     assert "only a queued job can be cancelled" in capsys.readouterr().err
+
+
+async def test_the_readme_job_file_starts_on_a_two_site_federation(
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cohort job start deploy/demo/job-digits.yaml` as the README's Operate section writes it, on 2 sites."""
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", sites=TWO))
+    job_file = Path(__file__).parent.parent / "deploy" / "demo" / "job-digits.yaml"
+    capsys.readouterr()
+    assert await asyncio.to_thread(main, ["job", "start", str(job_file), *admin_args(pki, coord.address)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("started job ")
+    assert "(digits, 20 rounds)" in out
+    assert [j.state for j in (await get_status(AdminEndpoint(address=coord.address, tls=pki.admin))).jobs] == [
+        "running"
+    ]
