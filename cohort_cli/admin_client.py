@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from common.certs import Role, TlsFiles
 from common.job_text import strategy_line
 from common.metrics import RECALL_KEY
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
+from common.proto_json import to_json as to_json  # re-exported: the CLI's --json
 from common.tls import channel_credentials
 
 
@@ -65,6 +64,14 @@ async def stop_job(endpoint: AdminEndpoint, job_id: str, reason: str) -> pb.JobS
         return reply
 
 
+async def cancel_job(endpoint: AdminEndpoint, job_id: str, reason: str) -> pb.JobStatus:
+    async with endpoint.channel() as channel:
+        reply: pb.JobStatus = await pb_grpc.AdminStub(channel).CancelJob(
+            pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=endpoint.timeout_s
+        )
+        return reply
+
+
 async def clear_suspension(endpoint: AdminEndpoint, job_id: str, site: str) -> pb.JobStatus:
     async with endpoint.channel() as channel:
         reply: pb.JobStatus = await pb_grpc.AdminStub(channel).ClearSuspension(
@@ -73,11 +80,20 @@ async def clear_suspension(endpoint: AdminEndpoint, job_id: str, site: str) -> p
         return reply
 
 
-def to_json(message: Any) -> str:
-    return json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2)
+def keep_last_rounds(reply: pb.StatusReply, last: int) -> pb.StatusReply:
+    """A copy of ``reply`` with each job's rounds cut to its last ``last`` (0: all)."""
+    out = pb.StatusReply()
+    out.CopyFrom(reply)
+    if last > 0:
+        for job in out.jobs:
+            keep = list(job.rounds)[-last:]
+            del job.rounds[:]
+            job.rounds.extend(keep)
+    return out
 
 
-def format_status(reply: pb.StatusReply) -> str:
+def format_status(reply: pb.StatusReply, last: int = 0) -> str:
+    """Federation, sites and jobs; each job's last ``last`` round records (0: all)."""
     lines = [f"federation {reply.federation} (coordinator {reply.software_version})", "sites:"]
     for s in reply.sites:
         state = "connected" if s.connected else "offline"
@@ -87,10 +103,16 @@ def format_status(reply: pb.StatusReply) -> str:
             f"job {job.job_id} [{job.spec.name}] task={job.spec.task} state={job.state} "
             f"round {job.current_round}/{job.spec.rounds}"
         )
-        for r in job.rounds:
+        if job.waiting:
+            lines.append(f"  {job.waiting}")
+        shown = list(job.rounds)[-last:] if last > 0 else list(job.rounds)
+        if len(shown) < len(job.rounds):
+            lines.append(f"  ({len(job.rounds) - len(shown)} earlier round records not shown; --last 0 shows all)")
+        for r in shown:
+            acc = f"{r.val_accuracy:.4f}" if r.val_samples else "-"
             lines.append(
                 f"  round {r.round:>3} {r.state:<10} sites {len(r.reported)}/{len(r.cohort)} "
-                f"train loss {r.train_loss:.4f} val acc {r.val_accuracy:.4f}{_imbalance(r.val_metrics)} "
+                f"train loss {r.train_loss:.4f} val acc {acc}{_imbalance(r.val_metrics)} "
                 f"{r.seconds:.1f}s"
             )
         if job.privacy_unit not in ("", "none"):

@@ -56,7 +56,7 @@ async def follow(
             check()
         job = _pick(await get_status(endpoint), job_id)
         if job is not None:
-            done = job.state not in ("running", "pending")
+            done = job.state not in ("running", "pending", "queued")
             for i, r in enumerate(job.rounds):
                 key = (r.round, i)
                 if key in printed:

@@ -87,12 +87,12 @@ def _add_admin_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from cohort_cli.admin_client import AdminEndpoint, format_status, get_status, to_json
+    from cohort_cli.admin_client import AdminEndpoint, format_status, get_status, keep_last_rounds, to_json
 
     ep = _endpoint(args)
     assert isinstance(ep, AdminEndpoint)
     reply = asyncio.run(get_status(ep))
-    print(to_json(reply) if args.json else format_status(reply))
+    print(to_json(keep_last_rounds(reply, args.last)) if args.json else format_status(reply, args.last))
     return 0
 
 
@@ -105,9 +105,9 @@ def _cmd_job_start(args: argparse.Namespace) -> int:
     ep = _endpoint(args)
     assert isinstance(ep, AdminEndpoint)
     reply = asyncio.run(start_job(ep, job_spec_to_proto(spec)))
-    print(
-        to_json(reply) if args.json else f"started job {reply.job_id} ({reply.spec.task}, {reply.spec.rounds} rounds)"
-    )
+    verb = "queued" if reply.state == "queued" else "started"
+    text = f"{verb} job {reply.job_id} ({reply.spec.task}, {reply.spec.rounds} rounds)"
+    print(to_json(reply) if args.json else text + (f"; {reply.waiting}" if reply.waiting else ""))
     return 0
 
 
@@ -117,7 +117,8 @@ def _cmd_job_stop(args: argparse.Namespace) -> int:
     ep = _endpoint(args)
     assert isinstance(ep, AdminEndpoint)
     reply = asyncio.run(stop_job(ep, args.job_id, args.reason))
-    print(to_json(reply) if args.json else f"job {reply.job_id}: {reply.state}")
+    still = " (stop requested: the round being aggregated commits first)" if reply.state == "running" else ""
+    print(to_json(reply) if args.json else f"job {reply.job_id}: {reply.state}{still}")
     return 0
 
 
@@ -181,7 +182,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cohort_cli import certs_cmd, data_cmd, kit_cmd, model_cmd, privacy_cmd, report_cmd, simulate_cmd, task_cmd
+    from cohort_cli import (
+        certs_cmd,
+        data_cmd,
+        job_cmd,
+        kit_cmd,
+        model_cmd,
+        privacy_cmd,
+        report_cmd,
+        simulate_cmd,
+        task_cmd,
+    )
 
     parser = argparse.ArgumentParser(prog="cohort", description="Cross-silo federated learning over mutual TLS.")
     parser.add_argument("--version", action="version", version=f"cohort {VERSION}")
@@ -236,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show federation, sites, jobs and rounds (admin certificate)")
     _add_admin_args(p)
+    p.add_argument("--last", type=int, default=0, metavar="N", help="only each job's last N round records (0: all)")
     p.set_defaults(func=_cmd_status)
 
     audit = sub.add_parser("audit", help="read and check the coordinator's hash-chained audit log")
@@ -251,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_audit_list)
 
-    job = sub.add_parser("job", help="start or stop a job (admin certificate)")
+    job = sub.add_parser("job", help="start, queue, list, show, watch, stop or cancel jobs (admin certificate)")
     job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
-    p = job_sub.add_parser("start", help="start a job from a job YAML file")
+    p = job_sub.add_parser("start", help="start a job from a job YAML file (queued while another job runs)")
     p.add_argument("job", type=Path, help="job YAML (the keys of the coordinator config's `job` section)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_admin_args(p)
@@ -273,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site")
     _add_admin_args(p)
     p.set_defaults(func=_cmd_job_clear_site)
+    job_cmd.register(job_sub, _add_admin_args)
     return parser
 
 

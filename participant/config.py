@@ -87,3 +87,13 @@ class ParticipantConfig:
     # Stop the daemon (exit code 0) once the coordinator says the job it serves has finished: for benches and batch
     # runs. A long-running site leaves it off and waits for the next job.
     exit_after_job: bool = False
+    # Keep each finished job's final model here (a safetensors file with the coordinator's checkpoint metadata,
+    # owner-only, replaced atomically by the next job's); only jobs this site trained or evaluated. Off when unset.
+    keep_final_model: Path | None = None
+
+    def check(self, path: str) -> None:
+        if self.keep_final_model is not None and self.keep_final_model.is_dir():
+            raise ConfigError(
+                f"{path + '.' if path else ''}keep_final_model: {self.keep_final_model} is a directory; name the "
+                f"file to write, e.g. {self.keep_final_model / 'final.safetensors'}"
+            )

@@ -131,7 +131,8 @@ class ParticipantDaemon(Lifecycle):
         assert self.work is not None
         self.work.dispatch(item)
         if item.WhichOneof("kind") == "job_finished" and self.config.exit_after_job:
-            self._stop.set()  # run() then closes the daemon gracefully (exit code 0)
+            # run() then closes the daemon gracefully (exit code 0), once the final model is kept (keep_final_model)
+            self.work.when_kept(self._stop.set)
 
     async def _connect(self) -> None:
         assert self.connection is not None

@@ -13,7 +13,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -21,16 +21,17 @@ import grpc
 import torch
 
 from common import failpoints
-from common.errors import CohortError, InvalidArgument
+from common.errors import CohortError
 from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.lanes import eval_lane_values, train_lane_values
 from common.secagg_wire import STATS_SPLIT, setup_from_proto
-from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
+from common.serde import CHUNK_BYTES, EncodedTensors
 from common.tasks.base import RecordDP
 from common.tasks.setup import TaskSetup
 from participant.config import ParticipantConfig
 from participant.connection import Connection
+from participant.final_model import fetch_model, site_notes, write_final_model
 from participant.record_dp import SiteBudget, planned_training
 from participant.secagg_client import SecAggSessions
 from participant.site import Site
@@ -58,6 +59,8 @@ class Work:
         self._queue: asyncio.Queue[pb.WorkItem] = asyncio.Queue()
         self._pending: set[WorkKey] = set()
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._served: set[str] = set()  # jobs this site trained or evaluated for (keep_final_model keeps theirs)
+        self._keeping: asyncio.Task[None] | None = None
         self._optimizer_job = ""  # the job whose local optimizer state the site keeps (keep_optimizer_state)
         self._side: set[asyncio.Task[None]] = set()
 
@@ -80,6 +83,7 @@ class Work:
                 self._spawn(self._conn.decline(t.job_id, t.round, t.attempt, reason))
                 return
             self._pending.add(key)
+            self._served.add(item.train.job_id if kind == "train" else item.evaluate.job_id)
             if kind == "train" and item.train.HasField("secagg"):
                 self._spawn(self.secagg.start(item.train))
             if kind == "evaluate" and item.evaluate.HasField("secagg"):
@@ -88,9 +92,41 @@ class Work:
         elif kind == "secagg":
             self._spawn(self.secagg.on_step(item.secagg))
         elif kind == "job_finished":
-            log.info("job %s finished: %s", item.job_finished.job_id, item.job_finished.reason)
+            finished = item.job_finished
+            log.info("job %s finished: %s", finished.job_id, finished.reason)
+            if self.config.keep_final_model and finished.final_model_version and finished.job_id in self._served:
+                self._keeping = asyncio.get_running_loop().create_task(self._keep_final(finished))
+                self._side.add(self._keeping)
+                self._keeping.add_done_callback(self._side.discard)
             if self._cache is not None and not self._pending:
                 self._cache = None  # free the model until the next job needs one
+
+    def when_kept(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once the final model being kept (keep_final_model) is written, or at once."""
+        if self._keeping is None or self._keeping.done():
+            callback()
+        else:
+            self._keeping.add_done_callback(lambda _: callback())
+
+    async def _keep_final(self, finished: pb.JobFinished) -> None:
+        path, version = self.config.keep_final_model, finished.final_model_version
+        assert path is not None
+        timeout = self.config.coordinator.transfer_timeout_s
+        stub = self._conn.stub
+        try:
+            assembler, metadata = await self._conn.retrying(
+                "final model download",
+                time.time() + timeout,
+                lambda: fetch_model(stub, finished.job_id, version, timeout),
+            )
+            tensors = await asyncio.to_thread(assembler.finish)
+            notes = site_notes(self._conn.site_id, finished)
+            await asyncio.to_thread(write_final_model, path, tensors, {**metadata, **notes})
+        except (CohortError, grpc.aio.AioRpcError, OSError) as exc:
+            detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            log.error("job %s: the final model could not be kept at %s: %s", finished.job_id, path, detail)
+            return
+        log.info("job %s: final model %s... kept at %s", finished.job_id, version[:19], path)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -153,19 +189,8 @@ class Work:
         stub, timeout = self._conn.stub, self.config.coordinator.transfer_timeout_s
 
         async def download() -> dict[str, torch.Tensor]:
-            stream = stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version), timeout=timeout)
-            first = await stream.read()
-            if not isinstance(first, pb.ModelChunk) or first.WhichOneof("kind") != "manifest":
-                raise InvalidArgument("model stream did not start with a manifest")
-            assembler = Assembler(first.manifest)
-            while (chunk := await stream.read()) is not grpc.aio.EOF:
-                assert isinstance(chunk, pb.ModelChunk)
-                if chunk.WhichOneof("kind") != "data":
-                    raise InvalidArgument("model stream carried a second manifest")
-                assembler.add(chunk.data)
-            if "sha256:" + assembler.expected_sha256 != version:
-                raise InvalidArgument("the coordinator sent a different model than the task named")
-            self._conn.stats.model_bytes_received += first.manifest.total_bytes
+            assembler, _ = await fetch_model(stub, job_id, version, timeout)
+            self._conn.stats.model_bytes_received += assembler.total
             return await asyncio.to_thread(assembler.finish)
 
         tensors = await self._conn.retrying("model download", deadline, download)

@@ -206,14 +206,20 @@ def test_too_few_sites_when_the_wait_ends_is_a_failed_attempt_and_retries_run_ou
     m = machine(spec(max_round_retries=1))
     m.handle(Start(T0))
     connect(m, "s00")
+    connect(m, "s01", decl=dataclasses.replace(FITS, task_digest="sha256:other"))
     out = m.handle(Tick(T0 + 30))
-    assert "only 1 eligible sites connected, 2 needed; retrying" in of(out, Progress)[0].line
+    shortfall = "1 of 2 needed sites can run this job; s01: task code digest: site has sha256:other"
+    assert of(out, Progress)[0].line.startswith(f"round 1: too few eligible sites after waiting: {shortfall}")
+    assert of(out, Progress)[0].line.endswith("; retrying")
     assert (m.phase, m.attempt, m.wake_at()) == (Phase.WAITING, 1, T0 + 60)
     out = m.handle(Tick(T0 + 60))
     [finish] = of(out, FinishJob)
     assert finish.state is JobState.FAILED
-    assert finish.detail == "round 1 failed 2 times; see the round records"
-    assert of(out, Broadcast)[0].item.job_finished.job_id == "job-1"
+    # The reason says why, though the job failed before any round record was written.
+    assert finish.detail.startswith(f"round 1 could not start in 2 waits of job.wait_for_sites_s (30s): {shortfall}")
+    assert finish.detail == m.detail
+    [ended] = [b.item.job_finished for b in of(out, Broadcast)]
+    assert (ended.job_id, ended.reason, ended.final_model_version) == ("job-1", finish.detail, "")
 
 
 def test_a_short_wait_trains_with_whoever_is_there_once_min_sites_are() -> None:
@@ -356,7 +362,11 @@ def test_without_the_final_evaluation_the_last_commit_finishes_the_job() -> None
     assert [u for u in of(out, UpdateJob) if "test_accuracy" in u.fields] == []
     [finish] = of(out, FinishJob)
     assert (finish.state, finish.detail) == (JobState.FINISHED, "completed 1 rounds")
-    assert of(out, Broadcast)[0].item.job_finished.job_id == m.job_id
+    ended = of(out, Broadcast)[0].item.job_finished
+    assert ended.job_id == m.job_id
+    # It names the final model, the version round 1 committed (sites with keep_final_model download it).
+    [commit] = of(out, CommitRound)
+    assert ended.final_model_version == commit.model_version != ""
 
 
 # -- dropouts, deadlines, over-selection ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from common.errors import NotFound
@@ -10,17 +11,24 @@ from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.version import VERSION
 from coordinator import jobspec
 from coordinator.federation import Federation
-from coordinator.round.events import ClearSuspension
+from coordinator.jobs import QUEUED
+from coordinator.round.events import ClearSuspension, JobState, Phase
 from coordinator.state.store import Store
 
 
 async def start_job(admin: str, req: pb.StartJobRequest, state: Federation) -> pb.JobStatus:
-    runner = state.jobs.start(jobspec.from_proto(req.spec), actor=admin)
-    return job_status(runner.job_id, state)
+    """Start the job, or queue it behind the running one (state ``queued``)."""
+    job_id = state.jobs.start(jobspec.from_proto(req.spec), actor=admin)
+    return job_status(job_id, state)
 
 
 async def stop_job(admin: str, req: pb.StopJobRequest, state: Federation) -> pb.JobStatus:
     await state.jobs.stop(req.job_id, req.reason or f"stopped by admin {admin}", actor=admin)
+    return job_status(req.job_id, state)
+
+
+async def cancel_job(admin: str, req: pb.CancelJobRequest, state: Federation) -> pb.JobStatus:
+    state.jobs.cancel(req.job_id, req.reason, actor=admin)
     return job_status(req.job_id, state)
 
 
@@ -43,7 +51,7 @@ def status(admin: str, req: pb.StatusRequest, state: Federation) -> pb.StatusRep
                 last_seen_unix=s.last_seen if s else 0.0,
             )
         )
-    jobs = [status_of_record(row, state.store) for row in state.store.jobs()]
+    jobs = [status_of_record(row, state.store, waiting_reason(row, state)) for row in state.store.jobs()]
     return pb.StatusReply(federation=state.config.federation.name, sites=sites, jobs=jobs, software_version=VERSION)
 
 
@@ -51,10 +59,37 @@ def job_status(job_id: str, state: Federation) -> pb.JobStatus:
     row = state.store.job(job_id)
     if row is None:
         raise NotFound(f"unknown job {job_id!r}")
-    return status_of_record(row, state.store)
+    return status_of_record(row, state.store, waiting_reason(row, state))
 
 
-def status_of_record(row: dict[str, Any], store: Store) -> pb.JobStatus:
+def waiting_reason(row: dict[str, Any], state: Federation) -> str:
+    """Why the job does not train now, when it waits: its place in the queue, or the sites it waits for."""
+    job_id = row["job_id"]
+    if row["state"] == QUEUED:
+        queue = [r["job_id"] for r in state.jobs.queued()]
+        running = state.jobs.running()
+        ahead = queue[: queue.index(job_id)] if job_id in queue else []
+        behind = ahead[-1] if ahead else running.job_id if running is not None else ""
+        return f"queued: position {len(ahead) + 1}" + (f", starts after job {behind}" if behind else "")
+    runner = state.jobs.runners.get(job_id)
+    if runner is None or runner.state is not JobState.RUNNING:
+        return ""
+    machine = runner.machine
+    if machine.phase not in (Phase.STARTING, Phase.WAITING):
+        return ""
+    text = f"waiting for sites before round {machine.number}: {machine.shortfall()}"
+    if machine.wait_deadline is not None:
+        # Each wait lasts job.wait_for_sites_s; the round is tried max_round_retries + 1 times, then the job fails.
+        waits_left = max(0, runner.spec.max_round_retries - machine.attempt)
+        fails_at = machine.wait_deadline + waits_left * runner.spec.wait_for_sites_s
+        text += (
+            f"; the job fails at {time.strftime('%H:%M:%S', time.localtime(fails_at))} if no more sites fit "
+            f"(job.wait_for_sites_s {runner.spec.wait_for_sites_s:g}s x {runner.spec.max_round_retries + 1} tries)"
+        )
+    return text
+
+
+def status_of_record(row: dict[str, Any], store: Store, waiting: str = "") -> pb.JobStatus:
     spec = row["spec"]
     rounds = [
         pb.RoundStatus(
@@ -92,4 +127,6 @@ def status_of_record(row: dict[str, Any], store: Store) -> pb.JobStatus:
         suspended_sites={str(k): str(v) for k, v in dict(aborts.get("suspended", {})).items()},
         site_aborts={str(k): int(v) for k, v in dict(aborts.get("aborts", {})).items()},
         test_metrics=dict(row.get("test_metrics") or {}),
+        waiting=waiting,
+        created_unix=float(row.get("created") or 0.0),
     )

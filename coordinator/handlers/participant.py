@@ -17,7 +17,8 @@ from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import EncodedTensors, specs_from_manifest
 from common.tls import CertRef
 from coordinator.federation import Federation
-from coordinator.round.events import Declined, EvaluationReceived, SecAggReceived
+from coordinator.handlers.final_model import final_model
+from coordinator.round.events import Declined, EvaluationReceived, JobState, SecAggReceived
 from coordinator.state.registry import Declaration
 
 log = logging.getLogger("cohort.coordinator")
@@ -114,7 +115,10 @@ def heartbeat(caller: CertRef, req: pb.HeartbeatRequest, state: Federation) -> p
 
 def download_model(caller: CertRef, req: pb.ModelRequest, state: Federation) -> EncodedTensors:
     state.require_member(caller.name)
-    return state.jobs.active(req.job_id).model_for(req.model_version)
+    runner = state.jobs.runners.get(req.job_id)
+    if runner is None or runner.state is not JobState.RUNNING:  # an ended job: its final model only (keep_final_model)
+        return final_model(req.job_id, req.model_version, state.store, state.models)
+    return runner.model_for(req.model_version)
 
 
 async def upload(

@@ -19,12 +19,12 @@ import statistics
 from importlib import resources
 from typing import Any
 
-from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.job_text import strategy_line
 from common.ops_http import OpsHttpServer, Response
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.proto_json import message_dict
 from coordinator.federation import Federation
 from coordinator.handlers import admin as admin_handlers
 from coordinator.state.audit import read_events
@@ -67,7 +67,7 @@ async def _in_loop(state: Federation) -> dict[str, Any]:
 def snapshot(state: Federation) -> dict[str, Any]:
     """What the dashboard shows, as JSON (runs in the event loop)."""
     reply = admin_handlers.status("dashboard", pb.StatusRequest(), state)
-    status = json_format.MessageToDict(reply, preserving_proto_field_name=True)
+    status = message_dict(reply)  # exactly what `cohort status --json` prints
     ops = state.ops
     assert ops is not None
     m = ops.metrics

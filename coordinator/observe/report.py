@@ -10,12 +10,14 @@ Plots are matplotlib with the Agg backend (no display).
 from __future__ import annotations
 
 import html
+import io
 import json
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common import files
 from common.errors import ConfigError, NotFound
 from common.job_text import strategy_line
 from coordinator import jobspec
@@ -92,12 +94,11 @@ class ReportPaths:
 
 def write_report(data: ReportData, target: Path) -> ReportPaths:
     """Write ``report.html`` and its PNG plots into ``target`` (created); returns their paths."""
-    target.mkdir(parents=True, exist_ok=True)
+    # Owner-only like the rest of the state directory: the report carries the job's metrics and epsilon. An existing
+    # directory someone chose with `cohort report --out` is left as it is (not tightened), unless others may write it.
+    files.private_dir(target, "report directory", tighten=False)
     plots = _plots(data, target)
-    page = target / "report.html"
-    tmp = page.with_suffix(".tmp")
-    tmp.write_text(_html(data, plots))
-    tmp.replace(page)
+    page = files.write_atomic(target / "report.html", _html(data, plots).encode())
     return ReportPaths(page, tuple(plots))
 
 
@@ -160,9 +161,10 @@ def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return path
+    return files.write_atomic(path, buffer.getvalue())
 
 
 def _html(data: ReportData, plots: list[Path]) -> str:

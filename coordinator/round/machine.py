@@ -71,6 +71,7 @@ from coordinator.round.rules import DeadlinePassed, RoundEvent, RoundState, Site
 from coordinator.round.secagg import SecAggRound
 from coordinator.round.secure_sum import Done, SecureSum
 from coordinator.round.standardize import Standardization, records_of, scaling_json, stamp
+from coordinator.round.waiting import shortfall
 from coordinator.state.registry import Declaration
 from coordinator.state.resume import ResumePlan
 from coordinator.strategy import selection
@@ -173,6 +174,10 @@ class JobMachine:
         return sorted(
             s for s, d in self.connected.items() if self.setup.identity.mismatch(d) is None and s not in self.suspended
         )
+
+    def shortfall(self) -> str:
+        """Why too few sites can train: the connected sites that do not fit the job and why, the ones offline."""
+        return shortfall(self.setup.identity, self.connected, self.suspended, self.setup.population, self._needed())
 
     def wake_at(self) -> float | None:
         """The earliest time the machine needs a :class:`Tick` (None: only events move it)."""
@@ -355,13 +360,13 @@ class JobMachine:
         self._restarted = False
         eligible = self.eligible()
         if len(eligible) < self.spec.min_sites:
-            self._emit(
-                Progress(
-                    f"round {self.number}: only {len(eligible)} eligible sites connected, {self.spec.min_sites} "
-                    "needed; retrying"
-                )
+            why = self.shortfall()
+            self._emit(Progress(f"round {self.number}: too few eligible sites after waiting: {why}; retrying"))
+            self._retry(
+                now,
+                f"round {self.number} could not start in {self.attempt + 1} waits of job.wait_for_sites_s "
+                f"({self.spec.wait_for_sites_s:g}s): {why}",
             )
-            self._retry(now, f"round {self.number} failed {self.attempt + 1} times; see the round records")
             return
         cohort = self._select(eligible)
         over = self.privacy.would_exceed(len(cohort))
@@ -630,7 +635,7 @@ class JobMachine:
         )
         self._emit(Progress(f"round {rnd.number} attempt {rnd.attempt} failed: {reason}"))
         self.round = None
-        self._retry(now, f"round {self.number} failed {self.attempt + 1} times; see the round records")
+        self._retry(now, f"round {self.number} failed {self.attempt + 1} times; the last attempt: {reason}")
 
     def _retry(self, now: float, exhausted: str) -> None:
         """The attempt did not complete: try again with a new cohort, up to ``max_round_retries``."""
@@ -1177,7 +1182,9 @@ class JobMachine:
         self.round, self.evaluation = None, None
         self._emit(UpdateJob({"state": state.value, "detail": detail}))
         self._emit(Audit(f"job_{state.value}", {"job_id": self.job_id, "detail": detail}))
-        self._emit(Broadcast(pb.WorkItem(job_finished=pb.JobFinished(job_id=self.job_id, reason=detail))))
+        final = self.model_version if self.completed else ""
+        finished = pb.JobFinished(job_id=self.job_id, reason=detail, final_model_version=final)
+        self._emit(Broadcast(pb.WorkItem(job_finished=finished)))
         self._emit(Progress(f"job {self.job_id} {state.value}: {detail}"))
         self._emit(FinishJob(state, detail))
 

@@ -246,3 +246,7 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def DownloadModelFile(self, request: pb.ModelFileRequest, context: Ctx) -> AsyncIterator[pb.ModelFileChunk]:
         async for chunk in model_handlers.model_file(self._admin(context), request, self.c):
             yield chunk
+
+    @translated
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.JobStatus:
+        return await admin_handlers.cancel_job(self._admin(context), request, self.c)

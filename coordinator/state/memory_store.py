@@ -28,7 +28,9 @@ class MemoryStore:
         pass
 
     # -- jobs ---------------------------------------------------------------------------------------------------
-    def create_job(self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str) -> None:
+    def create_job(
+        self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str, state: str = "running"
+    ) -> None:
         if job_id in self._jobs:
             raise ValueError(f"job {job_id!r} exists")
         now = time.time()
@@ -36,7 +38,7 @@ class MemoryStore:
             "job_id": job_id,
             "name": name,
             "spec": json.loads(json.dumps(spec, sort_keys=True)),
-            "state": "running",
+            "state": state,
             "created": now,
             "updated": now,
             "current_round": 0,

@@ -148,7 +148,9 @@ class Store(Protocol):
     """What the coordinator keeps durably. Every write is committed before the call returns."""
 
     def close(self) -> None: ...
-    def create_job(self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str) -> None: ...
+    def create_job(
+        self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str, state: str = "running"
+    ) -> None: ...
     def update_job(self, job_id: str, **fields: Any) -> None: ...
     def jobs(self) -> list[dict[str, Any]]: ...
     def job(self, job_id: str) -> dict[str, Any] | None: ...
@@ -255,13 +257,15 @@ class SqliteStore:
         self._db.execute("COMMIT")
 
     # -- jobs ---------------------------------------------------------------------------------------------------
-    def create_job(self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str) -> None:
+    def create_job(
+        self, job_id: str, name: str, spec: Mapping[str, Any], model_version: str, state: str = "running"
+    ) -> None:
         now = time.time()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (job_id, name, spec, state, created, updated, model_version)"
-                " VALUES (?, ?, ?, 'running', ?, ?, ?)",
-                (job_id, name, json.dumps(spec, sort_keys=True), now, now, model_version),
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, name, json.dumps(spec, sort_keys=True), state, now, now, model_version),
             )
 
     def update_job(self, job_id: str, **fields: Any) -> None:

@@ -89,24 +89,53 @@ class Manifest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TENSORS_FIELD_NUMBER: _builtins.int
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     total_bytes: _builtins.int
     sha256: _builtins.str
     """Hex SHA-256 over the canonical manifest encoding followed by the data bytes (see common/serde.py)."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only when a site downloads a finished job's final model (keep_final_model): the checkpoint's safetensors
+        metadata (coordinator/round/model_meta.py), which describes the model and is not covered by sha256. Empty
+        otherwise; the coordinator ignores it in uploads.
+        """
+
     def __init__(
         self,
         *,
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
         total_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "tensors", b"tensors", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "sha256", b"sha256", "tensors", b"tensors", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -998,17 +1027,23 @@ class JobFinished(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FINAL_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     reason: _builtins.str
+    final_model_version: _builtins.str
+    """The job's final model (its last committed version; empty when no round committed). A site with
+    keep_final_model set downloads it (DownloadModel serves a finished job's final version) and keeps it.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        final_model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_model_version", b"final_model_version", "job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1893,6 +1928,30 @@ class StopJobRequest(_message.Message):
 Global___StopJobRequest: _TypeAlias = StopJobRequest  # noqa: Y015
 
 @_typing.final
+class CancelJobRequest(_message.Message):
+    """Remove a queued job from the queue (a running job is stopped with StopJob)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
 class StatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -2117,9 +2176,11 @@ class JobStatus(_message.Message):
     SUSPENDED_SITES_FIELD_NUMBER: _builtins.int
     SITE_ABORTS_FIELD_NUMBER: _builtins.int
     TEST_METRICS_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: _builtins.str
-    """pending, running, finished, stopped, failed"""
+    """queued, running, finished, stopped, failed, cancelled, budget_exhausted, interrupted"""
     current_round: _builtins.int
     model_version: _builtins.str
     detail: _builtins.str
@@ -2129,6 +2190,12 @@ class JobStatus(_message.Message):
     epsilon: _builtins.float
     """spent so far, for delta below"""
     delta: _builtins.float
+    waiting: _builtins.str
+    """Why the job is not training now, when it waits: its place in the queue, or which sites it waits for and why
+    the connected ones do not fit (task, code, schema); empty otherwise.
+    """
+    created_unix: _builtins.float
+    """when the job was submitted (queued or started)"""
     @_builtins.property
     def spec(self) -> Global___JobSpec: ...
     @_builtins.property
@@ -2168,10 +2235,12 @@ class JobStatus(_message.Message):
         suspended_sites: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         site_aborts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         test_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        waiting: _builtins.str = ...,
+        created_unix: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_aborts", b"site_aborts", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "suspended_sites", b"suspended_sites", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "test_metrics", b"test_metrics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_unix", b"created_unix", "current_round", b"current_round", "delta", b"delta", "detail", b"detail", "epsilon", b"epsilon", "job_id", b"job_id", "model_version", b"model_version", "privacy_unit", b"privacy_unit", "rounds", b"rounds", "site_aborts", b"site_aborts", "site_epsilon", b"site_epsilon", "spec", b"spec", "state", b"state", "suspended_sites", b"suspended_sites", "test_accuracy", b"test_accuracy", "test_loss", b"test_loss", "test_metrics", b"test_metrics", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -436,6 +436,11 @@ class AdminStub:
                 request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileRequest.SerializeToString,
                 response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileChunk.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/cohort.v1.Admin/CancelJob',
+                request_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -472,6 +477,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -499,6 +510,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DownloadModelFile,
                     request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileRequest.FromString,
                     response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileChunk.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.CancelJobRequest.FromString,
+                    response_serializer=common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -636,6 +652,33 @@ class Admin:
             '/cohort.v1.Admin/DownloadModelFile',
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileRequest.SerializeToString,
             common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.ModelFileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cohort.v1.Admin/CancelJob',
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.CancelJobRequest.SerializeToString,
+            common_dot_proto_dot_cohort_dot_v1_dot_cohort__pb2.JobStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -145,6 +145,7 @@ class AdminStub:
     ClearSuspension: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.ClearSuspensionRequest, _cohort_pb2.JobStatus]
     DownloadModelFile: _grpc.UnaryStreamMultiCallable[_cohort_pb2.ModelFileRequest, _cohort_pb2.ModelFileChunk]
     """The safetensors file of a job's model, byte for byte as the coordinator keeps it (cohort model download)."""
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_cohort_pb2.CancelJobRequest, _cohort_pb2.JobStatus]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -155,6 +156,7 @@ class AdminAsyncStub(AdminStub):
     ClearSuspension: _aio.UnaryUnaryMultiCallable[_cohort_pb2.ClearSuspensionRequest, _cohort_pb2.JobStatus]  # type: ignore[assignment]
     DownloadModelFile: _aio.UnaryStreamMultiCallable[_cohort_pb2.ModelFileRequest, _cohort_pb2.ModelFileChunk]  # type: ignore[assignment]
     """The safetensors file of a job's model, byte for byte as the coordinator keeps it (cohort model download)."""
+    CancelJob: _aio.UnaryUnaryMultiCallable[_cohort_pb2.CancelJobRequest, _cohort_pb2.JobStatus]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -192,5 +194,12 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_cohort_pb2.ModelFileChunk], _abc.AsyncIterator[_cohort_pb2.ModelFileChunk]]:
         """The safetensors file of a job's model, byte for byte as the coordinator keeps it (cohort model download)."""
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _cohort_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cohort_pb2.JobStatus, _abc.Awaitable[_cohort_pb2.JobStatus]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
