@@ -32,9 +32,10 @@ from typing import Any
 from common.errors import CohortError
 from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.secagg import protocol as sa
 from common.secagg.errors import SecAggAborted
 from common.secagg.lanes import eval_lane_values, train_lane_values
-from common.secagg_wire import STATS_SPLIT
+from common.secagg_wire import STATS_SPLIT, setup_from_proto
 from common.serde import CHUNK_BYTES, EncodedTensors, Limits, specs_from_manifest
 from common.tasks.base import RecordDP
 from common.tasks.setup import TaskSetup
@@ -133,6 +134,7 @@ class Simulation:
         self._error: BaseException | None = None
         self._models: dict[str, Any] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._setups: dict[bytes, Any] = {}  # one instance's parsed SecAgg setup, shared by its virtual sites
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _build(self) -> tuple[JobRunner, SqliteStore]:
@@ -270,9 +272,21 @@ class Simulation:
         return RecordDP(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm, delta=cfg.delta)
 
     def _session(self, site: VirtualSite, task: pb.TrainTask | pb.EvaluateTask) -> SecAggSession:
+        """SecAggSession.start, with the instance's parsed setup shared: its RoundParams hold the whole neighbour
+        graph (n sets of k names), which 1,000 virtual sites each parsing their own copy would hold a thousand
+        times (gigabytes). Sites are given the same setup message for one instance; the cache is keyed by its bytes."""
         assert site.keys is not None
         split = task.split if isinstance(task, pb.EvaluateTask) else ""
-        session = SecAggSession.start(task, site.name, site.keys)
+        key = repr((task.job_id, task.round, task.attempt, split)).encode() + task.secagg.SerializeToString()
+        setup = self._setups.get(key)
+        if setup is None:
+            setup = setup_from_proto(task.job_id, task.round, task.attempt, task.secagg, split)
+            self._setups[key] = setup
+            while len(self._setups) > 4:
+                self._setups.pop(next(iter(self._setups)))
+        params, enc, lanes = setup
+        client = sa.SecAggClient(params, site.name, site.keys.key, site.keys.cert_pem, site.keys.ca_certs)
+        session = SecAggSession(task, params, enc, lanes, int(task.secagg.weight_cap), client)
         site.sessions[(task.job_id, task.round, task.attempt, split)] = session
         while len(site.sessions) > 4:
             site.sessions.pop(next(iter(site.sessions)))
@@ -352,12 +366,19 @@ class Simulation:
         await self._feed(runner, SecAggReceived(site.name, session.message(abort_reason=reason), self.clock()))
 
     async def _secagg_step(self, runner: JobRunner, site: VirtualSite, step: pb.SecAggStep) -> None:
-        session = site.sessions.get((step.job_id, step.round, step.attempt, step.split))
+        key = (step.job_id, step.round, step.attempt, step.split)
+        session = site.sessions.get(key)
         if session is None or session.aborted:
             return
+        if step.WhichOneof("stage") == "signatures":
+            # The unmask reply is the site's last part in the instance: its session (the neighbours' keys and
+            # shares) is dropped now rather than kept as a daemon keeps its last few, which at 1,000 virtual sites
+            # would hold gigabytes.
+            site.sessions.pop(key, None)
         try:
             reply = session.on_step(step)
         except SecAggAborted as exc:
+            site.sessions.pop(key, None)
             await self._abort(runner, site, session, str(exc))
             return
         if reply is not None:
