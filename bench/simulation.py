@@ -151,6 +151,29 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Seconds per round against N, one line per workload and engine (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, workload in enumerate(dict.fromkeys(r["workload"] for r in results)):
+        rows = sorted((r for r in results if r["workload"] == workload), key=lambda r: int(r["sites"]))
+        for engine, style in (("cohort", "-"), ("flower", "--")):
+            points = [(r["sites"], steady(r[engine])) for r in rows if isinstance(r.get(engine), dict)]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{workload} ({engine})")
+    ax.set(xscale="log", yscale="log", xlabel="virtual sites N", ylabel="seconds per round (steady state)")
+    ax.set_title("cohort simulate vs Flower simulation (2 CPUs, local Ray)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000, 5000])
@@ -160,6 +183,8 @@ def main() -> None:
     parser.add_argument("--flower", default=None, help="a Python with flwr[simulation] (its own virtual environment)")
     parser.add_argument("--cell-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (appended to by cell)")
+    parser.add_argument("--report", action="store_true", help="only print the table (and --plot) from --out")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of seconds per round against N")
     parser.add_argument("--cell", nargs=2, metavar=("WORKLOAD", "SITES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cell:
@@ -167,7 +192,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
     results: list[dict[str, Any]] = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
-    for workload in args.workloads:
+    for workload in [] if args.report else args.workloads:
         for n in args.sites:
             base = [f"--rounds={args.rounds}", f"--num-cpus={args.num_cpus}"]
             cell = [sys.executable, "-m", "bench.simulation", "--cell", workload, str(n), *base]
@@ -188,6 +213,8 @@ def main() -> None:
             if args.out:
                 args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":
