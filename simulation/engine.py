@@ -30,11 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import CohortError
+from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.secagg import protocol as sa
 from common.secagg.errors import SecAggAborted
 from common.secagg.lanes import eval_lane_values, train_lane_values
+from common.secagg_wire import STATS_SPLIT, setup_from_proto
 from common.serde import CHUNK_BYTES, EncodedTensors, Limits, specs_from_manifest
 from common.tasks.base import RecordDP
+from common.tasks.setup import TaskSetup
 from common.version import VERSION
 from coordinator.config import JobConfig
 from coordinator.jobs import Jobs
@@ -130,6 +134,7 @@ class Simulation:
         self._error: BaseException | None = None
         self._models: dict[str, Any] = {}
         self._slots: asyncio.Semaphore | None = None
+        self._setups: dict[bytes, Any] = {}  # one instance's parsed SecAgg setup, shared by its virtual sites
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def _build(self) -> tuple[JobRunner, SqliteStore]:
@@ -159,12 +164,12 @@ class Simulation:
                 site.budget = SiteBudget(self.site_privacy.target_epsilon, self.site_privacy.delta)
                 site.train_records = train_records(site.folder)
         res = self.resources
-        self._load, self._train_fn, self._eval_fn = remote.remote_functions(res.cpus_per_site, res.gpus_per_site)
+        self._fns = remote.remote_functions(res.cpus_per_site, res.gpus_per_site)
         cpus = float(ray.available_resources().get("CPU", 1.0))
         in_flight = res.max_in_flight or max(1, int(2 * cpus / max(res.cpus_per_site, 1e-3)))
         self._slots = asyncio.Semaphore(in_flight)
         for site in self.sites.values():  # each site's data: read once, kept in the object store
-            site.data = self._load.remote(self.spec.task, str(site.folder), res.threads())
+            site.data = self._fns.load.remote(self.spec.task, str(site.folder), res.threads())
         return runner, store
 
     def _model_ref(self, runner: JobRunner, version: str) -> Any:
@@ -267,9 +272,21 @@ class Simulation:
         return RecordDP(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm, delta=cfg.delta)
 
     def _session(self, site: VirtualSite, task: pb.TrainTask | pb.EvaluateTask) -> SecAggSession:
+        """SecAggSession.start, with the instance's parsed setup shared: its RoundParams hold the whole neighbour
+        graph (n sets of k names), which 1,000 virtual sites each parsing their own copy would hold a thousand
+        times (gigabytes). Sites are given the same setup message for one instance; the cache is keyed by its bytes."""
         assert site.keys is not None
         split = task.split if isinstance(task, pb.EvaluateTask) else ""
-        session = SecAggSession.start(task, site.name, site.keys)
+        key = repr((task.job_id, task.round, task.attempt, split)).encode() + task.secagg.SerializeToString()
+        setup = self._setups.get(key)
+        if setup is None:
+            setup = setup_from_proto(task.job_id, task.round, task.attempt, task.secagg, split)
+            self._setups[key] = setup
+            while len(self._setups) > 4:
+                self._setups.pop(next(iter(self._setups)))
+        params, enc, lanes = setup
+        client = sa.SecAggClient(params, site.name, site.keys.key, site.keys.cert_pem, site.keys.ca_certs)
+        session = SecAggSession(task, params, enc, lanes, int(task.secagg.weight_cap), client)
         site.sessions[(task.job_id, task.round, task.attempt, split)] = session
         while len(site.sessions) > 4:
             site.sessions.pop(next(iter(site.sessions)))
@@ -290,7 +307,8 @@ class Simulation:
             await self._feed(runner, Declined(site.name, request, self.clock()))
             return
         dp = record_dp if isinstance(record_dp, RecordDP) else None
-        out = await self._remote(self._train_fn, self.spec.task, site.data, model, task.params, clip, dp, 1)
+        setup = TaskSetup.of(task)  # the job's task parameters and feature scaling, as a daemon reads them
+        out = await self._remote(self._fns.train, self.spec.task, site.data, model, task.params, clip, dp, setup, 1)
         self._count_node(site, out.node)
         self.clock.advance_to(dispatched + out.seconds)
         local = out.update
@@ -348,44 +366,43 @@ class Simulation:
         await self._feed(runner, SecAggReceived(site.name, session.message(abort_reason=reason), self.clock()))
 
     async def _secagg_step(self, runner: JobRunner, site: VirtualSite, step: pb.SecAggStep) -> None:
-        session = site.sessions.get((step.job_id, step.round, step.attempt, step.split))
+        key = (step.job_id, step.round, step.attempt, step.split)
+        session = site.sessions.get(key)
         if session is None or session.aborted:
             return
+        if step.WhichOneof("stage") == "signatures":
+            # The unmask reply is the site's last part in the instance: its session (the neighbours' keys and
+            # shares) is dropped now rather than kept as a daemon keeps its last few, which at 1,000 virtual sites
+            # would hold gigabytes.
+            site.sessions.pop(key, None)
         try:
             reply = session.on_step(step)
         except SecAggAborted as exc:
+            site.sessions.pop(key, None)
             await self._abort(runner, site, session, str(exc))
             return
         if reply is not None:
             await self._feed(runner, SecAggReceived(site.name, reply, self.clock()))
 
     async def _evaluate(self, runner: JobRunner, site: VirtualSite, task: pb.EvaluateTask) -> None:
+        if task.split == STATS_SPLIT:
+            await self._statistics(runner, site, task)
+            return
         session = None
         if task.HasField("secagg"):
             session = self._session(site, task)
             await self._feed(runner, SecAggReceived(site.name, session.advertise(), self.clock()))
         dispatched = self.clock()
         model = self._model_ref(runner, task.model_version)
-        out = await self._remote(self._eval_fn, self.spec.task, site.data, model, task.split, 1)
+        out = await self._remote(
+            self._fns.evaluate, self.spec.task, site.data, model, task.split, TaskSetup.of(task), 1
+        )
         self._count_node(site, out.node)
         self.clock.advance_to(dispatched + out.seconds)
         r = out.result
         if session is not None:
-            if not await self._shares(session):
-                return
-            try:
-                masked = session.masked_lanes(eval_lane_values(r.num_samples, r.loss, r.accuracy))
-            except SecAggAborted as exc:
-                await self._abort(runner, site, session, str(exc))
-                return
-            header = pb.UpdateHeader(
-                job_id=task.job_id,
-                round=task.round,
-                attempt=task.attempt,
-                split=task.split,
-                base_model_version=task.model_version,
-            )
-            await self._upload(runner, site.name, header, masked)
+            lanes = eval_lane_values(r.num_samples, r.loss, r.accuracy) | score_lane_values(r.scores)
+            await self._upload_lanes(runner, site, session, task, lanes)
             return
         report = pb.EvaluationReport(
             job_id=task.job_id,
@@ -396,8 +413,53 @@ class Simulation:
             loss=r.loss,
             accuracy=r.accuracy,
             eval_seconds=out.seconds,
+            score_histogram=r.scores.flat() if r.scores is not None else [],
         )
         await self._feed(runner, EvaluationReceived(site.name, report, self.clock()))
+
+    async def _statistics(self, runner: JobRunner, site: VirtualSite, task: pb.EvaluateTask) -> None:
+        """The statistics phase (participant.work.Work._statistics): the site's feature statistics, masked, into the
+        secure sum; a site whose task cannot take part declines, as a daemon does."""
+        session = self._session(site, task)
+        await self._feed(runner, SecAggReceived(site.name, session.advertise(), self.clock()))
+        dispatched = self.clock()
+        try:
+            out = await self._remote(self._fns.statistics, self.spec.task, site.data, TaskSetup.of(task), session.lanes)
+        except CohortError as exc:
+            reason = f"feature statistics: {exc}"
+            request = pb.DeclineRequest(
+                job_id=task.job_id, round=task.round, attempt=task.attempt, reason=reason, split=task.split
+            )
+            await self._feed(runner, Declined(site.name, request, self.clock()))
+            return
+        self._count_node(site, out.node)
+        self.clock.advance_to(dispatched + out.seconds)
+        await self._upload_lanes(runner, site, session, task, out.lanes)
+
+    async def _upload_lanes(
+        self,
+        runner: JobRunner,
+        site: VirtualSite,
+        session: SecAggSession,
+        task: pb.EvaluateTask,
+        lanes: dict[str, float],
+    ) -> None:
+        """A lanes-only secure instance's input, masked once the neighbours' shares are in, uploaded."""
+        if not await self._shares(session):
+            return
+        try:
+            masked = session.masked_lanes(lanes)
+        except SecAggAborted as exc:
+            await self._abort(runner, site, session, str(exc))
+            return
+        header = pb.UpdateHeader(
+            job_id=task.job_id,
+            round=task.round,
+            attempt=task.attempt,
+            split=task.split,
+            base_model_version=task.model_version,
+        )
+        await self._upload(runner, site.name, header, masked)
 
 
 async def _chunks(tensors: EncodedTensors) -> AsyncIterator[pb.UpdateChunk]:

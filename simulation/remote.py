@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from common.secagg.lanes import LaneLayout
 from common.tasks.base import EvalResult, RecordDP, SiteData, Task, load_task
+from common.tasks.setup import TaskSetup
 from participant.site import LocalUpdate, Site
 
 ray: Any
@@ -68,6 +70,13 @@ class EvalOutcome:
     node: str
 
 
+@dataclass(frozen=True)
+class StatsOutcome:
+    lanes: dict[str, float]
+    seconds: float
+    node: str
+
+
 def load_site(task_ref: str, folder: str, threads: int) -> SiteData:
     """Read the site's folder with the task's own loader (as a participant daemon does at start-up)."""
     torch.set_num_threads(threads)
@@ -81,26 +90,47 @@ def train_site(
     params: pb.TrainParams,
     clip: float,
     record_dp: RecordDP | None,
+    setup: TaskSetup,
     threads: int,
 ) -> TrainOutcome:
+    """``setup``: the job's task parameters and feature scaling, as the train task carries them to a daemon."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    local = Site(_task(task_ref), data).train(_tensors(model), params, clip, record_dp)
+    local = Site(_task(task_ref), data).train(_tensors(model), params, clip, record_dp, setup)
     return TrainOutcome(local, _node(), time.perf_counter() - started)
 
 
-def evaluate_site(task_ref: str, data: SiteData, model: NumpyModel, split: str, threads: int) -> EvalOutcome:
+def evaluate_site(
+    task_ref: str, data: SiteData, model: NumpyModel, split: str, setup: TaskSetup, threads: int
+) -> EvalOutcome:
     torch.set_num_threads(threads)
-    result, seconds = Site(_task(task_ref), data).evaluate(_tensors(model), split)
+    result, seconds = Site(_task(task_ref), data).evaluate(_tensors(model), split, setup)
     return EvalOutcome(result, seconds, _node())
 
 
-def remote_functions(num_cpus: float, num_gpus: float) -> tuple[Any, Any, Any]:
-    """The three Ray tasks with the per-site resources (``ray.remote`` options)."""
+def statistics_site(task_ref: str, data: SiteData, setup: TaskSetup, layout: LaneLayout | None) -> StatsOutcome:
+    """The statistics phase (job.standardize): the site's feature statistics as the lanes of the secure sum."""
+    started = time.perf_counter()
+    lanes = Site(_task(task_ref), data).statistics(setup, layout)
+    return StatsOutcome(lanes, time.perf_counter() - started, _node())
+
+
+@dataclass(frozen=True)
+class RemoteFunctions:
+    """The Ray tasks of a virtual site, with the per-site resources (``ray.remote`` options)."""
+
+    load: Any
+    train: Any
+    evaluate: Any
+    statistics: Any
+
+
+def remote_functions(num_cpus: float, num_gpus: float) -> RemoteFunctions:
     r = ray_or_error()
     opts = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": 0}
-    return (
+    return RemoteFunctions(
         r.remote(load_site).options(**opts),
         r.remote(train_site).options(**opts),
         r.remote(evaluate_site).options(**opts),
+        r.remote(statistics_site).options(**opts),
     )

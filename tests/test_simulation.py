@@ -6,14 +6,17 @@ Needs Ray (``pip install 'cohort[sim]'``); skipped with that reason where it is 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +33,13 @@ from support import (
 )
 from support import participant_config as site_config
 
-from coordinator.config import JobConfig, PrivacyConfig, SecureAggregationConfig
+from coordinator.config import JobConfig, PrivacyConfig, SecureAggregationConfig, StandardizeConfig
 from coordinator.state.model_store import ModelStore
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'cohort[sim]' (the simulation's extra)")
 
 from simulation import data as site_data  # noqa: E402
-from simulation.engine import Outcome, Resources, Simulation  # noqa: E402
+from simulation.engine import Outcome, Simulation  # noqa: E402
 from simulation.run import start_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -113,8 +116,10 @@ async def test_the_simulator_and_a_real_federation_agree(
 
 
 async def test_secure_aggregation_runs_the_full_protocol_over_virtual_sites(local_ray: None, tmp_path: Path) -> None:
-    """The demo's settings (SecAgg+ with record-level DP budgets at the sites) over more sites than the demo has."""
+    """The demo's settings (the statistics phase, SecAgg+ with record-level DP budgets at the sites) over more sites
+    than the demo has."""
     from common.tasks.base import load_task
+    from common.tasks.standardize import FeatureScaling
     from participant.config import RecordPrivacyConfig
 
     folders, plan = site_data.split_on_the_fly(
@@ -122,7 +127,12 @@ async def test_secure_aggregation_runs_the_full_protocol_over_virtual_sites(loca
     )
     assert plan.kind == "resampled"
     secure = SecureAggregationConfig(enabled=True, bits=32, clip=1.0, weight_cap=1000, stage_timeout_s=30)
-    job = job_config(rounds=2, secure_aggregation=secure, privacy=PrivacyConfig(unit="record"))
+    job = job_config(
+        rounds=2,
+        secure_aggregation=secure,
+        privacy=PrivacyConfig(unit="record"),
+        standardize=StandardizeConfig(enabled=True),
+    )
     site_privacy = RecordPrivacyConfig(enabled=True, noise_multiplier=2.0, target_epsilon=50.0)
     outcome = await simulate(job, folders, tmp_path / "state", site_privacy=site_privacy)
     rounds = outcome.store.rounds(outcome.runner.job_id)
@@ -132,6 +142,10 @@ async def test_secure_aggregation_runs_the_full_protocol_over_virtual_sites(loca
     assert row is not None
     assert row["test_samples"] > 0
     assert len(row["site_epsilon"]) > 2  # each site published its own record-level epsilon
+    # The statistics phase ran over the virtual sites' secure sum: the scaling derived from it is on the job row.
+    scaling = FeatureScaling.from_dict(row["feature_scaling"] or {})
+    assert scaling is not None
+    assert scaling.features == len(load_task("breast_cancer").schema.features)
 
 
 def _free_port() -> int:
@@ -142,95 +156,121 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_node_cluster() -> Iterator[str]:
+def ray_cluster_env() -> dict[str, str]:
+    """The environment of every process of the test's cluster and of its driver: Ray 2.60's token authentication on
+    (RAY_AUTH_MODE=token) with a fresh token of this test's own, so nothing reads or writes ~/.ray/auth_token."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
+
+
+@pytest.fixture
+def two_node_cluster(ray_cluster_env: dict[str, str]) -> Iterator[str]:
     """A Ray head and a second Ray node, each its own process tree with one CPU, started here and stopped here."""
     # Ray's Unix sockets live under its temp dir, whose path must stay short (pytest's tmp_path is too long).
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--block", "--num-cpus=1", "--disable-usage-stats"]
-    procs = [
-        subprocess.Popen(
-            [
-                ray_bin,
-                "start",
-                "--head",
-                f"--port={port}",
-                "--node-ip-address=127.0.0.1",
-                "--include-dashboard=false",
-                f"--dashboard-agent-listen-port={_free_port()}",
-                f"--temp-dir={temp}",
-                *common,
-            ],
+    env = ray_cluster_env
+    common = ["--block", "--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [ray_bin, "start", f"--dashboard-agent-listen-port={_free_port()}", *args, *common],
             env=env,
             cwd=ROOT,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    ]
+
+    procs = [start("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}")]
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            probe = subprocess.run(
-                [ray_bin, "status", f"--address={address}"], env=env, capture_output=True, check=False
-            )
-            if probe.returncode == 0:
-                break
-            time.sleep(0.5)  # polling a subprocess with a deadline
-        procs.append(
-            subprocess.Popen(
-                [
-                    ray_bin,
-                    "start",
-                    f"--address={address}",
-                    "--node-ip-address=127.0.0.1",
-                    f"--dashboard-agent-listen-port={_free_port()}",
-                    *common,
-                ],
-                env=env,
-                cwd=ROOT,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        poll_sync(
+            lambda: (
+                subprocess.run(
+                    [ray_bin, "status", f"--address={address}"], env=env, capture_output=True, check=False
+                ).returncode
+                == 0
+            ),
+            "the Ray head",
         )
+        procs.append(start(f"--address={address}"))
+        poll_sync(lambda: _alive(ray_bin, address, env) == 2, "two alive Ray nodes")
         yield address
     finally:
         for proc in reversed(procs):
-            os.killpg(proc.pid, 15)
+            os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=90)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.skip(
-    reason="open: Ray 2.60's cluster token authentication refuses the test's driver (InvalidAuthToken) on the cluster "
-    "this test starts; the token must be handed to the driver before this test can run"
-)
-async def test_virtual_sites_run_on_two_ray_nodes(two_node_cluster: str, tmp_path: Path) -> None:
-    ray.init(address=two_node_cluster, logging_level="ERROR", log_to_driver=False)
-    try:
-        await poll_until(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, timeout=60, what="two Ray nodes")
-        from common.tasks.base import load_task
+def _alive(ray_bin: str, address: str, env: dict[str, str]) -> int:
+    """How many nodes the cluster's head counts as alive (``ray status``' "Active:" section)."""
+    out = subprocess.run([ray_bin, "status", f"--address={address}"], env=env, capture_output=True, text=True)
+    if out.returncode != 0 or "Active:" not in out.stdout:
+        return 0
+    active = out.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+    return sum(1 for line in active.splitlines() if line.strip().startswith("1 node_"))
 
-        folders, _ = site_data.split_on_the_fly(
-            tmp_path / "data",
+
+def poll_sync(ready: Callable[[], bool], what: str, timeout: float = 90) -> None:
+    """Poll a subprocess-backed condition until it holds (a deadline, not a bare sleep)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_virtual_sites_run_on_two_ray_nodes(
+    two_node_cluster: str, ray_cluster_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``cohort simulate --address`` (a driver process of its own) on a two-node cluster: the sites' data, training and
+    evaluation tasks are scheduled on both nodes, and the run writes the usual summary."""
+    run_dir = tmp_path / "run"
+    job = ROOT / "deploy" / "demo" / "coordinator.yaml"
+    plain = ["rounds=2", "standardize.enabled=false", "secure_aggregation.enabled=false", "privacy.unit=none"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cohort_cli",
+            "simulate",
+            str(job),
+            "--sites",
+            "8",
+            "--data",
             "breast_cancer",
-            load_task("breast_cancer").schema,
-            8,
-            alpha=None,
-            quantity_skew=0,
-            seed=2,
-        )
-        job = job_config(rounds=2, evaluate_every=0)
-        outcome = await simulate(job, folders, tmp_path / "state", resources=Resources(max_in_flight=8))
-    finally:
-        ray.shutdown()
-    assert len(outcome.nodes) == 2, outcome.nodes
-    assert all(count > 0 for count in outcome.nodes.values())
+            "--address",
+            two_node_cluster,
+            "--max-in-flight",
+            "8",
+            "--run-dir",
+            str(run_dir),
+            *(f"--set={item}" for item in plain),
+        ],
+        env=ray_cluster_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Ray: 2 node(s)" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["state"] == "finished"
+    assert summary["rounds"] == 2
+    nodes = summary["ray_nodes"]
+    assert len(nodes) == 2, nodes
+    assert all(count > 0 for count in nodes.values()), nodes
 
 
 def runner_rounds(state: Path) -> list[tuple[int, list[str], int | None]]:
