@@ -11,6 +11,7 @@ from typing import Any
 
 from common.tasks.base import load_task
 from coordinator.config import JobConfig
+from coordinator.observe.report import ReportData, write_report
 from participant.config import RecordPrivacyConfig
 from simulation import data as site_data
 from simulation import remote
@@ -122,10 +123,13 @@ def run_simulation(
     seconds = time.monotonic() - started
     summary = summary_of(outcome, spec, seconds, plan)
     outcome.store.close()
+    # The run report a coordinator writes at job end (coordinator/observe/report.py), from the simulation's store.
+    report = ReportData.from_database(run_dir / "state" / "coordinator.db", str(summary.get("job_id", "")))
+    summary["report"] = str(write_report(report, run_dir / "state" / "reports" / report.job_id).html)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(
         f"job {summary['state']}: {summary['rounds']} rounds over {summary['sites']} virtual sites, federated test "
         f"accuracy {summary['final_test_accuracy']}, {seconds:.1f}s ({summary['seconds_per_round']}s per round)"
     )
-    say(f"  global model: {summary['model_path']}\n  summary: {run_dir / 'summary.json'}")
+    say(f"  global model: {summary['model_path']}\n  summary: {run_dir / 'summary.json'}; report: {summary['report']}")
     return summary

@@ -268,6 +268,7 @@ def test_virtual_sites_run_on_two_ray_nodes(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["state"] == "finished"
     assert summary["rounds"] == 2
+    assert Path(summary["report"]).is_file()  # the run report a coordinator writes at job end
     nodes = summary["ray_nodes"]
     assert len(nodes) == 2, nodes
     assert all(count > 0 for count in nodes.values()), nodes
