@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -143,6 +145,45 @@ async def poll_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout: float = 30.0,
+    what: str = "condition",
+    *,
+    alive: Callable[[], str | None] | None = None,
+    interval: float = 0.05,
+) -> None:
+    """:func:`poll_until` for code outside an event loop (subprocess tests): wait until ``predicate()`` holds, fail
+    with ``what`` after ``timeout`` seconds, and at once when ``alive()`` says why a process the wait depends on is
+    gone (it returns None while all is well)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        gone = alive() if alive is not None else None
+        if gone is not None:
+            raise AssertionError(f"while waiting for {what}: {gone}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def running(proc: subprocess.Popen[Any], log: Callable[[], str] = lambda: "") -> Callable[[], str | None]:
+    """For :func:`wait_until`'s ``alive``: None while ``proc`` runs, else its exit code and ``log()``."""
+
+    def check() -> str | None:
+        code = proc.poll()
+        return None if code is None else f"the process exited with {code}\n{log()[-3000:]}"
+
+    return check
+
+
+def wait_ready_file(
+    path: Path, proc: subprocess.Popen[Any], timeout: float = 60, log: Callable[[], str] = lambda: ""
+) -> str:
+    """The address a daemon started with ``--ready-file path`` writes once it serves."""
+    wait_until(path.exists, timeout, f"{path.name} (the process did not start)", alive=running(proc, log))
+    return path.read_text().strip()
 
 
 CoordinatorFactory = Callable[[CoordinatorConfig], Awaitable[CoordinatorDaemon]]

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from support import Pki
+from support import Pki, wait_ready_file
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +30,7 @@ def cohort(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> s
 
 
 def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            return path.read_text().strip()
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"{path} did not appear")
+    return wait_ready_file(path, proc, timeout, lambda: str(proc.communicate()))
 
 
 def test_coordinator_process_serves_status_and_stops_on_sigterm(pki: Pki, tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from docker_image import ensure_image
 from dockerlab import COMPOSE_FILE, Compose, Docker, DockerError, engine_problem
+from support import wait_until
 
 from participant.record_dp import LocalTraining, epsilon_of
 
@@ -69,20 +69,23 @@ def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Compose]:
 
 def wait_for_job(compose: Compose, number: int, timeout: float = 1200) -> dict[str, Any]:
     """The ``number``-th job (1-based) once it has ended; it must have finished."""
-    deadline = time.monotonic() + timeout
-    while True:
+    seen: list[dict[str, Any]] = []
+
+    def ended() -> bool:
         try:
             jobs = compose.status().get("jobs", [])
         except DockerError:  # the coordinator is still starting (after `up`)
-            assert time.monotonic() < deadline, "the coordinator never answered `cohort status`"
-            time.sleep(3)
-            continue
-        if len(jobs) >= number and jobs[number - 1]["state"] not in ("running", "pending"):
-            job: dict[str, Any] = jobs[number - 1]
-            assert job["state"] == "finished", json.dumps(job, indent=1)[-3000:]
-            return job
-        assert time.monotonic() < deadline, f"job {number} did not end within {timeout:.0f}s: {jobs[-1:]}"
-        time.sleep(3)
+            return False
+        seen[:] = jobs
+        return len(jobs) >= number and jobs[number - 1]["state"] not in ("running", "pending")
+
+    try:
+        wait_until(ended, timeout, f"job {number} to end", interval=3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last status: {seen[-1:]}") from None
+    job: dict[str, Any] = seen[number - 1]
+    assert job["state"] == "finished", json.dumps(job, indent=1)[-3000:]
+    return job
 
 
 def sh(compose: Compose, service: str, *argv: str) -> str:
@@ -95,10 +98,10 @@ def ledger(compose: Compose) -> list[LocalTraining]:
 
 
 def wait_healthy(compose: Compose, service: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while (health := compose.container(service)["State"].get("Health", {}).get("Status")) != "healthy":
-        assert time.monotonic() < deadline, f"{service} is {health}, not healthy, after {timeout:.0f}s"
-        time.sleep(2)
+    def healthy() -> bool:
+        return bool(compose.container(service)["State"].get("Health", {}).get("Status") == "healthy")
+
+    wait_until(healthy, timeout, f"{service} to be healthy", interval=2)
 
 
 def continued(

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,9 @@ from support import (
     coordinator_config,
     participant_config,
     poll_until,
+    running,
+    wait_ready_file,
+    wait_until,
 )
 
 from common import config as config_loader
@@ -184,16 +186,13 @@ def test_a_requested_stop_exits_0_after_a_failed_job(pki: Pki, tmp_path: Path) -
     try:
         from coordinator.state.store import SqliteStore
 
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None
-            assert time.monotonic() < deadline
+        def failed() -> bool:
             store = SqliteStore(tmp_path / "state" / "coordinator.db")
             jobs = store.jobs()
             store.close()
-            if jobs and jobs[-1]["state"] == "failed":
-                break
-            time.sleep(0.1)
+            return bool(jobs) and jobs[-1]["state"] == "failed"
+
+        wait_until(failed, 60, "the job to fail", alive=running(proc), interval=0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -215,12 +214,7 @@ def _coordinator_process(config: Path, ready: Path) -> tuple[subprocess.Popen[by
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return proc, ready.read_text().strip()
+    return proc, wait_ready_file(ready, proc)
 
 
 @pytest.mark.slow

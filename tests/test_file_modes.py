@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from support import (
     participant_config,
     poll_until,
     runner_of,
+    wait_ready_file,
 )
 
 from common import ca, files
@@ -200,11 +200,7 @@ def test_cohort_coordinator_under_umask_000_writes_owner_only(pki: Pki, tmp_path
     argv = [sys.executable, "-m", "cohort_cli", "coordinator", "--config", str(config), "--ready-file", str(ready)]
     proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True, umask=0)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the coordinator did not start"
-            time.sleep(0.05)
+        wait_ready_file(ready, proc, 60, lambda: str(proc.communicate()))
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)

@@ -20,7 +20,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client.parser import text_string_to_metric_families
-from support import SITES, Pki, cert_pem, channel, join_request, key_pem, write_identity
+from support import SITES, Pki, cert_pem, channel, join_request, key_pem, poll_until, wait_ready_file, write_identity
 
 from cohort_cli.entry import command_of
 from cohort_cli.main import main
@@ -361,12 +360,7 @@ def coordinator_process(pki: Pki, tmp_path: Path) -> Iterator[tuple[str, Path, P
     with stderr.open("wb") as err:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, stderr.read_text()
-            assert time.monotonic() < deadline, "the coordinator did not start"
-            time.sleep(0.05)
-        yield ready.read_text().strip(), state, stderr
+        yield wait_ready_file(ready, proc, 60, stderr.read_text), state, stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, stderr.read_text()
@@ -400,10 +394,12 @@ async def test_every_refusal_class_is_logged_with_the_peer_and_audited(
     def audited() -> list[dict[str, Any]]:
         return read_events(db, [AUDIT_KIND])
 
-    deadline = time.monotonic() + 30
-    while sorted(e["detail"]["reason"] for e in audited()) != sorted(reasons):
-        assert time.monotonic() < deadline, f"audit events: {audited()}"
-        await asyncio.sleep(0.05)
+    await poll_until(
+        lambda: sorted(e["detail"]["reason"] for e in audited()) == sorted(reasons),
+        timeout=30,
+        interval=0.05,
+        what=f"one audit event per refusal class ({', '.join(reasons)})",
+    )
     events = {e["detail"]["reason"]: e for e in audited()}
     assert all(e["actor"] == "unauthenticated" for e in events.values())
     for reason, port in ports.items():

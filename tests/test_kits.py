@@ -9,12 +9,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support import wait_ready_file
 from test_deploy import UnitParser
 
 from cohort_cli.main import main
@@ -46,6 +46,12 @@ def shell_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+# The coordinator address the kits are built for. Nothing in these tests binds or dials it: the federation test
+# starts the kits' coordinator on port 0 and hands the bound address to the sites and the admin (`--set`, env).
+KIT_PORT = 50051
+KIT_ADDRESS = f"127.0.0.1:{KIT_PORT}"
+
+
 def federation_file(root: Path, *, issued: str = "", job: dict[str, Any] | None = None) -> Path:
     """Every host's directories under ``root/<name>/`` (etc, data, state)."""
     settings: dict[str, Any] = {"server": {"heartbeat_interval_s": 2.0, "shutdown_grace_s": 2.0}}
@@ -55,8 +61,8 @@ def federation_file(root: Path, *, issued: str = "", job: dict[str, Any] | None 
         "federation": "kit-test",
         "task": "breast_cancer",
         "coordinator": {
-            "address": "127.0.0.1:50051",
-            "listen": "127.0.0.1:50051",
+            "address": KIT_ADDRESS,
+            "listen": KIT_ADDRESS,
             "http_listen": "127.0.0.1:0",
             "config_dir": str(root / "coordinator" / "etc"),
             "state_dir": str(root / "coordinator" / "state"),
@@ -133,7 +139,7 @@ def test_each_kit_holds_its_own_files_and_no_other_key(tmp_path: Path) -> None:
     assert coordinator.federation.deny_list == tmp_path / "coordinator" / "etc" / "deny-list.yaml"
     for site in SITES3:
         participant = loader.load(ParticipantConfig, kits[site] / "participant.yaml")
-        assert participant.coordinator.address == "127.0.0.1:50051"
+        assert participant.coordinator.address == KIT_ADDRESS
         assert participant.tls.key == tmp_path / site / "etc" / "tls" / "tls.key"
         assert participant.data_dir == tmp_path / site / "data"
         assert participant.task == "breast_cancer"
@@ -151,7 +157,7 @@ def test_each_kit_holds_its_own_files_and_no_other_key(tmp_path: Path) -> None:
         assert "ports" not in service, "a site publishes no port"
         assert f"{tmp_path / site / 'data'}:{tmp_path / site / 'data'}:ro" in service["volumes"]
     env = dict(line.split("=", 1) for line in (kits["ops"] / "admin.env").read_text().splitlines() if "=" in line)
-    assert env == {"COHORT_ADMIN_COORDINATOR": "127.0.0.1:50051", "COHORT_ADMIN_TLS_DIR": str(tmp_path / "ops/etc/tls")}
+    assert env == {"COHORT_ADMIN_COORDINATOR": KIT_ADDRESS, "COHORT_ADMIN_TLS_DIR": str(tmp_path / "ops/etc/tls")}
     # The operator's notes: one `cohort certs sign` per CSR identity, the coordinator's with its address as SAN.
     notes = (out / "OPERATOR.md").read_text()
     signs = [line for line in notes.splitlines() if line.startswith("cohort certs sign")]
@@ -335,12 +341,7 @@ def test_a_federation_runs_from_the_kits_alone(tmp_path: Path, site_data: dict[s
             "--ready-file",
             str(ready),
         )
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert procs["coordinator"].poll() is None, (logs / "coordinator.log").read_text()
-            assert time.monotonic() < deadline, "the coordinator did not start"
-            time.sleep(0.05)
-        address = ready.read_text().strip()
+        address = wait_ready_file(ready, procs["coordinator"], 60, (logs / "coordinator.log").read_text)
         for site in SITES3:
             config = hosts[site] / "etc" / "participant.yaml"
             start(site, "participant", "--config", str(config), "--set", f"coordinator.address={address}")
@@ -349,7 +350,7 @@ def test_a_federation_runs_from_the_kits_alone(tmp_path: Path, site_data: dict[s
             if line and not line.startswith("#"):
                 key, _, value = line.partition("=")
                 admin_env[key] = value
-        assert admin_env["COHORT_ADMIN_COORDINATOR"] == "127.0.0.1:50051"  # what the kit says; the port is the test's
+        assert admin_env["COHORT_ADMIN_COORDINATOR"] == KIT_ADDRESS  # what the kit says; the port is the test's
         admin_env["COHORT_ADMIN_COORDINATOR"] = address
         # The admin follows the job to its end as an operator would (`cohort job watch`, the rounds then a summary).
         ops = hosts["ops"] / "etc"

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from support import (
     coordinator_config,
     participant_config,
     poll_until,
+    running,
+    wait_until,
 )
 
 from common import config as loader
@@ -203,14 +204,14 @@ def test_readyz_is_503_while_the_coordinator_drains_after_sigterm(pki: Pki, tmp_
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 60
-        http = ""
-        while not (ready_file.exists() and http):
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"the coordinator did not start:\n{log_path.read_text()}"
+
+        def bound_http() -> str:
             found = re.search(r"operations HTTP listening on http://(\S+) ", log_path.read_text())
-            http = found.group(1) if found else ""
-            time.sleep(0.05)
+            return found.group(1) if found else ""
+
+        started = lambda: ready_file.exists() and bool(bound_http())  # noqa: E731
+        wait_until(started, 60, "the coordinator to start", alive=running(proc, log_path.read_text))
+        http = bound_http()
         grpc_address = ready_file.read_text().strip()
         assert get(http, "/readyz")[0] == 200
         asyncio.run(_drain_while_watching(proc, grpc_address, http, pki))

@@ -11,10 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import SITES
+from support import SITES, wait_until
 
 from common.ca import init_federation
 
@@ -33,14 +34,12 @@ def _count(db: Path, sql: str) -> int:
         return 0
 
 
-def _wait(predicate: object, procs: list[subprocess.Popen[str]], timeout: float, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        for p in procs:
-            assert p.poll() is None, (what, p.communicate())
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+def _wait(predicate: Callable[[], bool], procs: list[subprocess.Popen[str]], timeout: float, what: str) -> None:
+    def alive() -> str | None:
+        gone = [p for p in procs if p.poll() is not None]
+        return str(gone[0].communicate()) if gone else None
+
+    wait_until(predicate, timeout, what, alive=alive, interval=0.1)
 
 
 def test_ten_sites_exit_on_sigterm_within_the_drain_timeout(tmp_path: Path, site_data: dict[str, Path]) -> None:

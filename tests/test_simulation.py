@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from support import (
     job_config,
     poll_until,
     runner_of,
+    wait_until,
 )
 from support import participant_config as site_config
 
@@ -222,11 +222,7 @@ def _alive(ray_bin: str, address: str, env: dict[str, str]) -> int:
 
 def poll_sync(ready: Callable[[], bool], what: str, timeout: float = 90) -> None:
     """Poll a subprocess-backed condition until it holds (a deadline, not a bare sleep)."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+    wait_until(ready, timeout, what, interval=0.5)
 
 
 def test_virtual_sites_run_on_two_ray_nodes(
