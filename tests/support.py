@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -12,9 +16,11 @@ from typing import Any
 
 import grpc
 import torch
+import yaml
 
 from common.ca import write_pem
 from common.certs import TlsFiles
+from common.failpoints import ENV as FAILPOINTS_ENV
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.serde import Assembler, EncodedTensors, encode
@@ -30,6 +36,9 @@ SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
 UNLISTED = "site-z"  # has a valid certificate from the federation CA, but is not on the allow-list
 
 torch.set_num_threads(1)
+
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,79 @@ def wait_ready_file(
     """The address a daemon started with ``--ready-file path`` writes once it serves."""
     wait_until(path.exists, timeout, f"{path.name} (the process did not start)", alive=running(proc, log))
     return path.read_text().strip()
+
+
+class SiteProcess:
+    """A site as a separate ``cohort participant`` process: what a real SIGKILL or SIGSTOP needs (the crash and
+    liveness tests). Failpoints (common/failpoints.py) freeze or kill it at an exact point."""
+
+    def __init__(self, directory: Path, pki: Pki, site: str, data_dir: Path) -> None:
+        self.config = directory / f"{site}.yaml"
+        self.log = directory / f"{site}.log"
+        self.files = pki.site(site)
+        self.data_dir = data_dir
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, address: str, task: str, failpoint: str | None) -> None:
+        config = {
+            "coordinator": {"address": address, "rpc_timeout_s": 10, "transfer_timeout_s": 60},
+            "tls": {"ca": str(self.files.ca), "cert": str(self.files.cert), "key": str(self.files.key)},
+            "data_dir": str(self.data_dir),
+            "task": task,
+            "reconnect": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
+        }
+        self.config.write_text(yaml.safe_dump(config))
+        env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])  # where a test task lives
+        if failpoint is not None:
+            env[FAILPOINTS_ENV] = failpoint
+        with self.log.open("ab") as out:
+            out.write(f"--- start, {FAILPOINTS_ENV}={failpoint or ''}\n".encode())
+            out.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "cohort_cli",
+                "participant",
+                "--config",
+                str(self.config),
+                cwd=ROOT,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+            )
+
+    async def wait_killed(self, timeout: float) -> None:
+        assert self.proc is not None
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"the victim did not die within {timeout}s\n{self.tail()}") from None
+        assert rc == -signal.SIGKILL, f"the victim exited with {rc}, not by SIGKILL\n{self.tail()}"
+
+    def stopped(self) -> bool:
+        """Whether the process is frozen (state T in /proc/PID/stat)."""
+        assert self.proc is not None
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    async def kill(self) -> None:
+        """End the process if it still runs, frozen or not (a kill, not a graceful stop: that takes seconds and
+        tests nothing)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGCONT)
+                self.proc.kill()
+            await self.proc.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "victim log:\n" + "\n".join(text.splitlines()[-lines:])
 
 
 CoordinatorFactory = Callable[[CoordinatorConfig], Awaitable[CoordinatorDaemon]]

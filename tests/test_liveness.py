@@ -13,11 +13,6 @@ reconnects), and resumes it with SIGCONT: the round completes with that site.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -25,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from support import (
     SITES,
     CoordinatorFactory,
     ParticipantFactory,
     Pki,
+    SiteProcess,
     coordinator_config,
     job_config,
     participant_config,
@@ -38,12 +33,10 @@ from support import (
     runner_of,
 )
 
-from common.failpoints import ENV as FAILPOINTS_ENV
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.tasks.breast_cancer import BreastCancerTask
 from coordinator.state.registry import Declaration, Registry
 
-REPO = Path(__file__).resolve().parent.parent
 HEARTBEAT_S = 2.0
 FREEZE_S = 2 * HEARTBEAT_S + 2.0  # past the coordinator's heartbeat budget and the site's own silence window
 KEEPALIVE_S = 15.0  # the frozen site's connection stays up for longer than the freeze
@@ -90,67 +83,11 @@ def test_silence_drops_an_idle_site_but_not_one_with_a_task_in_hand() -> None:
 # -- end to end: a participant process frozen mid-round -------------------------------------------------------------
 
 
-class Victim:
-    def __init__(self, directory: Path, pki: Pki, data_dir: Path) -> None:
-        self.config = directory / f"{VICTIM}.yaml"
-        self.log = directory / f"{VICTIM}.log"
-        self.files = pki.site(VICTIM)
-        self.data_dir = data_dir
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, address: str, task: str, failpoint: str) -> None:
-        config = {
-            "coordinator": {"address": address, "rpc_timeout_s": 10, "transfer_timeout_s": 60},
-            "tls": {"ca": str(self.files.ca), "cert": str(self.files.cert), "key": str(self.files.key)},
-            "data_dir": str(self.data_dir),
-            "task": task,
-            "reconnect": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
-        }
-        self.config.write_text(yaml.safe_dump(config))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
-        env[FAILPOINTS_ENV] = failpoint
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "cohort_cli",
-                "participant",
-                "--config",
-                str(self.config),
-                cwd=REPO,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-
-    def stopped(self) -> bool:
-        """Whether the process is frozen (state T in /proc/PID/stat)."""
-        assert self.proc is not None
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] == "T"
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    async def end(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGCONT)
-                self.proc.kill()
-            await self.proc.wait()
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "victim log:\n" + "\n".join(text.splitlines()[-lines:])
-
-
 @pytest.fixture
-async def victim(pki: Pki, site_data: dict[str, Path], tmp_path: Path) -> AsyncIterator[Victim]:
-    v = Victim(tmp_path, pki, site_data[VICTIM])
+async def victim(pki: Pki, site_data: dict[str, Path], tmp_path: Path) -> AsyncIterator[SiteProcess]:
+    v = SiteProcess(tmp_path, pki, VICTIM, site_data[VICTIM])
     yield v
-    await v.end()
+    await v.kill()
 
 
 @pytest.mark.slow
@@ -167,7 +104,7 @@ async def test_site_frozen_past_the_heartbeat_budget_mid_round_still_counts(
     tmp_path: Path,
     coordinator_factory: CoordinatorFactory,
     participant_factory: ParticipantFactory,
-    victim: Victim,
+    victim: SiteProcess,
 ) -> None:
     job = job_config(task=task, rounds=2, min_sites=2, min_available_sites=3, round_timeout_s=60, evaluate_every=0)
     config = coordinator_config(pki, tmp_path / "state", job=job, heartbeat_s=HEARTBEAT_S)

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -25,12 +22,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from support import (
     SITES,
     CoordinatorFactory,
     ParticipantFactory,
     Pki,
+    SiteProcess,
     coordinator_config,
     job_config,
     participant_config,
@@ -39,7 +36,6 @@ from support import (
 )
 
 import coordinator.round.runner
-from common.failpoints import ENV as FAILPOINTS_ENV
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.encoding import EncodingParams, weight_of
 from common.serde import encode
@@ -53,7 +49,6 @@ from participant.site import LocalUpdate, Site
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
 VICTIM = SITES[2]
 OTHERS = SITES[:2]
 KILL_ROUND = 2  # round 1 shows the victim working before the crash, round 3 shows it back
@@ -151,68 +146,9 @@ def spools(monkeypatch: pytest.MonkeyPatch) -> list[SpoolRecord]:
     return records
 
 
-class Victim:
-    """The site under test as a separate ``cohort participant`` process (a real SIGKILL needs a real process)."""
-
-    def __init__(self, directory: Path, pki: Pki, data_dir: Path) -> None:
-        self.config = directory / f"{VICTIM}.yaml"
-        self.log = directory / f"{VICTIM}.log"
-        self.files = pki.site(VICTIM)
-        self.data_dir = data_dir
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, address: str, task: str, failpoint: str | None) -> None:
-        config = {
-            "coordinator": {"address": address, "rpc_timeout_s": 10, "transfer_timeout_s": 60},
-            "tls": {"ca": str(self.files.ca), "cert": str(self.files.cert), "key": str(self.files.key)},
-            "data_dir": str(self.data_dir),
-            "task": task,
-            "reconnect": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
-        }
-        self.config.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])  # where a test task lives
-        if failpoint is not None:
-            env[FAILPOINTS_ENV] = failpoint
-        with self.log.open("ab") as out:
-            out.write(f"--- start, {FAILPOINTS_ENV}={failpoint or ''}\n".encode())
-            out.flush()
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "cohort_cli",
-                "participant",
-                "--config",
-                str(self.config),
-                cwd=REPO,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
-
-    async def wait_killed(self, timeout: float) -> None:
-        assert self.proc is not None
-        try:
-            rc = await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            raise AssertionError(f"the victim did not die within {timeout}s\n{self.tail()}") from None
-        assert rc == -signal.SIGKILL, f"the victim exited with {rc}, not by SIGKILL\n{self.tail()}"
-
-    async def kill(self) -> None:
-        """End the process if it still runs (a kill, not a graceful stop: that takes seconds and tests nothing)."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "victim log:\n" + "\n".join(text.splitlines()[-lines:])
-
-
 @pytest.fixture
-async def victim(pki: Pki, site_data: dict[str, Path], tmp_path: Path) -> AsyncIterator[Victim]:
-    v = Victim(tmp_path, pki, site_data[VICTIM])
+async def victim(pki: Pki, site_data: dict[str, Path], tmp_path: Path) -> AsyncIterator[SiteProcess]:
+    v = SiteProcess(tmp_path, pki, VICTIM, site_data[VICTIM])
     yield v
     await v.kill()
 
@@ -308,7 +244,7 @@ async def test_site_killed_mid_round_round_completes_and_site_rejoins(
     coordinator_factory: CoordinatorFactory,
     participant_factory: ParticipantFactory,
     spools: list[SpoolRecord],
-    victim: Victim,
+    victim: SiteProcess,
 ) -> None:
     # Every round waits for all three sites to be connected, but a round needs only two reports: the round the
     # victim dies in goes on without it, and the next one waits for it to come back.
