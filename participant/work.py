@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Literal
 
 import grpc
@@ -29,10 +27,11 @@ from common.secagg_wire import STATS_SPLIT, setup_from_proto
 from common.serde import CHUNK_BYTES, EncodedTensors
 from common.tasks.base import RecordDP
 from common.tasks.setup import TaskSetup
+from participant import site_rules
 from participant.config import ParticipantConfig
 from participant.connection import Connection
 from participant.final_model import fetch_model, site_notes, write_final_model
-from participant.record_dp import SiteBudget, planned_training
+from participant.record_dp import SiteBudget
 from participant.secagg_client import SecAggSessions
 from participant.site import Site
 
@@ -140,28 +139,11 @@ class Work:
 
     def record_dp_for(self, task: pb.TrainTask) -> RecordDP | Literal[False] | None:
         """This site's DP-SGD settings for the task; False when the site must not train it (and says why)."""
-        cfg = self.config.privacy
-        if not cfg.enabled:
-            if task.privacy.unit == "record":
-                log.error(
-                    "round %d: the job requires record-level DP but this site's privacy.enabled is false; not training",
-                    task.round,
-                )
-                return False
-            return None
-        assert self._budget is not None
-        plan = planned_training(self.site.num_train_samples, task.params.batch_size, task.params.local_epochs)
-        if self._budget.would_exceed(plan.steps, plan.sample_rate, cfg.noise_multiplier):
-            log.error(
-                "round %d: training would take this site's epsilon past its budget of %g (spent %.3f at "
-                "delta %g); not training",
-                task.round,
-                cfg.target_epsilon,
-                self._budget.epsilon(),
-                cfg.delta,
-            )
+        decided = site_rules.record_dp_for(self.config.privacy, self._budget, task, self.site.num_train_samples)
+        if isinstance(decided, str):
+            log.error("round %d: %s; not training", task.round, decided)
             return False
-        return RecordDP(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm, delta=cfg.delta)
+        return decided
 
     # -- the worker -----------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -204,9 +186,7 @@ class Work:
         t0 = time.perf_counter()
         tensors = await self._model(task.job_id, task.model_version, task.deadline_unix)
         t1 = time.perf_counter()
-        # Site-level DP clips to its clip norm; a job with a norm bound (strategy.norm_bound) has every site clip to it,
-        # which is what secure aggregation relies on (the coordinator checks it only on plaintext updates).
-        clip = task.privacy.clip_norm if task.privacy.unit == "site" else task.norm_bound
+        clip = site_rules.clip_of(task)
         record_dp = self.record_dp_for(task)
         if record_dp is False:
             return
@@ -215,18 +195,9 @@ class Work:
         local = await asyncio.to_thread(self.site.train, tensors, task.params, clip, record_dp or None, setup)
         if record_dp:
             assert self._budget is not None
-            extra = local.result.extra
-            # Spent once the update leaves the site: record before uploading (a crash then retrain counts twice).
-            spent = self._budget.record(int(extra["dp_steps"]), extra["dp_sample_rate"], extra["dp_noise_multiplier"])
-            self._conn.stats.epsilon = spent
-            local = replace(
-                local,
-                result=replace(local.result, extra={**extra, "dp_epsilon": spent, "dp_delta": self._budget.delta}),
-            )
+            local, self._conn.stats.epsilon = site_rules.spend(local, self._budget)
         t2 = time.perf_counter()
         result = local.result
-        metrics = {"loss": result.loss, "accuracy": result.accuracy}
-        metrics |= {k: v for k, v in result.extra.items() if math.isfinite(v)}
         if task.HasField("secagg"):
             # Under secure aggregation the sample count, loss, accuracy and steps travel masked (the coordinator
             # learns their sums); only this site's own privacy guarantee stays in the clear (docs/SECURITY.md).
@@ -235,27 +206,9 @@ class Work:
             if masked is None:
                 return
             upload_tensors = masked
-            clear = {k: v for k, v in metrics.items() if k in ("dp_epsilon", "dp_delta")}
-            header = pb.UpdateHeader(
-                job_id=task.job_id,
-                round=task.round,
-                attempt=task.attempt,
-                base_model_version=task.model_version,
-                metrics=clear,
-                manifest=upload_tensors.manifest(),
-            )
         else:
             upload_tensors = local.update
-            header = pb.UpdateHeader(
-                job_id=task.job_id,
-                round=task.round,
-                attempt=task.attempt,
-                base_model_version=task.model_version,
-                num_samples=result.num_samples,
-                metrics=metrics,
-                manifest=upload_tensors.manifest(),
-                train_seconds=local.seconds,
-            )
+        header = site_rules.update_header(task, local, upload_tensors, secure=task.HasField("secagg"))
         reply = await self._upload(header, upload_tensors, task.deadline_unix, task.round)
         if task.HasField("secagg"):
             failpoints.hit("participant.masked_sent", round=task.round)

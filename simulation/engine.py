@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,9 @@ from coordinator.round.runner import JobRunner
 from coordinator.state.model_store import ModelStore
 from coordinator.state.registry import Declaration, Registry
 from coordinator.state.store import SqliteStore
+from participant import site_rules
 from participant.config import RecordPrivacyConfig
-from participant.record_dp import SiteBudget, planned_training
+from participant.record_dp import SiteBudget
 from participant.secagg_session import SecAggSession, SiteKeys
 from simulation import remote
 from simulation.keys import simulation_keys
@@ -261,15 +262,9 @@ class Simulation:
 
     # -- a site's work ------------------------------------------------------------------------------------------
     def _record_dp(self, site: VirtualSite, task: pb.TrainTask, num_samples: int) -> RecordDP | bool | None:
-        """participant.work.Work.record_dp_for with the site's budget kept here: False when it must decline."""
-        cfg = self.site_privacy
-        if cfg is None or not cfg.enabled:
-            return False if task.privacy.unit == "record" else None
-        assert site.budget is not None
-        plan = planned_training(num_samples, task.params.batch_size, task.params.local_epochs)
-        if site.budget.would_exceed(plan.steps, plan.sample_rate, cfg.noise_multiplier):
-            return False
-        return RecordDP(noise_multiplier=cfg.noise_multiplier, max_grad_norm=cfg.max_grad_norm, delta=cfg.delta)
+        """participant.site_rules.record_dp_for with the site's budget kept here: False when it must decline."""
+        decided = site_rules.record_dp_for(self.site_privacy, site.budget, task, num_samples)
+        return False if isinstance(decided, str) else decided
 
     def _session(self, site: VirtualSite, task: pb.TrainTask | pb.EvaluateTask) -> SecAggSession:
         """SecAggSession.start, with the instance's parsed setup shared: its RoundParams hold the whole neighbour
@@ -299,7 +294,7 @@ class Simulation:
             await self._feed(runner, SecAggReceived(site.name, session.advertise(), self.clock()))
         dispatched = self.clock()
         model = self._model_ref(runner, task.model_version)
-        clip = task.privacy.clip_norm if task.privacy.unit == "site" else task.norm_bound
+        clip = site_rules.clip_of(task)
         record_dp = self._record_dp(site, task, site.train_records)
         if record_dp is False:
             reason = "this site's record-level privacy settings or budget"
@@ -314,16 +309,8 @@ class Simulation:
         local = out.update
         if dp is not None:
             assert site.budget is not None
-            extra = local.result.extra
-            spent = site.budget.record(int(extra["dp_steps"]), extra["dp_sample_rate"], extra["dp_noise_multiplier"])
-            extra = {**extra, "dp_epsilon": spent, "dp_delta": site.budget.delta}
-            local = replace(local, result=replace(local.result, extra=extra))
+            local, _ = site_rules.spend(local, site.budget)
         result = local.result
-        metrics = {"loss": result.loss, "accuracy": result.accuracy}
-        metrics |= {k: v for k, v in result.extra.items() if math.isfinite(v)}
-        header = pb.UpdateHeader(
-            job_id=task.job_id, round=task.round, attempt=task.attempt, base_model_version=task.model_version
-        )
         if session is not None:
             lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
             if not await self._shares(session):
@@ -333,12 +320,9 @@ class Simulation:
             except SecAggAborted as exc:
                 await self._abort(runner, site, session, str(exc))
                 return
-            header.metrics.update({k: v for k, v in metrics.items() if k in ("dp_epsilon", "dp_delta")})
         else:
             tensors = local.update
-            header.num_samples = result.num_samples
-            header.metrics.update(metrics)
-            header.train_seconds = local.seconds
+        header = site_rules.update_header(task, local, tensors, secure=session is not None)
         await self._upload(runner, site.name, header, tensors)
 
     async def _upload(self, runner: JobRunner, site: str, header: pb.UpdateHeader, tensors: EncodedTensors) -> None:
