@@ -177,8 +177,24 @@ class Limits:
     max_chunk_bytes: int = 4 << 20
 
 
-def specs_from_manifest(manifest: pb.Manifest, limits: Limits) -> tuple[Spec, ...]:
-    """Validate a received manifest and return its specs; raises InvalidArgument naming the problem."""
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_CHARS = 4096
+
+
+def specs_from_manifest(manifest: pb.Manifest, limits: Limits, *, annotated: bool = False) -> tuple[Spec, ...]:
+    """Validate a received manifest and return its specs; raises InvalidArgument naming the problem.
+
+    ``metadata`` (a checkpoint's description; the digest does not cover it) is only sent with a finished job's final
+    model (``annotated``); anywhere else a manifest carrying it is refused, so it cannot ride along unchecked.
+    """
+    if manifest.metadata and not annotated:
+        raise InvalidArgument("manifest metadata is only sent with a finished job's final model")
+    if len(manifest.metadata) > MAX_METADATA_ENTRIES or any(
+        len(k) > MAX_METADATA_CHARS or len(v) > MAX_METADATA_CHARS for k, v in manifest.metadata.items()
+    ):
+        raise InvalidArgument(
+            f"manifest metadata: at most {MAX_METADATA_ENTRIES} entries of {MAX_METADATA_CHARS} characters"
+        )
     if len(manifest.tensors) == 0:
         raise InvalidArgument("manifest lists no tensors")
     if len(manifest.tensors) > limits.max_tensors:
@@ -211,9 +227,9 @@ def specs_from_manifest(manifest: pb.Manifest, limits: Limits) -> tuple[Spec, ..
 class Assembler:
     """Collects a chunked stream into memory, enforcing the manifest's size and digest (participant side)."""
 
-    def __init__(self, manifest: pb.Manifest, limits: Limits | None = None) -> None:
+    def __init__(self, manifest: pb.Manifest, limits: Limits | None = None, *, annotated: bool = False) -> None:
         self.limits = limits or Limits()
-        self.specs = specs_from_manifest(manifest, self.limits)
+        self.specs = specs_from_manifest(manifest, self.limits, annotated=annotated)
         self.expected_sha256 = manifest.sha256
         self.total = manifest.total_bytes
         self._buf = bytearray(self.total)

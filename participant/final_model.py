@@ -36,7 +36,7 @@ async def fetch_model(
     first = await stream.read()
     if not isinstance(first, pb.ModelChunk) or first.WhichOneof("kind") != "manifest":
         raise InvalidArgument("model stream did not start with a manifest")
-    assembler = Assembler(first.manifest)
+    assembler = Assembler(first.manifest, annotated=True)  # a final model comes with its checkpoint's metadata
     while (chunk := await stream.read()) is not grpc.aio.EOF:
         assert isinstance(chunk, pb.ModelChunk)
         if chunk.WhichOneof("kind") != "data":

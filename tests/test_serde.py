@@ -91,6 +91,19 @@ def test_manifest_validation_names_the_problem() -> None:
             specs_from_manifest(manifest, Limits())
 
 
+def test_manifest_metadata_only_with_a_final_model() -> None:
+    """A checkpoint's description rides on a finished job's final model only; the digest does not cover it, so any
+    other manifest carrying it (an upload, a round's model) is refused, and its size is bounded."""
+    manifest = encode({"w": torch.zeros(3)}).manifest()
+    manifest.metadata["job"] = "j"
+    with pytest.raises(InvalidArgument, match="only sent with a finished job's final model"):
+        specs_from_manifest(manifest, Limits())
+    assert specs_from_manifest(manifest, Limits(), annotated=True)[0].name == "w"
+    manifest.metadata["x"] = "y" * 5000
+    with pytest.raises(InvalidArgument, match="at most 64 entries of 4096 characters"):
+        specs_from_manifest(manifest, Limits(), annotated=True)
+
+
 def test_stream_size_limits() -> None:
     enc = encode({"w": torch.zeros(1000)})
     asm = Assembler(enc.manifest(), Limits(max_chunk_bytes=100))
