@@ -74,6 +74,17 @@ class SecAggSessions:
         except (CohortError, grpc.aio.AioRpcError) as exc:
             log.error("round %d: cannot take part in secure aggregation: %s", task.round, exc)
 
+    async def ready(self, task: pb.TrainTask) -> None:
+        """A buffered task is trained and its update kept here: tell the coordinator, which queues it for a buffer."""
+        msg = pb.SecAggMessage(job_id=task.job_id, round=task.round, attempt=task.attempt, ready=task.model_version)
+        stub, timeout = self._conn.stub, self._conn.config.coordinator.rpc_timeout_s
+
+        async def send() -> pb.Ack:
+            ack: pb.Ack = await stub.SecAgg(msg, timeout=timeout)
+            return ack
+
+        await self._conn.retrying("ready for a buffer", task.deadline_unix, send)
+
     async def on_step(self, step: pb.SecAggStep) -> None:
         """Answer one step the coordinator routed to this site."""
         key = (step.job_id, step.round, step.attempt, step.split)
