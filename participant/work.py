@@ -89,6 +89,9 @@ class Work:
             self._served.add(item.train.job_id if kind == "train" else item.evaluate.job_id)
             if kind == "train" and item.train.HasField("secagg"):
                 self._spawn(self.secagg.start(item.train))
+            elif kind == "train" and item.train.buffered:
+                t = item.train  # a new buffered task: an instance still waiting for its shares was abandoned
+                self.secagg.supersede(t.job_id, t.round, t.attempt)
             if kind == "evaluate" and item.evaluate.HasField("secagg"):
                 self._spawn(self.secagg.start(item.evaluate))
             self._queue.put_nowait(item)

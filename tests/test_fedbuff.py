@@ -4,6 +4,7 @@ weighted down and recorded with their staleness."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ from support import (
     poll_until,
     runner_of,
 )
+from test_coordinator_crash import SECURE, federate, make_run
 
 from common.settings import TrainParamsConfig
 from coordinator.config import JobConfig, SecureAggregationConfig
 from coordinator.daemon import CoordinatorDaemon
+from coordinator.state.resume import RESTART_DETAIL
 from coordinator.strategy.config import StrategyConfig
 from participant.daemon import ParticipantDaemon
 from participant.site import LocalUpdate
@@ -161,3 +164,33 @@ async def test_fedbuff_with_secure_aggregation_beats_synchronous_secure_rounds_w
         stale += [int(u["metrics"]["staleness"]) for u in ups]
     assert all(0 <= s <= strategy.max_staleness for s in stale)
     assert max(stale) >= 1  # the slow site's updates arrive a version or more late and still count
+
+
+async def test_a_secure_buffer_in_flight_at_a_crash_is_abandoned_and_its_sites_train_again(
+    tmp_path: Path, pki: Pki, site_data: dict[str, Path]
+) -> None:
+    """The coordinator dies while version 2's buffer is being unmasked. Its instance cannot continue (its keys and
+    masked sum died with the process), so the attempt is recorded as failed; every site trains again on the newest
+    model, and the retried attempt is a new instance over the first 3 sites ready again."""
+    job = {
+        "strategy": {"mode": "async", "buffer_size": 3, "max_staleness": 2},
+        "min_sites": 3,
+        "evaluate_every": 0,
+        **SECURE,
+    }
+    run = make_run(tmp_path / "run", pki, job)
+    await federate(run, pki, site_data, crashes=("coordinator.unmasking@2",))
+    row = run.job()
+    assert row["state"] == "finished", row["detail"]
+    assert "job_resumed" in run.audit_kinds()
+    rounds = [(r["round"], r["attempt"], r["state"], r["detail"]) for r in run.rounds()]
+    assert (2, 0, "failed", RESTART_DETAIL) in rounds
+    completed = [r for r in run.rounds() if r["state"] == "completed"]
+    assert [r["round"] for r in completed] == [1, 2]
+    assert completed[1]["attempt"] >= 1
+    for r in completed:
+        ups = [u for u in run.uploads() if (u["round"], u["attempt"]) == (r["round"], r["attempt"])]
+        assert len(ups) == 3  # one instance over a buffer of 3
+        assert all(set(json.loads(u["metrics"])) <= {"staleness"} for u in ups)  # masked: nothing else in the clear
+    # Every site trained once before the crash at least, and the sites of the abandoned instance again after it.
+    assert sum(run.trainings.values()) >= 3 + 3 + 3
