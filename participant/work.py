@@ -253,6 +253,11 @@ class Work:
             )
             await self._conn.decline(task.job_id, task.round, task.attempt, "no kept update for that model version")
             return
+        reason = site_rules.staleness_refusal(held[0], task)
+        if reason is not None:
+            log.error("round %d: %s; declining the buffer", task.round, reason)
+            await self._conn.decline(task.job_id, task.round, task.attempt, reason)
+            return
         local = held[1]
         result = local.result
         lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))

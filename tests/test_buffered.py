@@ -29,6 +29,7 @@ from coordinator.round.events import (
 )
 from coordinator.round.machine import JobMachine
 from coordinator.strategy.config import StrategyConfig
+from participant.site_rules import staleness_refusal
 
 V1 = "sha256:" + "1" * 64
 CAP = 10_000  # SecureAggregationConfig.weight_cap's default
@@ -179,3 +180,21 @@ def test_a_site_that_leaves_takes_its_kept_update_with_it() -> None:
     assert not sent(out, "train")["s00"].train.HasField("secagg")  # back: it trains again on the newest model
     assert m.buffer is not None
     assert list(m.buffer.ready) == ["s01"]
+
+
+def test_a_site_takes_only_a_staleness_weight_some_job_could_ask_for() -> None:
+    trained = pb.TrainTask(job_id="job-1", round=3, model_version=BASE, buffered=True)
+
+    def instance(number: int, weight: float) -> pb.TrainTask:
+        return pb.TrainTask(job_id="job-1", round=number, model_version=BASE, buffered=True, staleness_weight=weight)
+
+    strategy = StrategyConfig(mode="async", staleness_exponent=0.5)
+    assert staleness_refusal(trained, instance(3, 1.0)) is None
+    assert staleness_refusal(trained, instance(5, strategy.staleness_weight(2))) is None
+    assert staleness_refusal(trained, instance(5, 3.0**-10)) is None  # the largest exponent a job may set
+    assert staleness_refusal(trained, instance(5, 3.0**-10 * 0.99)) == (
+        f"staleness weight {3.0**-10 * 0.99:g} does not fit an update 2 versions old"
+    )
+    assert staleness_refusal(trained, instance(3, 0.0)) is not None  # a fresh update weighs 1
+    assert staleness_refusal(trained, instance(3, 1.5)) is not None
+    assert staleness_refusal(trained, instance(2, 1.0)) is not None  # an instance older than the training
