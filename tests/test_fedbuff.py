@@ -120,7 +120,7 @@ async def test_fedbuff_with_secure_aggregation_beats_synchronous_secure_rounds_w
 ) -> None:
     """Each buffer of 3 ready sites is one secure-aggregation instance (coordinator/round/buffered.py): the
     coordinator sees sums only, and still the slow site does not hold every version back."""
-    versions = 8
+    versions = 12
     secagg = SecureAggregationConfig(enabled=True, clip=1.0, weight_cap=1000, stage_timeout_s=30)
     base: dict[str, Any] = {
         "rounds": versions,
