@@ -76,6 +76,12 @@ class Work:
         kind = item.WhichOneof("kind")
         if kind == "train" or kind == "evaluate":
             key = _key(item)
+            held = self._held
+            if key in self.completed and held is not None and _key(pb.WorkItem(train=held[0])) == key:
+                # A buffered task re-sent after a reconnect: the coordinator forgot the kept update with the old
+                # session; it is still here, so say so again instead of training twice.
+                self._spawn(self._announce(held[0]))
+                return
             if key in self._pending or key in self.completed:
                 return  # the coordinator re-sent a task we already have
             summing = kind == "train" and item.train.buffered and item.train.HasField("secagg")
@@ -243,6 +249,12 @@ class Work:
             t2 - t1,
             time.perf_counter() - t2,
         )
+
+    async def _announce(self, task: pb.TrainTask) -> None:
+        try:
+            await self.secagg.ready(task)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("round %d: ready for a buffer not taken: %s: %s", task.round, exc.code().name, exc.details())
 
     async def _sum_held(self, task: pb.TrainTask) -> None:
         """A buffer's secure instance: mask the kept update (weighted by its staleness) and upload it."""

@@ -180,6 +180,9 @@ def test_a_site_that_leaves_takes_its_kept_update_with_it() -> None:
     assert not sent(out, "train")["s00"].train.HasField("secagg")  # back: it trains again on the newest model
     assert m.buffer is not None
     assert list(m.buffer.ready) == ["s01"]
+    # The same task again: a daemon that only lost its connection still holds that update and says so again
+    # (participant/work.py), which fills the buffer.
+    assert sorted(sent(ready(m, "s00", 1, now=T0 + 5), "train")) == ["s00", "s01"]
 
 
 def test_a_site_takes_only_a_staleness_weight_some_job_could_ask_for() -> None:
