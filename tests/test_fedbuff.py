@@ -1,6 +1,7 @@
 """Asynchronous rounds (FedBuff) through real daemons over mutual TLS: with one site five times slower than the others,
 the job makes its model versions in less wall time than synchronous FedAvg, at comparable accuracy; stale updates are
-weighted down and recorded with their staleness."""
+weighted down and recorded with their staleness. The same with secure aggregation (each buffer one SecAgg+ instance,
+coordinator/round/buffered.py), and a coordinator crash while a buffer's instance is in flight."""
 
 from __future__ import annotations
 
