@@ -57,12 +57,7 @@ class SecAggSessions:
         """A task with a ``secagg`` setup: make this instance's keys and advertise them."""
         split = task.split if isinstance(task, pb.EvaluateTask) else ""
         key = (task.job_id, task.round, task.attempt, split)
-        for (job, rnd, attempt, kind), old in self._sessions.items():
-            later = (rnd, attempt) < (task.round, task.attempt)
-            if job == task.job_id and kind == split and later and not old.aborted:
-                # The coordinator moved on (the round failed and is retried): stop waiting for that round's shares.
-                old.aborted = "superseded by a later round"
-                old.shares_ready.set()
+        self.supersede(task.job_id, task.round, task.attempt, split)
         try:
             session = SecAggSession.start(task, self._site_id(), self._keys)
             self._sessions[key] = session
@@ -73,6 +68,26 @@ class SecAggSessions:
             failpoints.hit("participant.secagg_advertised", round=task.round)
         except (CohortError, grpc.aio.AioRpcError) as exc:
             log.error("round %d: cannot take part in secure aggregation: %s", task.round, exc)
+
+    async def ready(self, task: pb.TrainTask) -> None:
+        """A buffered task is trained and its update kept here: tell the coordinator, which queues it for a buffer."""
+        msg = pb.SecAggMessage(job_id=task.job_id, round=task.round, attempt=task.attempt, ready=task.model_version)
+        stub, timeout = self._conn.stub, self._conn.config.coordinator.rpc_timeout_s
+
+        async def send() -> pb.Ack:
+            ack: pb.Ack = await stub.SecAgg(msg, timeout=timeout)
+            return ack
+
+        await self._conn.retrying("ready for a buffer", task.deadline_unix, send)
+
+    def supersede(self, job_id: str, number: int, attempt: int, split: str = "") -> None:
+        """The coordinator moved on to (``number``, ``attempt``) (the round failed and is retried, or it restarted and
+        hands out buffered tasks again): stop waiting for the shares of earlier instances."""
+        for (job, rnd, att, kind), old in self._sessions.items():
+            earlier = (rnd, att) < (number, attempt)
+            if job == job_id and kind == split and earlier and not old.aborted:
+                old.aborted = "superseded by a later round"
+                old.shares_ready.set()
 
     async def on_step(self, step: pb.SecAggStep) -> None:
         """Answer one step the coordinator routed to this site."""

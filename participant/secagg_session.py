@@ -126,7 +126,12 @@ class SecAggSession:
             params = SkellamParams.from_dict(json.loads(privacy.skellam_json))
             encoded = privatize(flat.astype(np.float64), params, privacy.rotation_seed)
         else:
-            encoded = encode(with_weight_lane(flat, self.enc), self.enc, weight_of(num_samples, self.weight_cap))
+            # A buffer's instance (asynchronous rounds): the weight times the public staleness weight the coordinator
+            # sent, applied before masking, so the sum is the staleness-weighted one and so is its weight lane.
+            weight = weight_of(num_samples, self.weight_cap)
+            if self.task.buffered:
+                weight *= self.task.staleness_weight
+            encoded = encode(with_weight_lane(flat, self.enc), self.enc, weight)
         return self._masked(np.concatenate([encoded, self._lanes(lane_values or {})]))
 
     def masked_lanes(self, lane_values: Mapping[str, float]) -> EncodedTensors:

@@ -4,6 +4,7 @@ simulator's virtual sites (simulation/engine.py) apply the same rules.
 - :func:`clip_of`: the L2 bound the site clips its update to (site-level DP's clip norm, else the job's norm bound).
 - :func:`record_dp_for`: this site's DP-SGD settings for the task, or why it must not train it.
 - :func:`spend`: record a DP-SGD training in the site's budget and put its epsilon into the result.
+- :func:`staleness_refusal`: whether a buffer's instance names a staleness weight the site takes (FedBuff + SecAgg).
 - :func:`update_header`: the upload's header. Under secure aggregation the sample count and metrics travel masked in
   the lanes, so only the site's own privacy guarantee (dp_epsilon, dp_delta) stays in the clear (docs/SECURITY.md).
 """
@@ -21,6 +22,9 @@ from participant.record_dp import SiteBudget, planned_training
 from participant.site import LocalUpdate
 
 CLEAR_UNDER_SECAGG = ("dp_epsilon", "dp_delta")
+# strategy.staleness_exponent's upper bound (coordinator/strategy/config.py): a weight below (1 + s)^-10 for an update
+# s versions old is no staleness weight any job can ask for.
+MAX_STALENESS_EXPONENT = 10
 
 
 def clip_of(task: pb.TrainTask) -> float:
@@ -54,6 +58,18 @@ def spend(local: LocalUpdate, budget: SiteBudget) -> tuple[LocalUpdate, float]:
     spent = budget.record(int(extra["dp_steps"]), extra["dp_sample_rate"], extra["dp_noise_multiplier"])
     result = replace(local.result, extra={**extra, "dp_epsilon": spent, "dp_delta": budget.delta})
     return replace(local, result=result), spent
+
+
+def staleness_refusal(trained: pb.TrainTask, instance: pb.TrainTask) -> str | None:
+    """Why a buffer's instance may not have the update kept from ``trained`` at the staleness weight it names, or
+    None. The site counts the versions itself (the instance's round is signed by all its sites) and takes only a
+    weight some job could ask for: in [(1 + s)^-10, 1]. (Within that range the weight is the coordinator's choice:
+    docs/SECURITY.md.)"""
+    stale = instance.round - trained.round
+    weight = instance.staleness_weight
+    if stale < 0 or not (1 + stale) ** -MAX_STALENESS_EXPONENT <= weight <= 1:
+        return f"staleness weight {weight:g} does not fit an update {stale} versions old"
+    return None
 
 
 def update_header(task: pb.TrainTask, local: LocalUpdate, tensors: EncodedTensors, secure: bool) -> pb.UpdateHeader:

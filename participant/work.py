@@ -33,7 +33,7 @@ from participant.connection import Connection
 from participant.final_model import fetch_model, site_notes, write_final_model
 from participant.record_dp import SiteBudget
 from participant.secagg_client import SecAggSessions
-from participant.site import Site
+from participant.site import LocalUpdate, Site
 
 log = logging.getLogger("cohort.participant")
 
@@ -62,6 +62,9 @@ class Work:
         self._keeping: asyncio.Task[None] | None = None
         self._optimizer_job = ""  # the job whose local optimizer state the site keeps (keep_optimizer_state)
         self._side: set[asyncio.Task[None]] = set()
+        # Asynchronous rounds with secure aggregation: the update of the last buffered task, kept until its buffer's
+        # secure instance asks for it (coordinator/round/buffered.py). Lost with the process: the site trains again.
+        self._held: tuple[pb.TrainTask, LocalUpdate] | None = None
 
     @property
     def busy(self) -> bool:
@@ -73,9 +76,16 @@ class Work:
         kind = item.WhichOneof("kind")
         if kind == "train" or kind == "evaluate":
             key = _key(item)
+            held = self._held
+            if key in self.completed and held is not None and _key(pb.WorkItem(train=held[0])) == key:
+                # A buffered task re-sent after a reconnect: the coordinator forgot the kept update with the old
+                # session; it is still here, so say so again instead of training twice.
+                self._spawn(self._announce(held[0]))
+                return
             if key in self._pending or key in self.completed:
                 return  # the coordinator re-sent a task we already have
-            if kind == "train" and self.record_dp_for(item.train) is False:
+            summing = kind == "train" and item.train.buffered and item.train.HasField("secagg")
+            if kind == "train" and not summing and self.record_dp_for(item.train) is False:
                 self.completed.append(key)
                 t = item.train
                 reason = "this site's record-level privacy settings or budget"
@@ -85,6 +95,9 @@ class Work:
             self._served.add(item.train.job_id if kind == "train" else item.evaluate.job_id)
             if kind == "train" and item.train.HasField("secagg"):
                 self._spawn(self.secagg.start(item.train))
+            elif kind == "train" and item.train.buffered:
+                t = item.train  # a new buffered task: an instance still waiting for its shares was abandoned
+                self.secagg.supersede(t.job_id, t.round, t.attempt)
             if kind == "evaluate" and item.evaluate.HasField("secagg"):
                 self._spawn(self.secagg.start(item.evaluate))
             self._queue.put_nowait(item)
@@ -180,6 +193,9 @@ class Work:
         return tensors
 
     async def _train(self, task: pb.TrainTask) -> None:
+        if task.buffered and task.HasField("secagg"):
+            await self._sum_held(task)
+            return
         if task.job_id != self._optimizer_job:
             self.site.optimizer_state.clear()  # a kept optimizer state belongs to one job
             self._optimizer_job = task.job_id
@@ -198,6 +214,14 @@ class Work:
             local, self._conn.stats.epsilon = site_rules.spend(local, self._budget)
         t2 = time.perf_counter()
         result = local.result
+        if task.buffered:
+            # Kept here until a buffer's secure instance takes it; the coordinator learns only that it is ready.
+            self._held = (task, local)
+            await self.secagg.ready(task)
+            self._conn.stats.trainings += 1
+            self._conn.stats.train_seconds += t2 - t1
+            log.info("round %d: trained on %d samples, update kept for a buffer", task.round, result.num_samples)
+            return
         if task.HasField("secagg"):
             # Under secure aggregation the sample count, loss, accuracy and steps travel masked (the coordinator
             # learns their sums); only this site's own privacy guarantee stays in the clear (docs/SECURITY.md).
@@ -224,6 +248,43 @@ class Work:
             t1 - t0,
             t2 - t1,
             time.perf_counter() - t2,
+        )
+
+    async def _announce(self, task: pb.TrainTask) -> None:
+        try:
+            await self.secagg.ready(task)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("round %d: ready for a buffer not taken: %s: %s", task.round, exc.code().name, exc.details())
+
+    async def _sum_held(self, task: pb.TrainTask) -> None:
+        """A buffer's secure instance: mask the kept update (weighted by its staleness) and upload it."""
+        held = self._held
+        if held is None or held[0].job_id != task.job_id or held[0].model_version != task.model_version:
+            log.warning(
+                "round %d: no kept update for model %s...; declining the buffer", task.round, task.model_version[:19]
+            )
+            await self._conn.decline(task.job_id, task.round, task.attempt, "no kept update for that model version")
+            return
+        reason = site_rules.staleness_refusal(held[0], task)
+        if reason is not None:
+            log.error("round %d: %s; declining the buffer", task.round, reason)
+            await self._conn.decline(task.job_id, task.round, task.attempt, reason)
+            return
+        local = held[1]
+        result = local.result
+        lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
+        masked = await self.secagg.masked(task, local.update, result.num_samples, lanes)
+        if masked is None:
+            return
+        header = site_rules.update_header(task, local, masked, secure=True)
+        reply = await self._upload(header, masked, task.deadline_unix, task.round)
+        if self._held is held:
+            self._held = None
+        log.info(
+            "round %d: kept update (staleness weight %.3f) summed securely, uploaded %s",
+            task.round,
+            task.staleness_weight,
+            reply.update_sha256[:12],
         )
 
     async def _upload(
@@ -309,6 +370,7 @@ class Work:
 def _key(item: pb.WorkItem) -> WorkKey:
     if item.WhichOneof("kind") == "train":
         t = item.train
-        return ("train", t.job_id, str(t.round), str(t.attempt))
+        kind = "sum" if t.buffered and t.HasField("secagg") else "train"  # a buffer's instance: same round, attempt
+        return (kind, t.job_id, str(t.round), str(t.attempt))
     e = item.evaluate
     return ("evaluate", e.job_id, str(e.round), e.split, e.model_version, str(e.attempt))

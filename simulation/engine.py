@@ -52,6 +52,7 @@ from participant import site_rules
 from participant.config import RecordPrivacyConfig
 from participant.record_dp import SiteBudget
 from participant.secagg_session import SecAggSession, SiteKeys
+from participant.site import LocalUpdate
 from simulation import remote
 from simulation.keys import simulation_keys
 
@@ -95,6 +96,7 @@ class VirtualSite:
     sessions: dict[RoundKey, SecAggSession] = field(default_factory=dict)
     nodes: set[str] = field(default_factory=set)
     train_records: int = 0
+    held: tuple[pb.TrainTask, LocalUpdate] | None = None  # FedBuff + SecAgg: the update kept for a buffer
 
 
 @dataclass
@@ -288,6 +290,9 @@ class Simulation:
         return session
 
     async def _train(self, runner: JobRunner, site: VirtualSite, task: pb.TrainTask) -> None:
+        if task.buffered and task.HasField("secagg"):
+            await self._sum_held(runner, site, task)
+            return
         session = None
         if task.HasField("secagg"):
             session = self._session(site, task)
@@ -311,6 +316,13 @@ class Simulation:
             assert site.budget is not None
             local, _ = site_rules.spend(local, site.budget)
         result = local.result
+        if task.buffered:  # kept for a buffer's secure instance, as participant/work.py does
+            site.held = (task, local)
+            ready = pb.SecAggMessage(
+                job_id=task.job_id, round=task.round, attempt=task.attempt, ready=task.model_version
+            )
+            await self._feed(runner, SecAggReceived(site.name, ready, self.clock()))
+            return
         if session is not None:
             lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
             if not await self._shares(session):
@@ -324,6 +336,31 @@ class Simulation:
             tensors = local.update
         header = site_rules.update_header(task, local, tensors, secure=session is not None)
         await self._upload(runner, site.name, header, tensors)
+
+    async def _sum_held(self, runner: JobRunner, site: VirtualSite, task: pb.TrainTask) -> None:
+        """A buffer's secure instance: mask the kept update at its staleness weight and upload it."""
+        held = site.held
+        reason = "no kept update for that model version"
+        if held is not None and held[0].model_version == task.model_version:
+            reason = site_rules.staleness_refusal(held[0], task) or ""
+        if held is None or reason:
+            request = pb.DeclineRequest(job_id=task.job_id, round=task.round, attempt=task.attempt, reason=reason)
+            await self._feed(runner, Declined(site.name, request, self.clock()))
+            return
+        session = self._session(site, task)
+        await self._feed(runner, SecAggReceived(site.name, session.advertise(), self.clock()))
+        local = held[1]
+        result = local.result
+        lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
+        if not await self._shares(session):
+            return
+        try:
+            tensors = session.masked_update(local.update, result.num_samples, lanes)
+        except SecAggAborted as exc:
+            await self._abort(runner, site, session, str(exc))
+            return
+        site.held = None
+        await self._upload(runner, site.name, site_rules.update_header(task, local, tensors, secure=True), tensors)
 
     async def _upload(self, runner: JobRunner, site: str, header: pb.UpdateHeader, tensors: EncodedTensors) -> None:
         """What UploadUpdate does with a stream, without the network: decode the manifest, then the runner's walk."""

@@ -279,3 +279,36 @@ def runner_rounds(state: Path) -> list[tuple[int, list[str], int | None]]:
         return [(r.round, r.reported, r.train_samples) for r in store.rounds(job["job_id"])]
     finally:
         store.close()
+
+
+async def test_fedbuff_with_secure_aggregation_over_virtual_sites(local_ray: None, tmp_path: Path) -> None:
+    """Asynchronous rounds with secure aggregation (coordinator/round/buffered.py) and record-level DP at the sites:
+    each version is one secure instance over a buffer of 3 of the 6 virtual sites; the sites keep their updates
+    until then, so nothing is in the clear but their own epsilon and the coordinator's staleness count."""
+    from common.tasks.base import load_task
+    from coordinator.strategy.config import StrategyConfig
+    from participant.config import RecordPrivacyConfig
+
+    folders, _ = site_data.split_on_the_fly(
+        tmp_path / "data", "breast_cancer", load_task("breast_cancer").schema, 6, alpha=None, quantity_skew=0.5, seed=1
+    )
+    job = job_config(
+        rounds=3,
+        evaluate_every=0,
+        secure_aggregation=SecureAggregationConfig(enabled=True, clip=1.0, weight_cap=1000, stage_timeout_s=30),
+        privacy=PrivacyConfig(unit="record"),
+        strategy=StrategyConfig(mode="async", buffer_size=3, max_staleness=2),
+    )
+    site_privacy = RecordPrivacyConfig(enabled=True, noise_multiplier=2.0, target_epsilon=50.0)
+    outcome = await simulate(job, folders, tmp_path / "state", site_privacy=site_privacy)
+    store, job_id = outcome.store, outcome.runner.job_id
+    completed = [r for r in store.rounds(job_id) if r.state == "completed"]
+    assert [r.round for r in completed] == [1, 2, 3]
+    for r in completed:
+        ups = store.uploads(job_id, r.round, r.attempt)
+        assert len(ups) == 3
+        assert all(set(u["metrics"]) <= {"staleness", "dp_epsilon", "dp_delta"} for u in ups)
+    row = store.job(job_id)
+    assert row is not None
+    assert row["state"] == "finished"
+    assert len(row["site_epsilon"]) >= 3

@@ -189,12 +189,15 @@ def test_combinations_that_cannot_work_are_refused_with_what_to_change() -> None
         job(strategy=StrategyConfig(aggregation="krum"), privacy=PrivacyConfig(unit="site")).check("job")
     with pytest.raises(ConfigError, match=r"needs at least 7 updates per round \(2f \+ 3\); raise job.min_sites"):
         job(strategy=StrategyConfig(aggregation="krum", byzantine_sites=2)).check("job")
-    with pytest.raises(ConfigError, match=r"job\.strategy\.mode: asynchronous rounds do not run with secure"):
-        job(strategy=StrategyConfig(mode="async"), secure_aggregation=secure).check("job")
+    with pytest.raises(ConfigError, match=r"job\.strategy\.buffer_size: with secure aggregation each buffer is one"):
+        job(strategy=StrategyConfig(mode="async", buffer_size=1), secure_aggregation=secure).check("job")
+    with pytest.raises(ConfigError, match=r"buffer_size: 4 is below job.min_sites \(5\)"):
+        job(strategy=StrategyConfig(mode="async", buffer_size=4), secure_aggregation=secure).check("job")
     with pytest.raises(ConfigError, match=r"buffer_size: 3 is below job.min_sites \(5\)"):
         job(strategy=StrategyConfig(mode="async", buffer_size=3)).check("job")
     # What does work: norm bounding and server optimizers with secure aggregation.
     job(strategy=StrategyConfig(name="fedadam", norm_bound=1.0), secure_aggregation=secure).check("job")
+    job(strategy=StrategyConfig(mode="async"), secure_aggregation=secure).check("job")  # FedBuff, one sum per buffer
     with pytest.raises(ConfigError, match=r"strategy\.tau"):
         StrategyConfig(tau=0).check("strategy")
 

@@ -28,6 +28,7 @@ from common.secagg_wire import MAX_EVAL_INSTANCES, STATS_SPLIT
 from common.serde import Spec
 from common.tasks.base import round_seed
 from common.tasks.standardize import FeatureScaling
+from coordinator.round.buffered import Buffer, Held, instance_task, staleness_of
 from coordinator.round.events import (
     AckDuplicate,
     Action,
@@ -128,6 +129,8 @@ class JobMachine:
         # round (an update is computed on the version of the round its task named).
         self._outstanding: dict[str, tuple[int, int]] = {}
         self._versions: dict[int, str] = {}
+        # With secure aggregation: the sites that hold a trained update for a buffer (coordinator/round/buffered.py).
+        self.buffer = Buffer(self._buffer_size(), self.spec.strategy.max_staleness) if self.buffered else None
         # job.standardize: the feature-statistics phase before round 1 (coordinator/round/standardize.py).
         self.standardization = (
             Standardization(setup.statistics, self.spec.standardize, setup.scaling)
@@ -145,11 +148,25 @@ class JobMachine:
     def asynchronous(self) -> bool:
         return self.spec.strategy.mode == "async"
 
+    @property
+    def buffered(self) -> bool:
+        """Asynchronous rounds with secure aggregation: each buffer is one secure instance (round/buffered.py)."""
+        return self.asynchronous and self.spec.secure_aggregation.enabled
+
+    @property
+    def _async_plain(self) -> bool:
+        """Asynchronous rounds whose updates arrive in the clear, each counted into the open buffer."""
+        return self.asynchronous and not self.buffered
+
+    def _buffer_size(self) -> int:
+        size = max(self.spec.strategy.buffer_size or self.spec.min_sites, self.spec.min_sites)
+        return min(size, max(2, self.setup.population))
+
     def upload_target(self, number: int, attempt: int) -> tuple[int, int]:
         """The round attempt an upload for task (``number``, ``attempt``) is counted in: itself, or under
         asynchronous rounds the open buffer."""
         rnd = self.round
-        if self.asynchronous and rnd is not None:
+        if self._async_plain and rnd is not None:
             return rnd.number, rnd.attempt
         return number, attempt
 
@@ -217,7 +234,7 @@ class JobMachine:
                 return f"the {split} evaluation of round {number} closed while this upload was in flight"
             return ev.secure.inputs.refusal(site) if ev.secure.uploads_open else "the masked inputs are closed"
         rnd = self.round
-        if self.asynchronous and rnd is not None and rnd.state.open:
+        if self._async_plain and rnd is not None and rnd.state.open:
             return self._async_refusal(rnd, site, number, attempt) or rnd.state.refusal(site)
         if rnd is None or (rnd.number, rnd.attempt) != (number, attempt) or not rnd.state.open:
             return f"round {number} closed while this upload was in flight"
@@ -407,7 +424,8 @@ class JobMachine:
         )
         stamp(task, self.scaling)
         secagg = None
-        if spec.secure_aggregation.enabled:
+        task.buffered = self.buffered  # train and keep the update; it is summed with its buffer's instance
+        if spec.secure_aggregation.enabled and not self.buffered:
             numel = sum(s.numel for s in self.setup.specs)
             skellam = privacy.skellam(len(cohort)) if privacy.distributed else None
             secagg = SecAggRound.create(
@@ -458,7 +476,11 @@ class JobMachine:
         if secagg is not None:
             rnd.secure = self._secure_sum(secagg, upload_deadline, deadline, now)
         elif self.asynchronous:
-            rnd.plain = self._round_state(members, self._buffer_target(len(cohort)))
+            # Buffered (secure) rounds: this state sees only dropouts and the deadline; ready sites fill the buffer.
+            target = self._buffer_target(len(cohort))
+            rnd.plain = RoundState(members, 1) if self.buffered else self._round_state(members, target)
+            if self.buffer is not None:
+                self.buffer.instance_over()
             self._versions = {
                 n: v for n, v in self._versions.items() if n >= self.number - self.spec.strategy.max_staleness
             }
@@ -484,10 +506,66 @@ class JobMachine:
                 continue
             if self.asynchronous and site in self._outstanding:
                 continue  # still training on an older model; its update counts here, weighted by its staleness
+            if self.buffer is not None and self.buffer.holds(site):
+                continue  # it holds a trained update for a buffer
             if not self._send_train(site, task) and not reopened:
                 # After a restart the sites are still reconnecting: they get the task when they are back, and the
                 # round waits for them until its deadline instead of counting them lost.
                 self._round_event(rnd, SiteLost(site), now)
+        self._fill_buffer(now)
+
+    def _fill_buffer(self, now: float) -> None:
+        """Buffered secure rounds: once K sites hold an update and no instance runs, open the buffer's instance."""
+        rnd, buf = self.round, self.buffer
+        if (
+            rnd is None
+            or buf is None
+            or rnd.secure is not None
+            or not rnd.state.open
+            or self.phase is not Phase.TRAINING
+        ):
+            return
+        for site in buf.stale(rnd.number):
+            self._send_train(site, rnd.task)  # its update is too old: train again on the newest model
+        members = buf.take()
+        if members is None:
+            return
+        # The instance gets the whole round timeout from now: the time the buffer took to fill is not its own.
+        rnd.deadline = now + self.spec.round_timeout_s
+        rnd.upload_deadline = rnd.deadline - self.spec.unmask_reserve_s
+        numel = sum(s.numel for s in self.setup.specs)
+        sa = SecAggRound.create(
+            self.job_id,
+            rnd.number,
+            rnd.attempt,
+            sorted(members),
+            numel,
+            self.spec.secure_aggregation,
+            list(self.setup.ca_certs),
+            now=now,
+        )
+        secure = rnd.secure = self._secure_sum(sa, rnd.upload_deadline, rnd.deadline, now)
+        rnd.cohort = rnd.cohort | frozenset(members)
+        setup = sa.setup()
+        stale = {s: staleness_of(h, rnd.number) for s, h in members.items()}
+        self._emit(Audit("buffer_instance", {"job_id": self.job_id, "round": rnd.number, "staleness": stale}))
+        for site, held in sorted(members.items()):
+            task = instance_task(rnd.task, setup, held, rnd.number, self.spec.strategy, rnd.upload_deadline)
+            if self.round is rnd and not self._send(site, pb.WorkItem(train=task)):
+                self._secure_outcome(rnd, secure.lost(site, now, self._send), now)
+
+    def _ready_received(self, site: str, msg: pb.SecAggMessage, now: float) -> None:
+        """A site trained its buffered task and keeps the update: queue it for a buffer."""
+        buf = self.buffer
+        if buf is None or not self.running:
+            raise FailedPrecondition("this job does not buffer updates (strategy.mode async with secure aggregation)")
+        held = Held(msg.round, msg.attempt, msg.ready)
+        refusal = buf.refusal(site, held, self._outstanding.get(site), self._versions, self.number)
+        if refusal is not None:
+            raise FailedPrecondition(refusal)
+        del self._outstanding[site]
+        buf.ready[site] = held
+        self._fill_buffer(now)
 
     def _book(self, rnd: RoundAttempt, site: str, sha256: str, num_samples: int, metrics: dict[str, float]) -> None:
         """Count an accepted upload into the open attempt (also when a restart takes one back from the spool)."""
@@ -659,6 +737,9 @@ class JobMachine:
             self._after_secagg_message(site, msg, ev.number)
             self._secure_eval_outcome(ev, done, event.now)
             return
+        if msg.WhichOneof("stage") == "ready":
+            self._ready_received(site, msg, event.now)
+            return
         rnd = self.round
         if rnd is None or rnd.secure is None or not self.running:
             raise FailedPrecondition("no secure-aggregation round is open")
@@ -716,7 +797,11 @@ class JobMachine:
             self._eval_upload_started(site, h, event.specs)
             return
         rnd = self.round
-        if self.asynchronous and rnd is not None and self.running:
+        if self.buffered and rnd is not None and rnd.secure is None:
+            raise FailedPrecondition(
+                "updates stay at the sites until their buffer's secure-aggregation instance asks for them (send ready)"
+            )
+        if self._async_plain and rnd is not None and self.running:
             refusal = self._async_refusal(rnd, site, h.round, h.attempt)
             if refusal is not None:
                 raise FailedPrecondition(refusal)
@@ -729,6 +814,9 @@ class JobMachine:
             raise PermissionDenied(f"site {site!r} is not in the cohort of round {rnd.number}")
         if not self.asynchronous and h.base_model_version != rnd.base_version:
             raise FailedPrecondition("update was computed against another model version than this round's")
+        held = self.buffer.members.get(site) if self.buffer is not None else None
+        if self.buffer is not None and (held is None or held.version != h.base_model_version):
+            raise FailedPrecondition("the masked update is for another model version than the one its site trained on")
         self._check_header(rnd, h, event.specs)
         previous = rnd.reported.get(site)
         if previous is not None:
@@ -780,9 +868,11 @@ class JobMachine:
             raise FailedPrecondition(refusal)
         assert rnd is not None
         metrics = dict(h.metrics)
-        if self.asynchronous:
+        if self._async_plain:
             metrics["staleness"] = float(rnd.number - h.round)  # the coordinator's own count, kept with the upload
             self._outstanding.pop(site, None)
+        elif self.buffer is not None and site in self.buffer.members:
+            metrics["staleness"] = float(staleness_of(self.buffer.members[site], rnd.number))
         sha = h.manifest.sha256
         self._emit(RecordUpload(rnd.number, rnd.attempt, site, sha, h.num_samples, metrics, h.train_seconds))
         self._emit(Failpoint("coordinator.upload_accepted", rnd.number))
@@ -814,6 +904,14 @@ class JobMachine:
         if not self.running:
             return
         site, rnd = event.site, self.round
+        if self.buffer is not None:
+            # Buffered secure rounds: an arriving site that holds nothing trains at once on the newest model.
+            idle = site not in self._outstanding and not self.buffer.holds(site) and site in self.eligible()
+            if rnd is not None and self.phase is Phase.TRAINING and rnd.state.open and idle:
+                rnd.cohort = rnd.cohort | {site}
+                self._send_train(site, rnd.task)
+            self._check_waiting(event.now)
+            return
         # A restarted site picks its task up again. Not under secure aggregation: a restarted site lost this round's
         # keys, so it stays a dropout until the next round.
         plain = rnd is not None and self.phase is Phase.TRAINING and rnd.plain is not None
@@ -834,6 +932,8 @@ class JobMachine:
     def _site_disconnected(self, event: SiteDisconnected) -> None:
         self.connected.pop(event.site, None)
         self._outstanding.pop(event.site, None)  # its task died with the session
+        if self.buffer is not None:
+            self.buffer.forget(event.site)  # and so did an update it kept for a buffer
         if not self.running:
             return
         site, rnd = event.site, self.round
@@ -1149,6 +1249,9 @@ class JobMachine:
         elif self.phase in (Phase.TRAINING, Phase.UNMASKING) and rnd is not None:
             if rnd.secure is not None:
                 self._secure_outcome(rnd, rnd.secure.advance(now, self._send), now)
+            elif rnd.state.open and now >= rnd.upload_deadline and self.buffer is not None:
+                ready = len(self.buffer.ready)
+                self._fail_attempt(f"the buffer did not fill: {ready} of {self.buffer.size} sites ready", now)
             elif rnd.state.open and now >= rnd.upload_deadline:
                 self._round_event(rnd, DeadlinePassed(), now)
         elif self.phase is Phase.EVALUATING and ev is not None:

@@ -420,7 +420,8 @@ class JobRunner:
         secagg = self.machine.secure_instance(split, number, attempt)
         # Asynchronous rounds: the buffer that counts the update may close while it streams in, so it is spooled
         # aside and moved into the open buffer's spool when it is counted.
-        staged = self.machine.asynchronous and not split
+        # (Buffered secure rounds: a masked input is for one instance, named by its round and attempt, like a sync one.)
+        staged = self.machine.asynchronous and not self.machine.buffered and not split
         if split:
             assert secagg is not None
         values: Float32Values | MaskedPadding

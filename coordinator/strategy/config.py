@@ -46,7 +46,8 @@ class StrategyConfig:
     availability_window: int = 10  # availability: how many of a site's recent selections count
     # Asynchronous rounds (FedBuff, Nguyen et al. 2022): every idle site trains on the newest model; a new model is
     # made as soon as ``buffer_size`` updates are in (0: job.min_sites), each weighted by (1 + s)^-staleness_exponent
-    # for an update s versions old; older than ``max_staleness`` versions is refused.
+    # for an update s versions old; older than ``max_staleness`` versions is refused. With secure aggregation each
+    # buffer is one secure-aggregation instance over the sites that filled it (coordinator/round/buffered.py).
     mode: Mode = "sync"
     buffer_size: int = 0
     max_staleness: int = 4
@@ -113,11 +114,10 @@ class StrategyConfig:
                 "aggregation: mean"
             )
         if self.mode == "async":
-            if secure:
+            if secure and self.buffer_size == 1:
                 raise ConfigError(
-                    f"{where}.mode: asynchronous rounds do not run with secure aggregation yet (each buffer would be "
-                    "its own secure instance over the sites that filled it); use mode: sync, or turn "
-                    "secure_aggregation off"
+                    f"{where}.buffer_size: with secure aggregation each buffer is one secure sum over the sites that "
+                    "filled it, and a sum of one update is that update; use buffer_size >= 2 (and >= job.min_sites)"
                 )
             if site_dp:
                 raise ConfigError(

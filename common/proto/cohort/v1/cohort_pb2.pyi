@@ -301,6 +301,8 @@ class TrainTask(_message.Message):
     TASK_PARAMS_JSON_FIELD_NUMBER: _builtins.int
     FEATURE_SCALING_FIELD_NUMBER: _builtins.int
     NORM_BOUND_FIELD_NUMBER: _builtins.int
+    BUFFERED_FIELD_NUMBER: _builtins.int
+    STALENESS_WEIGHT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     model_version: _builtins.str
@@ -313,6 +315,13 @@ class TrainTask(_message.Message):
     """the job's task parameters, canonical JSON (common/tasks/params.py); "" = none"""
     norm_bound: _builtins.float
     """job.strategy.norm_bound: scale the update to at most this L2 norm (0: off)"""
+    buffered: _builtins.bool
+    """Asynchronous rounds with secure aggregation (docs/ARCHITECTURE.md, "FedBuff with secure aggregation"). Without
+    `secagg`: train, keep the update at the site and send SecAggMessage.ready instead of uploading it. With `secagg`:
+    no training; mask the kept update trained on `model_version` into this buffer's instance, its weight multiplied
+    by `staleness_weight` (public: the coordinator knows every version).
+    """
+    staleness_weight: _builtins.float
     @_builtins.property
     def params(self) -> Global___TrainParams: ...
     @_builtins.property
@@ -339,10 +348,12 @@ class TrainTask(_message.Message):
         task_params_json: _builtins.str = ...,
         feature_scaling: Global___FeatureScaling | None = ...,
         norm_bound: _builtins.float = ...,
+        buffered: _builtins.bool = ...,
+        staleness_weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["feature_scaling", b"feature_scaling", "params", b"params", "privacy", b"privacy", "secagg", b"secagg"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "norm_bound", b"norm_bound", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg", "task_params_json", b"task_params_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "buffered", b"buffered", "deadline_unix", b"deadline_unix", "feature_scaling", b"feature_scaling", "job_id", b"job_id", "model_version", b"model_version", "norm_bound", b"norm_bound", "params", b"params", "privacy", b"privacy", "round", b"round", "secagg", b"secagg", "staleness_weight", b"staleness_weight", "task_params_json", b"task_params_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -683,12 +694,15 @@ class SecAggMessage(_message.Message):
     SURVIVOR_SIGNATURE_FIELD_NUMBER: _builtins.int
     UNMASK_FIELD_NUMBER: _builtins.int
     ABORT_REASON_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
     abort_reason: _builtins.str
     """the site found tampering and aborts the round"""
+    ready: _builtins.str
+    """buffered task (round, attempt) trained on this model version; the update is kept"""
     split: _builtins.str
     """"": the round's training; "val"/"test": that evaluation of the round"""
     @_builtins.property
@@ -710,13 +724,14 @@ class SecAggMessage(_message.Message):
         survivor_signature: Global___SecAggSignature | None = ...,
         unmask: Global___SecAggUnmask | None = ...,
         abort_reason: _builtins.str = ...,
+        ready: _builtins.str = ...,
         split: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "share_keys", b"share_keys", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "ready", b"ready", "share_keys", b"share_keys", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "attempt", b"attempt", "job_id", b"job_id", "round", b"round", "share_keys", b"share_keys", "split", b"split", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "advertisement", b"advertisement", "attempt", b"attempt", "job_id", b"job_id", "ready", b"ready", "round", b"round", "share_keys", b"share_keys", "split", b"split", "stage", b"stage", "survivor_signature", b"survivor_signature", "unmask", b"unmask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_stage: _TypeAlias = _typing.Literal["advertisement", "share_keys", "survivor_signature", "unmask", "abort_reason"]  # noqa: Y015
+    _WhichOneofReturnType_stage: _TypeAlias = _typing.Literal["advertisement", "share_keys", "survivor_signature", "unmask", "abort_reason", "ready"]  # noqa: Y015
     _WhichOneofArgType_stage: _TypeAlias = _typing.Literal["stage", b"stage"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_stage) -> _WhichOneofReturnType_stage | None: ...
 
