@@ -85,7 +85,7 @@ class SecAggServer:
         self.u3: frozenset[str] = frozenset()
         self.u4: frozenset[str] = frozenset()
         self._u3_listing = b""  # keys.survivor_list(sorted U3), encoded once when U3 is fixed
-        self._u2_holders: dict[str, frozenset[str]] = {}
+        self._u2_holders: dict[str, frozenset[str]] = {}  # owner in U2 -> its holders in U2, fixed with U2
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -112,13 +112,6 @@ class SecAggServer:
     def _holders(self, owner: str, alive: frozenset[str]) -> frozenset[str]:
         """Who holds shares of ``owner``'s secrets and is in ``alive``: live neighbours in U2, and itself."""
         return (self.params.neighbours_of(owner) & self.u2 | {owner}) & alive
-
-    def _holders_in_u2(self, owner: str) -> frozenset[str]:
-        """:meth:`_holders` of ``owner`` among U2, computed once per owner (U2 is fixed once stage 1 closed)."""
-        held = self._u2_holders.get(owner)
-        if held is None:
-            held = self._u2_holders[owner] = self._holders(owner, self.u2)
-        return held
 
     def _prune(self, members: frozenset[str], counted: frozenset[str]) -> frozenset[str]:
         """Drop, until none is left, members with fewer than t - 1 neighbours in the set (they would abort)."""
@@ -207,6 +200,7 @@ class SecAggServer:
         self.u2 = self._prune(frozenset(self._share_keys), frozenset(self._share_keys))
         if not self.u2:
             self._abort(f"too few sites shared keys ({len(self._share_keys)} of {len(self.u1)})")
+        self._u2_holders = {owner: self._holders(owner, self.u2) for owner in self.u2}
         for sender in sorted(self.u2):
             for c in self._share_keys[sender].commitments:
                 self._commitments[(sender, c.holder)] = c
@@ -311,7 +305,7 @@ class SecAggServer:
         if len(set(owners)) != len(owners):
             raise InvalidArgument(f"site {sender!r} revealed two shares for one owner; a holder reveals only one")
         for r in msg.shares:
-            if r.owner not in self.u2 or sender not in self._holders_in_u2(r.owner):
+            if r.owner not in self.u2 or sender not in self._u2_holders[r.owner]:
                 raise InvalidArgument(f"site {sender!r} cannot hold shares of {r.owner!r}")
             if r.kind != ("b" if r.owner in self.u3 else "s"):
                 raise InvalidArgument(f"site {sender!r} revealed the wrong kind of share of {r.owner!r}")
