@@ -426,6 +426,15 @@ def test_a_declining_site_is_a_dropout_at_once() -> None:
     assert of(out, Aggregate)
 
 
+def test_a_round_that_fails_on_declines_says_how_many_and_why() -> None:
+    m = started(spec(min_sites=3))
+    out = m.handle(Declined("s00", pb.DeclineRequest(job_id="job-1", round=1, attempt=0, reason="privacy budget"), T0))
+    [fail] = of(out, FailRound)
+    assert fail.reason == (
+        "too many sites dropped out: at most 2 of 3 can report (1 of 3 lost: 1 site declined: privacy budget)"
+    )
+
+
 # -- privacy budget, stop, suspend -----------------------------------------------------------------------------
 
 

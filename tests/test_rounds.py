@@ -72,3 +72,27 @@ def test_refusals_name_the_reason() -> None:
         r.handle(UploadAccepted("s0"))
     with pytest.raises(ValueError, match="min_sites"):
         RoundState(frozenset({"a"}), 2)
+
+
+def test_a_failed_round_says_how_many_declined_and_why() -> None:
+    r = state(n=6, min_sites=4)
+    assert r.handle(SiteLost("s0", "declined: privacy budget")) == []
+    r.handle(SiteLost("s0", "declined: privacy budget"))  # a repeat counts once
+    r.handle(SiteLost("s5"))  # gone, cause unknown
+    [action] = r.handle(SiteLost("s1", "declined: privacy budget"))
+    assert action == CloseRound(
+        False,
+        "too many sites dropped out: at most 3 of 4 can report "
+        "(3 of 6 lost: 2 sites declined: privacy budget; 1 disconnected or did not answer)",
+    )
+    # A site that came back is no longer counted, nor its cause; without a known cause the reason is as before.
+    r = state(n=5, min_sites=3)
+    r.handle(SiteLost("s0", "declined: privacy budget"))
+    r.handle(SiteBack("s0"))
+    r.handle(SiteLost("s1", "declined: no data"))
+    r.handle(UploadAccepted("s2"))
+    [action] = r.handle(DeadlinePassed())
+    assert action.reason == "deadline passed with 1 uploads; the round needs 3 (1 of 5 lost: 1 site declined: no data)"
+    r = state(n=3, min_sites=3)
+    [action] = r.handle(SiteLost("s0"))
+    assert action.reason == "too many sites dropped out: at most 2 of 3 can report"

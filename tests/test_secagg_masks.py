@@ -3,6 +3,9 @@ graph is k-regular, symmetric and reproducible; k and t meet the documented cond
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
@@ -137,3 +140,25 @@ def test_rates_are_checked() -> None:
         choose_k_and_t(10, 0.6, 0.5)
     with pytest.raises(InvalidArgument):
         choose_k_and_t(1, 0.1, 0.0)
+
+
+def exact_tail_above(k: int, p: Fraction, c: int) -> Fraction:
+    """P[Binomial(k, p) > c] in exact rational arithmetic (no floating point, no log space)."""
+    return sum((math.comb(k, i) * p**i * (1 - p) ** (k - i) for i in range(c + 1, k + 1)), Fraction(0))
+
+
+def rule_holds_without_corruption(n: int, k: int, dropout: Fraction) -> bool:
+    """The module docstring's conditions for a sparse k with no corrupt sites (c = 0), checked exactly."""
+    t = threshold(k, 0)
+    connected = n * dropout ** (k // 2) <= Fraction(1, 2**40)
+    robust = t <= k and n * exact_tail_above(k, dropout, k - t) <= Fraction(1, 2**20)
+    return connected and robust
+
+
+def test_the_demo_job_at_1000_sites_gets_k_84() -> None:
+    """deploy/demo/coordinator.yaml: dropout_rate 0.2, corruption_rate 0 (the default). At n = 1,000 the smallest even k
+    that meets the rule is 84 (t = 43), checked here exactly; 194 is what the rule gives with a 5 % corruption rate."""
+    assert choose_k_and_t(1000, 0.2, 0.0) == (84, 43)
+    assert rule_holds_without_corruption(1000, 84, Fraction(1, 5))
+    assert not any(rule_holds_without_corruption(1000, k, Fraction(1, 5)) for k in range(2, 84, 2))
+    assert choose_k_and_t(1000, 0.2, 0.05) == (194, 119)

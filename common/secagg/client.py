@@ -54,7 +54,7 @@ class _Peer:
 
     c_pk: bytes
     s_pk: bytes
-    signing_key: ec.EllipticCurvePublicKey
+    signer: keys.Signer
 
 
 class SecAggClient:
@@ -85,6 +85,7 @@ class SecAggClient:
         self._held: dict[str, tuple[bytes, bytes]] = {}  # owner -> (b share, s share) this site holds
         self._u2: frozenset[str] = frozenset()  # neighbours whose shares arrived
         self._u3: frozenset[str] = frozenset()
+        self._u3_listing = b""  # keys.survivor_list(sorted U3): encoded once, shared by the sites of the round
         self._b = b""
 
     def _enter(self, expected: ClientStage) -> None:
@@ -118,9 +119,9 @@ class SecAggClient:
                 raise SecAggTampered(f"got two advertisements from {ad.site!r}")
             if len(ad.c_pk) != keys.KEY_LEN or len(ad.s_pk) != keys.KEY_LEN:
                 raise SecAggTampered(f"site {ad.site!r} advertised public keys of the wrong length")
-            signer = keys.verify_site_certificate(ad.cert_pem, ad.site, self._cas, self._now)
+            signer = keys.verify_signer(ad.cert_pem, ad.site, self._cas, self._now)
             payload = keys.advertisement_payload(p.job_id, p.round_no, ad.site, ad.c_pk, ad.s_pk)
-            if not keys.signature_valid(signer, ad.signature, payload):
+            if not signer.valid(ad.signature, payload):
                 raise SecAggTampered(
                     f"the advertisement of {ad.site!r} has a bad signature: its keys were substituted or altered, "
                     f"or it was replayed from another round or job"
@@ -230,6 +231,7 @@ class SecAggClient:
         if alive < p.t:
             raise SecAggAborted(f"only {alive} of the share holders of {self.site!r} survived; t={p.t} are needed")
         self._u3 = u3
+        self._u3_listing = keys.survivor_list(tuple(sorted(u3)))
         payload = keys.survivors_payload(p.job_id, p.round_no, self.site, sorted(u3))
         self.stage = ClientStage.UNMASK
         return SurvivorSignature(self.site, keys.sign(self._signing_key, payload))
@@ -246,8 +248,8 @@ class SecAggClient:
             peer = self._peers.get(sig.site)
             if peer is None or sig.site in signed or sig.site not in self._u3:
                 raise SecAggTampered(f"unexpected or repeated survivor-list signature from {sig.site!r}")
-            payload = keys.survivors_payload(p.job_id, p.round_no, sig.site, sorted(self._u3))
-            if not keys.signature_valid(peer.signing_key, sig.signature, payload):
+            digest = keys.survivors_digest(p.job_id, p.round_no, sig.site, self._u3_listing)
+            if not peer.signer.valid_digest(sig.signature, digest):
                 raise SecAggTampered(
                     f"the survivor-list signature of {sig.site!r} does not verify: the coordinator sent different "
                     f"survivor lists to different sites, or altered the signature"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -51,6 +51,9 @@ class LaneLayout:
     lanes: tuple[Lane, ...]
     bits: int
     max_n: int
+    # Each lane's limb count L, worked out once: a site encodes every lane of every secure instance, and the
+    # statistics phase has hundreds of lanes (1,000 virtual sites encode them all in one process).
+    _counts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -61,6 +64,7 @@ class LaneLayout:
         names = [lane.name for lane in self.lanes]
         if len(set(names)) != len(names):
             raise InvalidArgument("lane names must be unique")
+        object.__setattr__(self, "_counts", tuple(self.limbs(lane) for lane in self.lanes))
 
     @property
     def limb_bits(self) -> int:
@@ -75,7 +79,7 @@ class LaneLayout:
     @property
     def size(self) -> int:
         """The number of ring elements all lanes take."""
-        return sum(self.limbs(lane) for lane in self.lanes)
+        return sum(self._counts)
 
     def encode(self, values: Mapping[str, float]) -> U32Array:
         """One site's lanes as limbs (uint32, each below 2**w). Every lane must be given; values are clamped."""
@@ -84,15 +88,15 @@ class LaneLayout:
             raise InvalidArgument(f"lane values missing: {missing}")
         out: list[int] = []
         w = self.limb_bits
-        for lane in self.lanes:
+        mask = (1 << w) - 1
+        for lane, n in zip(self.lanes, self._counts, strict=True):
             v = float(values[lane.name])
             if not math.isfinite(v):
                 raise InvalidArgument(f"lane {lane.name!r}: value must be finite")
             low = -lane.max_abs if lane.signed else 0.0
             x = round(min(max(v, low), lane.max_abs) * lane.scale)
-            n = self.limbs(lane)
             x %= 1 << (w * n)  # two's complement over w * n bits
-            out += [(x >> (w * j)) & ((1 << w) - 1) for j in range(n)]
+            out += [(x >> (w * j)) & mask for j in range(n)]
         return np.asarray(out, dtype=np.uint32)
 
     def decode(self, sums: Sequence[int] | NDArray[np.integer]) -> dict[str, float]:
@@ -101,8 +105,7 @@ class LaneLayout:
         if len(sums) != self.size:
             raise InvalidArgument(f"expected {self.size} lane limbs, got {len(sums)}")
         w, pos, totals = self.limb_bits, 0, {}
-        for lane in self.lanes:
-            n = self.limbs(lane)
+        for lane, n in zip(self.lanes, self._counts, strict=True):
             modulus = 1 << (w * n)
             t = sum(s << (w * j) for j, s in enumerate(sums[pos : pos + n])) % modulus
             if t >= modulus // 2:

@@ -36,6 +36,7 @@ class RoundParams:
     bits: int
     dim: int
     graph: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+    positions: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.cohort)
@@ -58,6 +59,7 @@ class RoundParams:
             )
         seed = graph_seed(self.job_id, self.round_no, self.cohort)
         object.__setattr__(self, "graph", neighbours(self.cohort, self.k, seed))
+        object.__setattr__(self, "positions", {site: i + 1 for i, site in enumerate(self.cohort)})
 
     @classmethod
     def create(
@@ -83,7 +85,10 @@ class RoundParams:
 
     def x_of(self, site: str) -> int:
         """The site's Shamir evaluation point (never 0)."""
-        return self.cohort.index(site) + 1
+        try:
+            return self.positions[site]
+        except KeyError:
+            raise ValueError(f"{site!r} is not in the cohort") from None
 
     def neighbours_of(self, site: str) -> frozenset[str]:
         return self.graph[site]

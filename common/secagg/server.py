@@ -22,7 +22,6 @@ from typing import TypeVar
 
 import numpy as np
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, PermissionDenied
 from common.secagg import keys, shamir
@@ -71,7 +70,7 @@ class SecAggServer:
         self.stage = ServerStage.ADVERTISE
         self.abort_reason = ""
         self._ads: dict[str, Advertisement] = {}
-        self._signers: dict[str, ec.EllipticCurvePublicKey] = {}
+        self._signers: dict[str, keys.Signer] = {}
         self._share_keys: dict[str, ShareKeys] = {}
         self._inbox: dict[str, list[EncryptedShare]] = {}
         self._commitments: dict[tuple[str, str], ShareCommitment] = {}  # (owner, holder) -> commitment
@@ -85,6 +84,8 @@ class SecAggServer:
         self.u2: frozenset[str] = frozenset()
         self.u3: frozenset[str] = frozenset()
         self.u4: frozenset[str] = frozenset()
+        self._u3_listing = b""  # keys.survivor_list(sorted U3), encoded once when U3 is fixed
+        self._u2_holders: dict[str, frozenset[str]] = {}  # owner in U2 -> its holders in U2, fixed with U2
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -150,13 +151,13 @@ class SecAggServer:
         if ad.site != sender:
             raise PermissionDenied(f"site {sender!r} sent an advertisement for {ad.site!r}")
         try:
-            signer = keys.verify_site_certificate(ad.cert_pem, sender, self._cas, self._now)
+            signer = keys.verify_signer(ad.cert_pem, sender, self._cas, self._now)
         except SecAggTampered as exc:
             raise InvalidArgument(str(exc)) from None
         payload = keys.advertisement_payload(p.job_id, p.round_no, sender, ad.c_pk, ad.s_pk)
         if len(ad.c_pk) != keys.KEY_LEN or len(ad.s_pk) != keys.KEY_LEN:
             raise InvalidArgument("advertised X25519 public keys must be 32 bytes each")
-        if not keys.signature_valid(signer, ad.signature, payload):
+        if not signer.valid(ad.signature, payload):
             raise InvalidArgument(f"the advertisement of {sender!r} is not signed for this job and round")
         if self._record(self._ads, sender, ad):
             self._signers[sender] = signer
@@ -199,6 +200,7 @@ class SecAggServer:
         self.u2 = self._prune(frozenset(self._share_keys), frozenset(self._share_keys))
         if not self.u2:
             self._abort(f"too few sites shared keys ({len(self._share_keys)} of {len(self.u1)})")
+        self._u2_holders = {owner: self._holders(owner, self.u2) for owner in self.u2}
         for sender in sorted(self.u2):
             for c in self._share_keys[sender].commitments:
                 self._commitments[(sender, c.holder)] = c
@@ -256,6 +258,7 @@ class SecAggServer:
         """End stage 2; returns U3 sorted, the survivor list every site in U3 is asked to sign."""
         self._expect(ServerStage.MASKED_INPUT)
         self.u3 = frozenset(self._masked)
+        self._u3_listing = keys.survivor_list(tuple(sorted(self.u3)))
         if not self.u3:
             self._abort("no site sent its masked input")
         self._check_recoverable(self.u3, "after the masked inputs")
@@ -268,8 +271,8 @@ class SecAggServer:
         """Keep a site's signature on U3, after checking it with the site's certificate key."""
         self._expect(ServerStage.CONSISTENCY, sender, self.u3)
         p = self.params
-        payload = keys.survivors_payload(p.job_id, p.round_no, sender, sorted(self.u3))
-        if sig.site != sender or not keys.signature_valid(self._signers[sender], sig.signature, payload):
+        digest = keys.survivors_digest(p.job_id, p.round_no, sender, self._u3_listing)
+        if sig.site != sender or not self._signers[sender].valid_digest(sig.signature, digest):
             raise InvalidArgument(f"the survivor-list signature of {sender!r} does not verify")
         self._record(self._sigs, sender, sig)
 
@@ -302,7 +305,7 @@ class SecAggServer:
         if len(set(owners)) != len(owners):
             raise InvalidArgument(f"site {sender!r} revealed two shares for one owner; a holder reveals only one")
         for r in msg.shares:
-            if r.owner not in self.u2 or sender not in self._holders(r.owner, self.u2):
+            if r.owner not in self.u2 or sender not in self._u2_holders[r.owner]:
                 raise InvalidArgument(f"site {sender!r} cannot hold shares of {r.owner!r}")
             if r.kind != ("b" if r.owner in self.u3 else "s"):
                 raise InvalidArgument(f"site {sender!r} revealed the wrong kind of share of {r.owner!r}")

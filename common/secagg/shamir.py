@@ -16,9 +16,12 @@ a reproducible source, and product code never passes it.
 
 from __future__ import annotations
 
+import math
+import operator
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
+from itertools import repeat
 
 from common.errors import InvalidArgument
 
@@ -53,39 +56,40 @@ def split(
     draw = rng or secrets.randbelow
     coeffs = [int.from_bytes(secret, "big")] + [draw(PRIME) for _ in range(t - 1)]
     shares: dict[int, int] = {}
+    top_first = coeffs[::-1]
     for x in xs:
-        # Horner's rule, highest coefficient first.
+        # Horner's rule, highest coefficient first, reduced once at the end: the points are small, so y grows by
+        # only log2(x) bits a step and one reduction is cheaper than t.
         y = 0
-        for c in reversed(coeffs):
-            y = (y * x + c) % PRIME
-        shares[x] = y
+        for c in top_first:
+            y = y * x + c
+        shares[x] = y % PRIME
     return shares
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=4096)
 def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    """The Lagrange basis values l_i(0) for the points ``xs``.
+    """The Lagrange basis values l_i(0) = prod_{j != i} x_j / (x_j - x_i) for the points ``xs``.
 
-    They depend only on which holders answered, and in a round most owners' shares come back from the same holders,
-    so caching them saves the work for most owners. The t denominators are inverted together with one modular
-    inversion (Montgomery's trick): an inversion in this field costs as much as ~100 multiplications.
+    They depend only on which holders answered; under SecAgg+ each owner's holders are its own neighbours, so a
+    round has up to n distinct sets, and the cache is sized for that. The points are small integers (positions in
+    the cohort), so numerators and denominators are exact products of small integers (no reduction until the end),
+    and the t denominators are inverted together with one modular inversion (Montgomery's trick): an inversion in
+    this field costs as much as ~100 multiplications.
     """
-    nums, dens = [], []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if i != j:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        nums.append(num)
-        dens.append(den)
+    everything = math.prod(xs)
+    nums = [everything // xi for xi in xs]
+    dens = [
+        math.prod(map(operator.sub, xs[:i], repeat(xi))) * math.prod(map(operator.sub, xs[i + 1 :], repeat(xi))) % PRIME
+        for i, xi in enumerate(xs)
+    ]
     prefix = [1]
     for den in dens:
         prefix.append(prefix[-1] * den % PRIME)
     inv = pow(prefix[-1], -1, PRIME)  # 1 / (d_0 * ... * d_{t-1})
     coeffs = [0] * len(xs)
     for i in range(len(xs) - 1, -1, -1):
-        coeffs[i] = nums[i] * inv * prefix[i] % PRIME  # inv * prefix[i] = 1 / d_i
+        coeffs[i] = nums[i] % PRIME * inv * prefix[i] % PRIME  # inv * prefix[i] = 1 / d_i
         inv = inv * dens[i] % PRIME
     return tuple(coeffs)
 

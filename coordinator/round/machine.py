@@ -589,7 +589,7 @@ class JobMachine:
             if isinstance(event, UploadAccepted):
                 done = secure.input_accepted(event.site, now, self._send)
             elif isinstance(event, SiteLost):
-                done = secure.lost(event.site, now, self._send)
+                done = secure.lost(event.site, now, self._send, event.cause)
             elif isinstance(event, Stop):
                 done = secure.stop(event.reason)
             else:
@@ -969,7 +969,7 @@ class JobMachine:
             raise PermissionDenied(f"site {event.site!r} is not in the cohort of round {rnd.number}")
         self._emit(self._decline_audit(event, rnd.number))
         if rnd.secure is not None or rnd.state.open:
-            self._round_event(rnd, SiteLost(event.site), event.now)
+            self._round_event(rnd, SiteLost(event.site, f"declined: {event.request.reason[:200]}"), event.now)
 
     def _decline_audit(self, event: Declined, number: int) -> Audit:
         fields = {

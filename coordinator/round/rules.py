@@ -8,6 +8,7 @@ out; the job's state machine (coordinator/round/machine.py) owns it.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 
 
@@ -24,7 +25,10 @@ class UploadAccepted:
 
 @dataclass(frozen=True)
 class SiteLost:
+    """``site`` will not report; ``cause`` says why when it is known (e.g. "declined: <the site's reason>")."""
+
     site: str
+    cause: str = ""
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class RoundState:
     phase: RoundPhase = RoundPhase.TRAINING
     reported: set[str] = field(default_factory=set)
     lost: set[str] = field(default_factory=set)
+    causes: dict[str, str] = field(default_factory=dict)  # lost site -> why, when known
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_sites <= len(self.cohort):
@@ -92,16 +97,21 @@ class RoundState:
                 raise ValueError(f"upload from {event.site!r} was not acceptable: {self.refusal(event.site)}")
             self.reported.add(event.site)
             self.lost.discard(event.site)
+            self.causes.pop(event.site, None)
         elif isinstance(event, SiteLost):
             if event.site in self.cohort and event.site not in self.reported:
                 self.lost.add(event.site)
+                if event.cause:
+                    self.causes[event.site] = event.cause
         elif isinstance(event, SiteBack):
             self.lost.discard(event.site)
+            self.causes.pop(event.site, None)
         elif isinstance(event, DeadlinePassed):
             if len(self.reported) >= self.min_sites:
                 return self._close(True, f"deadline passed with {len(self.reported)} of {len(self.cohort)} sites")
             return self._close(
-                False, f"deadline passed with {len(self.reported)} uploads; the round needs {self.min_sites}"
+                False,
+                f"deadline passed with {len(self.reported)} uploads; the round needs {self.min_sites}{self._why()}",
             )
         elif isinstance(event, Stop):
             return self._close(False, event.reason)
@@ -118,13 +128,28 @@ class RoundState:
                 return self._close(
                     False,
                     f"too many sites dropped out: at most "
-                    f"{len(self.reported) + len(pending)} of {self.min_sites} can report",
+                    f"{len(self.reported) + len(pending)} of {self.min_sites} can report{self._why()}",
                 )
             return []
         # Everyone still connected has reported.
         if len(self.reported) >= self.min_sites:
             return self._close(True, f"{len(self.reported)} of {len(self.cohort)} sites reported")
-        return self._close(False, f"only {len(self.reported)} sites reported; the round needs {self.min_sites}")
+        return self._close(
+            False, f"only {len(self.reported)} sites reported; the round needs {self.min_sites}{self._why()}"
+        )
+
+    def _why(self) -> str:
+        """How many of the cohort were lost, and for the known causes how many each (most frequent first)."""
+        counts = Counter(self.causes[s] for s in self.lost if s in self.causes)
+        if not counts:
+            return ""
+        parts = [f"{n} {'site' if n == 1 else 'sites'} {cause}" for cause, n in counts.most_common(3)]
+        if len(counts) > 3:
+            parts.append(f"{sum(n for _, n in counts.most_common()[3:])} for other reasons")
+        unknown = len(self.lost) - sum(counts.values())
+        if unknown:
+            parts.append(f"{unknown} disconnected or did not answer")
+        return f" ({len(self.lost)} of {len(self.cohort)} lost: {'; '.join(parts)})"
 
     def _close(self, ok: bool, reason: str) -> list[CloseRound]:
         self.phase = RoundPhase.SUCCEEDED if ok else RoundPhase.FAILED

@@ -93,14 +93,15 @@ class SecureSum:
         self.sa.receive(site, msg)
         if msg.WhichOneof("stage") == "abort_reason":
             self.aborted[site] = msg.abort_reason[:500]
-            return self.lost(site, now, send)
+            return self.lost(site, now, send, "aborted the secure aggregation")
         return self.advance(now, send)
 
-    def lost(self, site: str, now: float, send: Send) -> Done | None:
-        """``site`` is gone (disconnected, declined, aborted): a dropout of whatever stage is open."""
+    def lost(self, site: str, now: float, send: Send, cause: str = "") -> Done | None:
+        """``site`` is gone (disconnected, declined, aborted): a dropout of whatever stage is open; ``cause`` is why,
+        when known (a failed round's reason counts the causes)."""
         self.sa.site_lost(site)
         if self.stage in (SumStage.KEYS, SumStage.INPUTS) and self.inputs.open:
-            for close in self.inputs.handle(SiteLost(site)):
+            for close in self.inputs.handle(SiteLost(site, cause)):
                 return self._inputs_closed(close.succeeded, close.reason, now, send)
         return self.advance(now, send)
 
@@ -161,7 +162,7 @@ class SecureSum:
         self.inputs = RoundState(frozenset(u2), min(self.min_inputs, len(u2)), self._target(frozenset(u2)))
         self.stage, self.stage_deadline = SumStage.INPUTS, None
         for site in sorted(old.lost & u2):  # sites lost during the key stages may already decide the round
-            for close in self.inputs.handle(SiteLost(site)):
+            for close in self.inputs.handle(SiteLost(site, old.causes.get(site, ""))):
                 return self._inputs_closed(close.succeeded, close.reason, now, send)
         return None
 
