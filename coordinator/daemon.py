@@ -26,6 +26,7 @@ from coordinator.round.runner import ProgressHook
 from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
 from coordinator.rpc.listen import NO_REUSEPORT, bind, resolve
 from coordinator.rpc.servicer import AdminServicer, FederationServicer
+from coordinator.rpc.upload_guard import UploadGate
 from coordinator.rpc.wire import add_service
 
 log = logging.getLogger("cohort.coordinator")
@@ -65,6 +66,7 @@ class CoordinatorDaemon(Lifecycle):
         self._liveness: asyncio.Task[None] | None = None
         self._handshakes: HandshakeWatch | None = None
         self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
+        self.upload_gate: UploadGate | None = None
 
     async def _start(self) -> str:
         cfg = self.config
@@ -84,7 +86,9 @@ class CoordinatorDaemon(Lifecycle):
             + flow_control_options(cfg.server.stream_window_bytes)
             + NO_REUSEPORT
         )
-        add_service(server, "Federation", FederationServicer(coordinator))
+        federation = FederationServicer(coordinator)
+        self.upload_gate = federation.upload_gate  # uploads being read and waiting (tests, diagnostics)
+        add_service(server, "Federation", federation)
         add_service(server, "Admin", AdminServicer(coordinator))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
