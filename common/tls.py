@@ -77,6 +77,17 @@ def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def flow_control_options(window_bytes: int) -> list[tuple[str, Any]]:
+    """A fixed HTTP/2 stream window of ``window_bytes`` for what this end receives, instead of BDP probing.
+
+    With BDP probing gRPC grows each connection's window to several MiB, and a receiver that reads more slowly than
+    the sender sends buffers up to that window per stream: on a coordinator receiving N uploads at once that is
+    memory in proportion to N. A fixed window bounds it; on loopback it moves as fast (bench/federation.py). Over a
+    WAN one stream's throughput is at most ``window_bytes`` per round trip (1 MiB at 100 ms: ~10 MB/s).
+    """
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window_bytes)]
+
+
 def peer_pem(context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     """The caller's certificate (PEM) from the TLS session; the handshake already verified its chain."""
     auth = context.auth_context()

@@ -51,8 +51,11 @@ class ServerConfig:
 
     Uploads: a stream that sends no message for ``upload_idle_timeout_s`` or is not complete within
     ``upload_deadline_s`` is cut (slow-loris), as is one with more than ``max_upload_chunks`` messages or a chunk over
-    ``max_chunk_bytes``. Joins: a token bucket per caller (``join_rate_per_min`` refill, ``join_burst`` size) and one
-    for everyone (``join_global_rate_per_min``, ``join_global_burst``; 0 sizes it from the allow-list).
+    ``max_chunk_bytes``. At most ``max_concurrent_uploads`` uploads are read at once (0: no limit); the others wait,
+    held back by HTTP/2 flow control with a fixed per-stream window of ``stream_window_bytes`` (no BDP probing, whose
+    windows grow to megabytes per stream and so the coordinator's memory with the number of sites). Joins: a token
+    bucket per caller (``join_rate_per_min`` refill, ``join_burst`` size) and one for everyone
+    (``join_global_rate_per_min``, ``join_global_burst``; 0 sizes it from the allow-list).
     """
 
     listen: str = "127.0.0.1:50051"
@@ -68,6 +71,8 @@ class ServerConfig:
     max_upload_chunks: int = 65_536
     upload_idle_timeout_s: float = 30.0
     upload_deadline_s: float = 900.0
+    max_concurrent_uploads: int = 4
+    stream_window_bytes: int = 1 << 20
     join_rate_per_min: float = 30.0
     join_burst: int = 10
     join_global_rate_per_min: float = 600.0
@@ -96,6 +101,10 @@ class ServerConfig:
             raise ConfigError(
                 f"{where}.upload_idle_timeout_s and upload_deadline_s: need 0 < idle timeout <= deadline <= 86400 s"
             )
+        if not 0 <= self.max_concurrent_uploads <= 10_000:
+            raise ConfigError(f"{where}.max_concurrent_uploads: must be between 0 (no limit) and 10000")
+        if not 1 << 16 <= self.stream_window_bytes <= 64 << 20:
+            raise ConfigError(f"{where}.stream_window_bytes: must be between 64 KiB and 64 MiB")
         if self.join_rate_per_min <= 0 or self.join_global_rate_per_min <= 0:
             raise ConfigError(f"{where}.join_rate_per_min and join_global_rate_per_min: must be > 0")
         if self.join_burst < 1 or self.join_global_burst < 0:

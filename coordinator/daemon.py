@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import signal
 from pathlib import Path
@@ -15,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common import files
 from common.lifecycle import Lifecycle, Status, install_stop_handlers
 from common.ops_http import OpsHttpServer
-from common.tls import keepalive_options, message_options, server_credentials
+from common.tls import flow_control_options, keepalive_options, message_options, server_credentials
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.observe.dashboard import add_routes
@@ -24,11 +26,31 @@ from coordinator.round.runner import ProgressHook
 from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
 from coordinator.rpc.listen import NO_REUSEPORT, bind, resolve
 from coordinator.rpc.servicer import AdminServicer, FederationServicer
+from coordinator.rpc.upload_guard import UploadGate
 from coordinator.rpc.wire import add_service
 
 log = logging.getLogger("cohort.coordinator")
 
 SERVICES = ("cohort.v1.Federation", "cohort.v1.Admin")
+M_ARENA_MAX = -8  # glibc mallopt parameter
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would), before the server starts its threads.
+
+    glibc gives each thread that allocates concurrently an arena of its own (up to 8 per core), and memory freed in
+    one is not reused by another: gRPC's poller and completion threads, the thread pool that writes spools and
+    folds, and torch's threads each kept their high-water mark, which showed as coordinator RSS above the model's
+    size (issue 15). False where this is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
 
 
 class CoordinatorDaemon(Lifecycle):
@@ -44,6 +66,7 @@ class CoordinatorDaemon(Lifecycle):
         self._liveness: asyncio.Task[None] | None = None
         self._handshakes: HandshakeWatch | None = None
         self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
+        self.upload_gate: UploadGate | None = None
 
     async def _start(self) -> str:
         cfg = self.config
@@ -60,9 +83,12 @@ class CoordinatorDaemon(Lifecycle):
         server = grpc.aio.server(
             options=keepalive_options(cfg.server.heartbeat_interval_s / 2, cfg.server.keepalive_timeout)
             + message_options(cfg.server.max_chunk_bytes + (64 << 10))
+            + flow_control_options(cfg.server.stream_window_bytes)
             + NO_REUSEPORT
         )
-        add_service(server, "Federation", FederationServicer(coordinator))
+        federation = FederationServicer(coordinator)
+        self.upload_gate = federation.upload_gate  # uploads being read and waiting (tests, diagnostics)
+        add_service(server, "Federation", federation)
         add_service(server, "Admin", AdminServicer(coordinator))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -130,6 +156,7 @@ class CoordinatorDaemon(Lifecycle):
 
 async def run(config: CoordinatorConfig, ready_file: Path | None = None, exit_when_done: bool = False) -> int:
     """Run until SIGTERM/SIGINT (or, with ``exit_when_done``, until the configured job ends)."""
+    limit_malloc_arenas()
     stop = asyncio.Event()
     install_stop_handlers(stop)
     daemon = CoordinatorDaemon(config)

@@ -33,12 +33,13 @@ from common.errors import (
 )
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
+from common.raw_chunks import data_message
 from common.tls import CertRef, cert_ref
 from coordinator.federation import Federation
 from coordinator.handlers import admin as admin_handlers
 from coordinator.handlers import models as model_handlers
 from coordinator.handlers import participant as handlers
-from coordinator.rpc.upload_guard import GuardedStream, StreamLimits
+from coordinator.rpc.upload_guard import GuardedStream, StreamLimits, UploadGate
 from coordinator.rpc.wire import refuse_undecodable
 
 log = logging.getLogger("cohort.coordinator.rpc")
@@ -147,6 +148,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             max_chunks=server.max_upload_chunks,
             max_chunk_bytes=server.max_chunk_bytes,
         )
+        self.upload_gate = UploadGate(server.max_concurrent_uploads)
 
     def _site(self, context: Ctx) -> CertRef:
         """The calling site's certificate: a participant certificate that is not revoked."""
@@ -168,7 +170,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         return handlers.heartbeat(self._site(context), request, self.c)
 
     @translated_stream
-    async def DownloadModel(self, request: pb.ModelRequest, context: Ctx) -> AsyncIterator[pb.ModelChunk]:
+    async def DownloadModel(  # type: ignore[override]  # data chunks go out pre-serialized (wire._encode)
+        self, request: pb.ModelRequest, context: Ctx
+    ) -> AsyncIterator[pb.ModelChunk | bytes]:
         ref = self._site(context)
         with self.c.revocations.watch(ref) as revoked:
             model = handlers.download_model(ref, request, self.c)
@@ -176,7 +180,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             for i, chunk in enumerate(model.chunks()):
                 if revoked.is_set():
                     self.c.revocations.check(ref)
-                yield pb.ModelChunk(data=bytes(chunk))
+                yield data_message(chunk)  # a serialized ModelChunk{data}: one copy of the shared model buffer
                 if i == 0:
                     failpoints.hit("coordinator.model_streaming", round=self.c.model_round())
             if self.c.ops is not None:
@@ -187,7 +191,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         ref = self._site(context)
         with self.c.revocations.watch(ref) as revoked:
             stream = GuardedStream(
-                request_iterator, self.upload_limits, revoked=revoked, on_revoked=lambda: self.c.revocations.check(ref)
+                request_iterator,
+                self.upload_limits,
+                revoked=revoked,
+                on_revoked=lambda: self.c.revocations.check(ref),
+                gate=self.upload_gate,
             )
             try:
                 try:

@@ -10,6 +10,13 @@
 
 It raises inside the consumer's ``async for``, so the upload intake discards its spool and changes nothing, exactly as
 for a stream that broke off.
+
+Admission (:class:`UploadGate`): at most ``server.max_concurrent_uploads`` uploads are read at once. A stream past its
+header waits for a slot *before* its first data chunk is read; while it waits nothing reads it, so HTTP/2 flow
+control stops the sender once the stream's window (``server.stream_window_bytes``) is full, and the coordinator holds
+at most that window per waiting upload instead of whatever the transport had buffered. The wait is not a stall: the
+idle timeout does not run and the transfer deadline starts when the slot is granted. The site is not dropped while it
+waits either (it has its train task in hand: liveness leaves it to HTTP/2 keepalive, and its connection is alive).
 """
 
 from __future__ import annotations
@@ -33,6 +40,32 @@ class StreamLimits:
     max_chunk_bytes: int
 
 
+class UploadGate:
+    """At most ``limit`` uploads read at once, admitted in arrival order (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots = asyncio.Semaphore(limit) if limit > 0 else None
+        self.active = 0  # uploads holding a slot
+        self.waiting = 0  # uploads past their header, waiting for one
+        self.peak_active = 0
+
+    async def acquire(self) -> None:
+        if self._slots is not None:
+            self.waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self.waiting -= 1
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+
+    def release(self) -> None:
+        self.active -= 1
+        if self._slots is not None:
+            self._slots.release()
+
+
 def _consume(task: asyncio.Future[pb.UpdateChunk]) -> None:
     # A read cancelled after it already failed: its exception is of no interest any more.
     if not task.cancelled():
@@ -50,6 +83,7 @@ class GuardedStream:
         revoked: asyncio.Event | None = None,
         on_revoked: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        gate: UploadGate | None = None,
     ) -> None:
         self._source = aiter(source)
         self.limits = limits
@@ -58,6 +92,8 @@ class GuardedStream:
         self._clock = clock
         self._deadline = clock() + limits.deadline_s
         self._revoked_wait: asyncio.Future[Any] | None = None
+        self._gate = gate
+        self._admitted = False
         self.messages = 0
 
     def __aiter__(self) -> GuardedStream:
@@ -70,8 +106,29 @@ class GuardedStream:
         if self._revoked is not None and self._revoked.is_set():
             self._on_revoked()  # raises CertificateRevoked
 
+    async def _admit(self) -> None:
+        """Wait for an upload slot (the header has been read; no data chunk yet). A revocation ends the wait."""
+        assert self._gate is not None
+        slot = asyncio.ensure_future(self._gate.acquire())
+        waiters: set[asyncio.Future[Any]] = {slot}
+        if self._revoked is not None:
+            if self._revoked_wait is None:
+                self._revoked_wait = asyncio.ensure_future(self._revoked.wait())
+            waiters.add(self._revoked_wait)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not slot.done():
+                slot.cancel()  # the semaphore hands a slot granted meanwhile on to the next upload
+            elif not slot.cancelled() and slot.exception() is None:
+                self._admitted = True  # close() gives it back, however this call ends
+        self._check_revoked()  # the only other way out of the wait
+        self._deadline = self._clock() + self.limits.deadline_s  # the transfer deadline runs from admission
+
     async def __anext__(self) -> pb.UpdateChunk:
         self._check_revoked()
+        if self._gate is not None and not self._admitted and self.messages >= 1:
+            await self._admit()
         remaining = self._deadline - self._clock()
         if remaining <= 0:
             raise self._too_slow()
@@ -123,5 +180,9 @@ class GuardedStream:
         )
 
     def close(self) -> None:
+        if self._admitted:
+            assert self._gate is not None
+            self._gate.release()
+            self._admitted = False
         if self._revoked_wait is not None and not self._revoked_wait.done():
             self._revoked_wait.cancel()

@@ -44,13 +44,20 @@ def _decoder(cls: type[Message]) -> Callable[[bytes], Message | Undecodable]:
     return decode
 
 
+def _encode(message: Message | bytes) -> bytes:
+    """The message's bytes; ``bytes`` pass as they are (a data chunk already serialized by common/raw_chunks.py, so a
+    1 MiB model chunk is copied once, not into a message and out again)."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
+
+
 def add_service(server: grpc.aio.Server, service: str, servicer: object) -> None:
     """Register every method of ``cohort.v1.<service>`` on ``servicer`` (methods named as in the proto)."""
     descriptor = pb.DESCRIPTOR.services_by_name[service]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in descriptor.methods:
         request_cls: type[Message] = getattr(pb, method.input_type.name)
-        response_cls: type[Message] = getattr(pb, method.output_type.name)
         kind = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (False, True): grpc.unary_stream_rpc_method_handler,
@@ -61,7 +68,7 @@ def add_service(server: grpc.aio.Server, service: str, servicer: object) -> None
         handlers[method.name] = kind(
             behaviour,
             request_deserializer=_decoder(request_cls),
-            response_serializer=response_cls.SerializeToString,
+            response_serializer=_encode,
         )
     generic = grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
     server.add_generic_rpc_handlers((generic,))
