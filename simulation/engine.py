@@ -315,7 +315,6 @@ class Simulation:
         if dp is not None:
             assert site.budget is not None
             local, _ = site_rules.spend(local, site.budget)
-        result = local.result
         if task.buffered:  # kept for a buffer's secure instance, as participant/work.py does
             site.held = (task, local)
             ready = pb.SecAggMessage(
@@ -324,14 +323,10 @@ class Simulation:
             await self._feed(runner, SecAggReceived(site.name, ready, self.clock()))
             return
         if session is not None:
-            lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
-            if not await self._shares(session):
+            masked = await self._masked(runner, site, session, local)
+            if masked is None:
                 return
-            try:
-                tensors = session.masked_update(local.update, result.num_samples, lanes)
-            except SecAggAborted as exc:
-                await self._abort(runner, site, session, str(exc))
-                return
+            tensors = masked
         else:
             tensors = local.update
         header = site_rules.update_header(task, local, tensors, secure=session is not None)
@@ -350,17 +345,26 @@ class Simulation:
         session = self._session(site, task)
         await self._feed(runner, SecAggReceived(site.name, session.advertise(), self.clock()))
         local = held[1]
-        result = local.result
-        lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
-        if not await self._shares(session):
-            return
-        try:
-            tensors = session.masked_update(local.update, result.num_samples, lanes)
-        except SecAggAborted as exc:
-            await self._abort(runner, site, session, str(exc))
+        tensors = await self._masked(runner, site, session, local)
+        if tensors is None:
             return
         site.held = None
         await self._upload(runner, site.name, site_rules.update_header(task, local, tensors, secure=True), tensors)
+
+    async def _masked(
+        self, runner: JobRunner, site: VirtualSite, session: SecAggSession, local: LocalUpdate
+    ) -> EncodedTensors | None:
+        """The site's masked input, once its neighbours' shares are in; None when the instance ended without them or
+        masking aborted it (the abort is reported)."""
+        result = local.result
+        lanes = train_lane_values(result.num_samples, result.loss, result.accuracy, result.extra.get("steps", 0.0))
+        if not await self._shares(session):
+            return None
+        try:
+            return session.masked_update(local.update, result.num_samples, lanes)
+        except SecAggAborted as exc:
+            await self._abort(runner, site, session, str(exc))
+            return None
 
     async def _upload(self, runner: JobRunner, site: str, header: pb.UpdateHeader, tensors: EncodedTensors) -> None:
         """What UploadUpdate does with a stream, without the network: decode the manifest, then the runner's walk."""
