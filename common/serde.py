@@ -141,6 +141,14 @@ def encode(tensors: Mapping[str, torch.Tensor]) -> EncodedTensors:
         if n:
             flat[offset : offset + n].copy_(t.detach().to("cpu").reshape(-1).view(torch.uint8))
         offset += n
+    return encode_buffer(specs, data)
+
+
+def encode_buffer(specs: tuple[Spec, ...] | Sequence[Spec], data: bytearray) -> EncodedTensors:
+    """The encoding of tensors already laid out in ``data`` in ``specs`` order (no copy: ``data`` is handed over)."""
+    specs = tuple(specs)
+    if len(data) != sum(s.nbytes for s in specs):
+        raise ValueError(f"buffer of {len(data)} bytes for tensors of {sum(s.nbytes for s in specs)}")
     h = new_hasher(specs)
     h.update(data)
     return EncodedTensors(specs, data, h.hexdigest())

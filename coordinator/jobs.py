@@ -173,6 +173,7 @@ class Jobs:
         """The job's initial model saved, its record created (or a queued record turned running), machine and runner."""
         tensors = state_dict_float32(checked.configured.build_model(seed=spec.params.seed))
         model = self.models.save(tensors, job_metadata(job_id, spec, checked.identity, checked.task_name))
+        del tensors  # the runner holds the model once, as its encoding
         if queued:
             self.store.update_job(job_id, state=JobState.RUNNING.value, model_version=model.version, detail="")
             self.store.audit("job_dequeued", actor, job_id=job_id)
@@ -181,7 +182,7 @@ class Jobs:
             self.store.audit("job_submitted", actor, job_id=job_id, spec=asdict(spec))
         setup = self._setup(job_id, spec, checked.configured, checked.identity, model.specs)
         machine = JobMachine(setup, model.version, self._privacy(spec))
-        runner = JobRunner(machine, tensors=tensors, model=model, **self._io())
+        runner = JobRunner(machine, model=model, **self._io())
         runner.machine.privacy.model_numel = sum(s.numel for s in runner.global_specs)
         return runner
 
@@ -263,7 +264,7 @@ class Jobs:
         setup = self._setup(job_id, spec, task, identity, point.model.specs, scaling)
         machine = JobMachine(setup, point.model.version, privacy, resume=point.plan)
         optimizer = OptimizerState(int(dict(point.plan.strategy.get("optimizer", {})).get("step", 0)), point.moments)
-        return JobRunner(machine, tensors=point.tensors, model=point.model, optimizer=optimizer, **self._io())
+        return JobRunner(machine, model=point.model, optimizer=optimizer, **self._io())
 
     def _setup(
         self,

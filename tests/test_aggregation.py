@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -10,8 +11,11 @@ import pytest
 import torch
 
 from common.errors import InvalidArgument
-from common.serde import CHUNK_BYTES, encode, new_hasher
-from coordinator.round.aggregation import Float32Values, RunningSum, UpdateSpool
+from common.serde import CHUNK_BYTES, decode, encode, new_hasher
+from coordinator.round.aggregation import Float32Values, RunningSum, SpoolWriter, UpdateSpool
+from coordinator.round.runner import step_model
+from coordinator.strategy.config import StrategyConfig
+from coordinator.strategy.server_opt import OptimizerState
 
 
 def _spool(tmp_path: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
@@ -121,3 +125,70 @@ def test_aggregator_memory_is_one_running_sum_not_the_list_of_updates(tmp_path: 
             total += (1.0 + i % 3) * _block(i, start, numel).astype(np.float64)
         expected = total / sum(1.0 + i % 3 for i in range(50))
         np.testing.assert_allclose(mean[start : start + len(expected)], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("server_lr", [1.0, 0.7])
+def test_the_fedavg_step_reads_the_sum_block_by_block_and_gives_the_same_bits(tmp_path: Path, server_lr: float) -> None:
+    """The commit's plain-FedAvg path (no model-sized float64 copies) makes exactly the model that
+    ``float32(float64(base) + eta * float64(sum) / total_weight)`` gives, and it is its own wire encoding."""
+    gen = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(300, 700, generator=gen), "b": torch.randn(3, generator=gen), "c": torch.randn(70001)}
+    specs = encode(base).specs
+    running = RunningSum(specs)
+    for i, w in enumerate([2.0, 7.0, 0.5]):
+        running.add_file(
+            _spool(tmp_path, f"u{i}", {k: torch.randn(v.shape, generator=gen) for k, v in base.items()}), w
+        )
+    strategy = StrategyConfig(server_lr=server_lr)
+    delta = running.mean()  # the whole-array path, as the server optimizers use it
+    new, state, ref = step_model(strategy, running, OptimizerState(4), base, specs, None, {})
+    assert (state.step, ref) == (5, {"step": 5})
+    offset = 0
+    for name, tensor in decode(new.specs, new.data).items():
+        n = tensor.numel()
+        want = (base[name].double().reshape(-1) + server_lr * torch.from_numpy(delta[offset : offset + n])).float()
+        assert torch.equal(tensor.reshape(-1), want), name
+        offset += n
+    assert new.version == encode(decode(new.specs, new.data)).version
+    via_array, _, _ = step_model(strategy, delta, OptimizerState(4), base, specs, None, {})
+    assert via_array.data == new.data
+
+
+def test_the_fedavg_step_allocates_the_new_model_and_small_blocks_only(tmp_path: Path) -> None:
+    numel = 2_000_000
+    base = {"w": torch.randn(numel)}
+    specs = encode(base).specs
+    running = RunningSum(specs)
+    running.add_file(_spool(tmp_path, "u", {"w": torch.randn(numel)}), 3.0)
+    tracemalloc.start()
+    try:
+        new, _, _ = step_model(StrategyConfig(), running, OptimizerState(), base, specs, None, {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(new.data) == numel * 4
+    # The new model is the sum's own buffer; the model-sized float64 mean alone was 2x the model (4x while divided).
+    assert peak < 0.2 * numel * 4, f"peak {peak / 2**20:.1f} MiB for a model of {numel * 4 / 2**20:.1f} MiB"
+
+
+async def test_the_threaded_spool_writer_keeps_order_refuses_and_leaves_nothing(tmp_path: Path) -> None:
+    x = torch.randn(50_000)
+    enc = encode({"w": x})
+    writer = SpoolWriter(UpdateSpool(tmp_path / "ok", enc.specs, len(enc.data), enc.sha256, 4 << 20, Float32Values()))
+    for i in range(0, len(enc.data), 4099):  # odd chunk sizes: values split across chunks, digest over the order
+        await writer.write(bytes(enc.data[i : i + 4099]))
+    path = await writer.finish()
+    assert path.read_bytes() == enc.data
+
+    bad = encode({"w": torch.tensor([1.0, float("inf")] * 5000)})
+    writer = SpoolWriter(UpdateSpool(tmp_path / "bad", bad.specs, len(bad.data), bad.sha256, 4 << 20, Float32Values()))
+
+    async def stream_it() -> None:
+        for i in range(0, len(bad.data), 1000):
+            await writer.write(bytes(bad.data[i : i + 1000]))
+        await writer.finish()
+
+    with pytest.raises(InvalidArgument, match="NaN or Inf"):
+        await stream_it()
+    writer.discard()
+    assert sorted(os.listdir(tmp_path)) == ["ok"]

@@ -26,7 +26,15 @@ from common.errors import CohortError, FailedPrecondition, InvalidArgument, NotF
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.errors import SecAggAborted
 from common.serde import EncodedTensors, Limits, Spec
-from coordinator.round.aggregation import Float32Values, MaskedPadding, RunningSum, UpdateSpool, apply_flat
+from coordinator.round.aggregation import (
+    Float32Values,
+    MaskedPadding,
+    RunningSum,
+    SpoolWriter,
+    UpdateSpool,
+    flat_blocks,
+    next_model,
+)
 from coordinator.round.events import (
     AckDuplicate,
     Action,
@@ -63,7 +71,7 @@ from coordinator.round.machine import JobMachine
 from coordinator.round.model_meta import round_metadata
 from coordinator.round.privacy import JobPrivacy
 from coordinator.round.records import RoundAttempt
-from coordinator.state.model_store import ModelStore
+from coordinator.state.model_store import ModelStore, views_of
 from coordinator.state.registry import Registry
 from coordinator.state.resume import spool_dir
 from coordinator.state.store import Store
@@ -92,7 +100,6 @@ class JobRunner:
         self,
         machine: JobMachine,
         *,
-        tensors: dict[str, torch.Tensor],
         model: EncodedTensors,
         store: Store,
         models: ModelStore,
@@ -110,7 +117,9 @@ class JobRunner:
         self.clock = clock
         self.job_id = machine.job_id
         self.spec = machine.spec
-        self.global_tensors, self.global_model = tensors, model
+        # The global model is held once: its encoding's buffer (served to the sites), and its tensors as views into it.
+        self.global_model = model
+        self.global_tensors = views_of(model)
         self.store, self.models, self.registry = store, models, registry
         self.spool_root, self.limits = spool_root, limits
         self.progress = progress or (lambda line: log.info("%s", line))
@@ -118,7 +127,7 @@ class JobRunner:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: tuple[int, int, dict[str, torch.Tensor], EncodedTensors, OptimizerState] | None = None
+        self._pending: tuple[int, int, EncodedTensors, OptimizerState] | None = None
         # The server optimizer's moments as of the last committed round; saved with every commit (strategy_files).
         self.optimizer = optimizer or OptimizerState()
         self.strategy_files = strategy_files
@@ -310,7 +319,7 @@ class JobRunner:
         pending = self._pending
         assert pending is not None
         assert pending[:2] == (action.number, action.attempt)
-        _, _, tensors, encoded, optimizer = pending
+        _, _, encoded, optimizer = pending
         started = time.perf_counter()
         # The commit point: the round row, the job's model and its privacy state in one transaction.
         self.store.finish_round(
@@ -328,7 +337,7 @@ class JobRunner:
             privacy_state=action.privacy_state,
             strategy_state=action.strategy_state,
         )
-        self.global_tensors, self.global_model, self._pending = tensors, encoded, None
+        self.global_tensors, self.global_model, self._pending = views_of(encoded), encoded, None
         self.optimizer = optimizer
         if action.site_epsilon:
             self.store.update_job(self.job_id, site_epsilon=json.dumps(action.site_epsilon, sort_keys=True))
@@ -355,6 +364,7 @@ class JobRunner:
             totals: dict[str, float] | None = None
             evidence: tuple[str, ...] = ()
             report: dict[str, object] = {}
+            delta: np.ndarray | RunningSum
             if action.secure:
                 secagg = rnd.secagg
                 assert secagg is not None
@@ -368,8 +378,9 @@ class JobRunner:
             else:
                 delta, report = await asyncio.to_thread(self._fold, action)
             new, optimizer, ref = await asyncio.to_thread(self._step, delta, action.number)
+            del delta  # the round's sum or mean: freed before the checkpoint is written
             meta = round_metadata(self.machine, action.number, rnd, totals)  # task, round, metrics, epsilon ...
-            encoded = await asyncio.to_thread(self.models.save, new, meta)
+            encoded = await asyncio.to_thread(self.models.save_encoded, new, meta)
             failpoints.hit("coordinator.checkpoint_saved", round=action.number)
         except (SecAggAborted, InvalidArgument) as exc:
             await self.feed(
@@ -380,7 +391,7 @@ class JobRunner:
             log.exception("job %s: aggregating round %d failed", self.job_id, action.number)
             await self.feed(Crashed(type(exc).__name__))
             return
-        self._pending = (action.number, action.attempt, new, encoded, optimizer)
+        self._pending = (action.number, action.attempt, encoded, optimizer)
         seconds = time.monotonic() - started
         await self.feed(
             Aggregated(
@@ -388,14 +399,14 @@ class JobRunner:
             )
         )
 
-    def _fold(self, action: Aggregate) -> tuple[np.ndarray, dict[str, object]]:
-        """The round's aggregated plaintext update (flat, float64), and what a robust rule reports."""
+    def _fold(self, action: Aggregate) -> tuple[np.ndarray | RunningSum, dict[str, object]]:
+        """The round's aggregated plaintext update, and what a robust rule reports (see :func:`fold_spooled`)."""
         directory = spool_dir(self.spool_root, self.job_id, action.number, action.attempt)
         return fold_spooled(self.spec.strategy, self.global_specs, directory, action, self.machine.privacy)
 
     def _step(
-        self, delta: np.ndarray, number: int
-    ) -> tuple[dict[str, torch.Tensor], OptimizerState, dict[str, object]]:
+        self, delta: np.ndarray | RunningSum, number: int
+    ) -> tuple[EncodedTensors, OptimizerState, dict[str, object]]:
         """Apply the server optimizer to the round's update; save its new moments (named in the round's commit)."""
         return step_model(
             self.spec.strategy,
@@ -439,21 +450,24 @@ class JobRunner:
             self.limits.max_chunk_bytes,
             values,
         )
+        writer = SpoolWriter(spool)
         counted = False
         try:
             try:
+                first = True
                 async for msg in chunks:
                     if msg.WhichOneof("kind") != "data":
                         raise InvalidArgument("only data chunks may follow the upload header")
                     refusal = self.machine.upload_refusal(site, number, attempt, split)
                     if refusal is not None:
                         raise FailedPrecondition(refusal)
-                    spool.write(msg.data)
-                    if spool.received == len(msg.data):
+                    await writer.write(msg.data)
+                    if first:
+                        first = False
                         failpoints.hit("coordinator.upload_receiving", round=number)  # the stream is open
-                path = spool.finish()
+                path = await writer.finish()
             except BaseException:
-                spool.discard()
+                writer.discard()
                 raise
             rnd = self.machine.round
             if isinstance(values, Float32Values) and self.machine.privacy.site_level and rnd is not None:
@@ -489,14 +503,15 @@ class JobRunner:
 
 def fold_spooled(
     strategy: StrategyConfig, specs: tuple[Spec, ...], directory: Path, action: Aggregate, privacy: JobPrivacy
-) -> tuple[np.ndarray, dict[str, object]]:
-    """The round's aggregated plaintext update (flat, float64) from the spooled updates in ``directory``, and what a
-    robust rule reports. Shared by the runner and the simulator (simulation/), so both compute the same model.
+) -> tuple[np.ndarray | RunningSum, dict[str, object]]:
+    """The round's aggregated plaintext update from the spooled updates in ``directory``, and what a robust rule
+    reports. Shared by the runner and the simulator (simulation/), so both compute the same model.
 
     The mean is one running sum folded in site order: a fixed order makes the float32 sum, and so the new model,
     a function of the accepted updates alone (the same whatever order they arrived in, and after a restart took
-    them back from the spool). Robust rules and norm bounding read the spooled updates in blocks of coordinates
-    (coordinator/strategy/robust.py).
+    them back from the spool). Plain FedAvg returns that :class:`RunningSum` itself, which :func:`step_model` reads
+    block by block; central DP's noisy mean and the robust rules (which read the spooled updates in blocks of
+    coordinates, coordinator/strategy/robust.py) return the update as one float64 array.
     """
     paths = {site: directory / f"{site}.update" for site in action.weights}
     if strategy.aggregation != "mean" or strategy.norm_bound > 0:
@@ -509,21 +524,29 @@ def fold_spooled(
     if action.central_noise:
         noise = privacy.central_noise(running.numel)
         return running.noisy_mean(noise, action.denominator), {}
-    return running.mean(), {}
+    if running.total_weight <= 0:
+        raise ValueError("no update was accepted")
+    return running, {}
 
 
 def step_model(
     strategy: StrategyConfig,
-    delta: np.ndarray,
+    delta: np.ndarray | RunningSum,
     optimizer: OptimizerState,
     tensors: dict[str, torch.Tensor],
     specs: tuple[Spec, ...],
     strategy_files: ModelStore | None,
     labels: dict[str, str],
-) -> tuple[dict[str, torch.Tensor], OptimizerState, dict[str, object]]:
-    """Apply the server optimizer to the round's update: the new model, the optimizer's next state, and the reference
-    the round's commit records (its step, and the content-addressed file its moments were saved to)."""
-    change, new_optimizer = server_step(strategy, delta, optimizer)
+) -> tuple[EncodedTensors, OptimizerState, dict[str, object]]:
+    """Apply the server optimizer to the round's update: the new model (encoded; its tensors are views of the
+    encoding), the optimizer's next state, and the reference the round's commit records (its step, and the
+    content-addressed file its moments were saved to)."""
+    if isinstance(delta, RunningSum):
+        if strategy.name == "fedavg":  # stateless: the sum becomes the next model in place (the same bits)
+            state = OptimizerState(optimizer.step + 1)
+            return delta.into_model(tensors, strategy.learning_rate), state, {"step": state.step}
+        delta = delta.mean()
+    step, new_optimizer = server_step(strategy, delta, optimizer)
     ref: dict[str, object] = {"step": new_optimizer.step}
     if new_optimizer.moments:
         assert strategy_files is not None, "a stateful server optimizer needs its state directory"
@@ -531,4 +554,4 @@ def step_model(
             {k: torch.from_numpy(v) for k, v in new_optimizer.moments.items()}, {**labels, "optimizer": strategy.name}
         )
         ref["moments"] = saved.version
-    return apply_flat(tensors, specs, change), new_optimizer, ref
+    return next_model(tensors, specs, flat_blocks(step)), new_optimizer, ref

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from common import failpoints, files
-from common.serde import EncodedTensors, encode
+from common.serde import EncodedTensors, decode_views, encode
 
 
 class ModelStore:
@@ -29,12 +29,15 @@ class ModelStore:
 
     def save(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> EncodedTensors:
         """Write the model (atomically: temp file, fsync, rename) and return its wire encoding."""
-        encoded = encode(tensors)
+        return self.save_encoded(encode(tensors), metadata)
+
+    def save_encoded(self, encoded: EncodedTensors, metadata: dict[str, str] | None = None) -> EncodedTensors:
+        """Write an encoded model; the file is written from the encoding's own buffer (no copy of the model)."""
         path = self.path_for(encoded.version)
         if not path.exists() or not self._intact(encoded.version):
             tmp = files.create_private(path.with_suffix(".tmp"))  # 0600 before a byte is written; save_file keeps it
             save_file(
-                {k: v.contiguous() for k, v in tensors.items()},
+                views_of(encoded),
                 str(tmp),
                 metadata={
                     **(metadata or {}),
@@ -69,6 +72,13 @@ class ModelStore:
         # safetensors does not keep insertion order; the digest covers the model's own order.
         tensors = {name: loaded[name] for name in order} if set(order) == set(loaded) else loaded
         encoded = encode(tensors)
+        del tensors, loaded  # the model is held once: as the encoding's buffer, the tensors as views into it
         if encoded.version != version:
             raise ValueError(f"model file {path} does not hash to its name; it was altered or damaged")
-        return tensors, encoded
+        return views_of(encoded), encoded
+
+
+def views_of(encoded: EncodedTensors) -> dict[str, torch.Tensor]:
+    """The model's tensors sharing the encoding's buffer (read-only by convention: nothing writes a global model)."""
+    assert isinstance(encoded.data, bytearray), "a global model's encoding owns a bytearray"
+    return decode_views(encoded.specs, encoded.data)
