@@ -22,6 +22,14 @@ class Status(enum.Enum):
     FAILED = "failed"
 
 
+def cancel_requested() -> bool:
+    """Whether the running task has been asked to stop (``Task.cancel``), even if the CancelledError never reached
+    it: grpc.aio answers a call that fails as it is cancelled with the call's own error (an ``AioRpcError``) and the
+    cancel is lost. A loop that handles errors and goes on must check this, or it outlives its daemon's close."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def install_stop_handlers(stop: asyncio.Event) -> None:
     """SIGTERM/SIGINT set ``stop``; a second signal exits at once (the operator insists)."""
     loop = asyncio.get_running_loop()

@@ -20,6 +20,7 @@ import torch
 
 from common import failpoints
 from common.errors import CohortError
+from common.lifecycle import cancel_requested
 from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.lanes import eval_lane_values, train_lane_values
@@ -160,7 +161,7 @@ class Work:
 
     # -- the worker -----------------------------------------------------------------------------------------------
     async def run(self) -> None:
-        while True:
+        while not cancel_requested():  # a cancel that a gRPC call turned into its own error still ends the worker
             item = await self._queue.get()
             key = _key(item)
             try:
@@ -171,12 +172,16 @@ class Work:
                 self.completed.append(key)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("%s %s failed: %s: %s", key[0], key[1:], exc.code().name, exc.details())
-            except Exception:
-                log.exception("%s %s failed", key[0], key[1:])
+            except Exception as exc:
+                if cancel_requested():
+                    raise asyncio.CancelledError from exc  # the daemon is closing: not a failed task
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    log.warning("%s %s failed: %s: %s", key[0], key[1:], exc.code().name, exc.details())
+                else:
+                    log.exception("%s %s failed", key[0], key[1:])
             finally:
                 self._pending.discard(key)
+        raise asyncio.CancelledError
 
     async def _model(self, job_id: str, version: str, deadline: float) -> dict[str, torch.Tensor]:
         if self._cache is not None and self._cache[0] == version:
