@@ -72,6 +72,7 @@ class ServerConfig:
     upload_idle_timeout_s: float = 30.0
     upload_deadline_s: float = 900.0
     max_concurrent_uploads: int = 4
+    max_concurrent_downloads: int = 4
     stream_window_bytes: int = 1 << 20
     join_rate_per_min: float = 30.0
     join_burst: int = 10
@@ -103,6 +104,8 @@ class ServerConfig:
             )
         if not 0 <= self.max_concurrent_uploads <= 10_000:
             raise ConfigError(f"{where}.max_concurrent_uploads: must be between 0 (no limit) and 10000")
+        if not 0 <= self.max_concurrent_downloads <= 10_000:
+            raise ConfigError(f"{where}.max_concurrent_downloads: must be between 0 (no limit) and 10000")
         if not 1 << 16 <= self.stream_window_bytes <= 64 << 20:
             raise ConfigError(f"{where}.stream_window_bytes: must be between 64 KiB and 64 MiB")
         if self.join_rate_per_min <= 0 or self.join_global_rate_per_min <= 0:

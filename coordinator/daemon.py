@@ -26,7 +26,7 @@ from coordinator.round.runner import ProgressHook
 from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
 from coordinator.rpc.listen import NO_REUSEPORT, bind, resolve
 from coordinator.rpc.servicer import AdminServicer, FederationServicer
-from coordinator.rpc.upload_guard import UploadGate
+from coordinator.rpc.upload_guard import TransferGate
 from coordinator.rpc.wire import add_service
 
 log = logging.getLogger("cohort.coordinator")
@@ -66,7 +66,8 @@ class CoordinatorDaemon(Lifecycle):
         self._liveness: asyncio.Task[None] | None = None
         self._handshakes: HandshakeWatch | None = None
         self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
-        self.upload_gate: UploadGate | None = None
+        self.upload_gate: TransferGate | None = None
+        self.download_gate: TransferGate | None = None
 
     async def _start(self) -> str:
         cfg = self.config
@@ -88,6 +89,7 @@ class CoordinatorDaemon(Lifecycle):
         )
         federation = FederationServicer(coordinator)
         self.upload_gate = federation.upload_gate  # uploads being read and waiting (tests, diagnostics)
+        self.download_gate = federation.download_gate
         add_service(server, "Federation", federation)
         add_service(server, "Admin", AdminServicer(coordinator))
         self._health = health.aio.HealthServicer()

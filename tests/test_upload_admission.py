@@ -1,5 +1,6 @@
 """Upload admission (server.max_concurrent_uploads): uploads beyond the limit wait for a slot before their first
 chunk is read, and every one of them lands; a waiting site is neither timed out as idle nor dropped for silence.
+Download admission (server.max_concurrent_downloads) the same way, after the manifest.
 
 Through real gRPC and mutual TLS with hand-driven sites (raw stubs), plus the gate's edge cases on a stream of
 its own (revocation and cancellation while waiting give the slot back).
@@ -8,10 +9,13 @@ its own (revocation and cancellation while waiting give the slot back).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 import torch
 from support import (
@@ -31,7 +35,8 @@ from support import (
 from common.errors import CertificateRevoked
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
-from coordinator.rpc.upload_guard import GuardedStream, StreamLimits, UploadGate
+from common.tasks.base import load_task, task_digest
+from coordinator.rpc.upload_guard import GuardedStream, StreamLimits, TransferGate
 
 LIMIT = 2
 IDLE_S = 1.0  # upload_idle_timeout_s: every waiting upload waits longer than this
@@ -133,7 +138,7 @@ async def _drain(stream: GuardedStream) -> int:
 
 
 async def test_a_waiting_upload_is_not_idle_and_its_deadline_starts_at_admission() -> None:
-    gate = UploadGate(1)
+    gate = TransferGate(1)
     first = GuardedStream(_chunks(3), LIMITS, gate=gate)
     assert (await anext(first)).WhichOneof("kind") == "header"
     await anext(first)  # holds the slot
@@ -148,7 +153,7 @@ async def test_a_waiting_upload_is_not_idle_and_its_deadline_starts_at_admission
 
 
 async def test_revocation_or_cancellation_while_waiting_gives_nothing_away() -> None:
-    gate = UploadGate(1)
+    gate = TransferGate(1)
     holder = GuardedStream(_chunks(2), LIMITS, gate=gate)
     await anext(holder)
     await anext(holder)
@@ -177,3 +182,69 @@ async def test_revocation_or_cancellation_while_waiting_gives_nothing_away() -> 
     assert gate.active == 0
     late = GuardedStream(_chunks(1), LIMITS, gate=gate)  # the slot is free again
     assert await asyncio.wait_for(_drain(late), timeout=2) == 2
+
+
+async def test_downloads_over_the_limit_wait_after_their_manifest_and_all_arrive(
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory
+) -> None:
+    """server.max_concurrent_downloads: 1. Three sites ask for a 32 MiB model and read only the manifest: one stream
+    is written (until flow control stops it), the others wait for its slot; then all three arrive intact."""
+    async with _big_model_downloads(pki, tmp_path, coordinator_factory, idle_s=30.0) as (coord, calls):
+        gate = coord.download_gate
+        assert gate is not None
+        await poll_until(
+            lambda: (gate.active, gate.waiting) == (1, len(SITES) - 1), what="one download written, the others waiting"
+        )
+        received = await asyncio.gather(*(_rest(call) for call in calls))
+        assert all(data == runner_of(coord).global_model.data for data in received)
+        assert (gate.active, gate.waiting, gate.peak_active) == (0, 0, 1)
+
+
+async def test_a_download_whose_reader_stops_gives_its_slot_back(
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory
+) -> None:
+    """A member site that asks for the model and stops reading keeps nobody waiting longer than the idle timeout."""
+    async with _big_model_downloads(pki, tmp_path, coordinator_factory, idle_s=0.5) as (coord, calls):
+        stalled, *others = calls
+        model = runner_of(coord).global_model.data
+        for call in others:  # served one after another, each once the one before it was idle for 0.5 s or done
+            assert await asyncio.wait_for(_rest(call), timeout=20) == model
+        assert await _rest(stalled) == model  # and the stalled one is still served in full
+
+
+@contextlib.asynccontextmanager
+async def _big_model_downloads(
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory, idle_s: float
+) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """A coordinator with server.max_concurrent_downloads 1 and a 32 MiB model; each site asked for it and read the
+    manifest only, in site order (so the first holds the slot)."""
+    job = job_config(task="big_task:TASK", rounds=1, min_sites=len(SITES), evaluate_every=0)
+    cfg = coordinator_config(pki, tmp_path / "state", job=job)
+    cfg = replace(cfg, server=replace(cfg.server, max_concurrent_downloads=1, upload_idle_timeout_s=idle_s))
+    coord = await coordinator_factory(cfg)
+    model = runner_of(coord).global_model
+    big = load_task("big_task:TASK")
+    identity = {"task_name": big.name, "task_digest": task_digest(big)}
+    chans = [channel(coord.address, pki.site(site), pki.coordinator.ca) for site in SITES]
+    try:
+        stubs = [pb_grpc.FederationStub(ch) for ch in chans]
+        for stub in stubs:
+            await stub.Join(join_request(**identity), timeout=10)
+        request = pb.ModelRequest(job_id=runner_of(coord).job_id, model_version=model.version)
+        calls = [stub.DownloadModel(request, timeout=60) for stub in stubs]
+        for call in calls:
+            first = await call.read()
+            assert isinstance(first, pb.ModelChunk)
+            assert first.WhichOneof("kind") == "manifest"
+            assert first.manifest.sha256 == model.sha256
+        yield coord, calls
+    finally:
+        for ch in chans:
+            await ch.close()
+
+
+async def _rest(call: Any) -> bytes:
+    data = bytearray()
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        data += msg.data
+    return bytes(data)

@@ -39,7 +39,7 @@ from coordinator.federation import Federation
 from coordinator.handlers import admin as admin_handlers
 from coordinator.handlers import models as model_handlers
 from coordinator.handlers import participant as handlers
-from coordinator.rpc.upload_guard import GuardedStream, StreamLimits, UploadGate
+from coordinator.rpc.upload_guard import GuardedStream, StreamLimits, TransferGate
 from coordinator.rpc.wire import refuse_undecodable
 
 log = logging.getLogger("cohort.coordinator.rpc")
@@ -148,7 +148,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             max_chunks=server.max_upload_chunks,
             max_chunk_bytes=server.max_chunk_bytes,
         )
-        self.upload_gate = UploadGate(server.max_concurrent_uploads)
+        self.upload_gate = TransferGate(server.max_concurrent_uploads)
+        self.download_gate = TransferGate(server.max_concurrent_downloads)
 
     def _site(self, context: Ctx) -> CertRef:
         """The calling site's certificate: a participant certificate that is not revoked."""
@@ -177,12 +178,18 @@ class FederationServicer(pb_grpc.FederationServicer):
         with self.c.revocations.watch(ref) as revoked:
             model = handlers.download_model(ref, request, self.c)
             yield pb.ModelChunk(manifest=model.manifest())
-            for i, chunk in enumerate(model.chunks()):
-                if revoked.is_set():
-                    self.c.revocations.check(ref)
-                yield data_message(chunk)  # a serialized ModelChunk{data}: one copy of the shared model buffer
-                if i == 0:
-                    failpoints.hit("coordinator.model_streaming", round=self.c.model_round())
+            # server.max_concurrent_downloads; a reader that stops reading gives its slot back (upload_guard.py)
+            slot = await self.download_gate.lease(self.upload_limits.idle_timeout_s)
+            try:
+                for i, chunk in enumerate(model.chunks()):
+                    if revoked.is_set():
+                        self.c.revocations.check(ref)
+                    yield data_message(chunk)  # a serialized ModelChunk{data}: one copy of the shared model buffer
+                    slot.touch()
+                    if i == 0:
+                        failpoints.hit("coordinator.model_streaming", round=self.c.model_round())
+            finally:
+                slot.release()
             if self.c.ops is not None:
                 self.c.ops.model_sent(len(model.data))
 

@@ -11,12 +11,20 @@
 It raises inside the consumer's ``async for``, so the upload intake discards its spool and changes nothing, exactly as
 for a stream that broke off.
 
-Admission (:class:`UploadGate`): at most ``server.max_concurrent_uploads`` uploads are read at once. A stream past its
+Admission (:class:`TransferGate`): at most ``server.max_concurrent_uploads`` uploads are read at once. A stream past its
 header waits for a slot *before* its first data chunk is read; while it waits nothing reads it, so HTTP/2 flow
 control stops the sender once the stream's window (``server.stream_window_bytes``) is full, and the coordinator holds
 at most that window per waiting upload instead of whatever the transport had buffered. The wait is not a stall: the
 idle timeout does not run and the transfer deadline starts when the slot is granted. The site is not dropped while it
 waits either (it has its train task in hand: liveness leaves it to HTTP/2 keepalive, and its connection is alive).
+
+Downloads are admitted the same way (``server.max_concurrent_downloads``): a model stream sends its manifest, then
+waits for a slot before its first data chunk. Every stream being written holds a few chunks queued in the transport,
+so without a bound the coordinator's memory grew by about 1.7 MiB per site while a round's downloads ran. The
+waiting site's call deadline (its ``transfer_timeout_s``) keeps running; the link's bandwidth is shared either way,
+so the last download ends when it would have without the bound. A download that takes no chunk for
+``server.upload_idle_timeout_s`` gives its slot back (:class:`Lease`) and goes on outside admission, so a member
+site that asks for the model and stops reading cannot keep the others waiting.
 """
 
 from __future__ import annotations
@@ -40,8 +48,9 @@ class StreamLimits:
     max_chunk_bytes: int
 
 
-class UploadGate:
-    """At most ``limit`` uploads read at once, admitted in arrival order (0: no limit)."""
+class TransferGate:
+    """At most ``limit`` transfers at once, admitted in arrival order (0: no limit): uploads being read
+    (``server.max_concurrent_uploads``) or model downloads being written (``server.max_concurrent_downloads``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -65,6 +74,33 @@ class UploadGate:
         if self._slots is not None:
             self._slots.release()
 
+    async def lease(self, idle_s: float) -> Lease:
+        """A slot that is given back after ``idle_s`` without :meth:`Lease.touch` (a download whose reader stopped
+        reading: it goes on outside admission rather than keep the others waiting), or at :meth:`Lease.release`."""
+        await self.acquire()
+        return Lease(self, idle_s)
+
+
+class Lease:
+    """One admitted transfer's slot, held while it makes progress (see :meth:`TransferGate.lease`)."""
+
+    def __init__(self, gate: TransferGate, idle_s: float) -> None:
+        self._gate, self._idle_s = gate, idle_s
+        self.held = True
+        self._timer = asyncio.get_running_loop().call_later(idle_s, self.release)
+
+    def touch(self) -> None:
+        """Progress: the idle clock starts again."""
+        if self.held:
+            self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(self._idle_s, self.release)
+
+    def release(self) -> None:
+        self._timer.cancel()
+        if self.held:
+            self.held = False
+            self._gate.release()
+
 
 def _consume(task: asyncio.Future[pb.UpdateChunk]) -> None:
     # A read cancelled after it already failed: its exception is of no interest any more.
@@ -83,7 +119,7 @@ class GuardedStream:
         revoked: asyncio.Event | None = None,
         on_revoked: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
-        gate: UploadGate | None = None,
+        gate: TransferGate | None = None,
     ) -> None:
         self._source = aiter(source)
         self.limits = limits
