@@ -23,7 +23,7 @@ from common.errors import CertificateError, InvalidArgument
 from common.privacy.skellam import SkellamParams, privatize
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg import protocol as sa
-from common.secagg.encoding import EncodingParams, encode, weight_of, with_weight_lane
+from common.secagg.encoding import EncodingParams, encode_with_weight_lane_into, weight_of
 from common.secagg.lanes import LaneLayout
 from common.secagg.prg import U32Array
 from common.secagg_wire import (
@@ -120,19 +120,26 @@ class SecAggSession:
         assert self.enc is not None
         flat = np.frombuffer(update.data, dtype="<f4")
         privacy = self.task.privacy
+        lanes = self._lanes(lane_values or {})
+        vector = np.empty(self.params.dim, dtype=np.uint32)  # encoded update, then the metadata lanes; masked in place
+        head = vector[: self.params.dim - len(lanes)]
         if privacy.mode == "distributed":
             # Site-level DP: the (already L2-clipped) update is rotated with the round's public seed, encoded and
             # given this site's share of Skellam noise before it is masked; uniform weights.
             params = SkellamParams.from_dict(json.loads(privacy.skellam_json))
-            encoded = privatize(flat.astype(np.float64), params, privacy.rotation_seed)
+            private = privatize(flat.astype(np.float64), params, privacy.rotation_seed)
+            _check_size(len(private) + len(lanes), self.params.dim)
+            head[:] = private
         else:
             # A buffer's instance (asynchronous rounds): the weight times the public staleness weight the coordinator
             # sent, applied before masking, so the sum is the staleness-weighted one and so is its weight lane.
             weight = weight_of(num_samples, self.weight_cap)
             if self.task.buffered:
                 weight *= self.task.staleness_weight
-            encoded = encode(with_weight_lane(flat, self.enc), self.enc, weight)
-        return self._masked(np.concatenate([encoded, self._lanes(lane_values or {})]))
+            _check_size(len(flat) + 1 + len(lanes), self.params.dim)
+            encode_with_weight_lane_into(flat, self.enc, weight, head)
+        vector[len(head) :] = lanes
+        return self._masked(vector, in_place=True)
 
     def masked_lanes(self, lane_values: Mapping[str, float]) -> EncodedTensors:
         """A secure evaluation's input: its lanes only, masked and bit-packed."""
@@ -143,11 +150,15 @@ class SecAggSession:
             return np.zeros(0, dtype=np.uint32)
         return self.lanes.encode(values)
 
-    def _masked(self, encoded: U32Array) -> EncodedTensors:
-        if len(encoded) != self.params.dim:
-            raise InvalidArgument(f"the input has {len(encoded)} elements; the round sums {self.params.dim}")
-        data = self.client.masked_input(encoded.astype(np.uint32)).data
+    def _masked(self, encoded: U32Array, *, in_place: bool = False) -> EncodedTensors:
+        _check_size(len(encoded), self.params.dim)
+        data = self.client.masked_input(encoded.astype(np.uint32, copy=False), in_place=in_place).data
         spec = Spec(MASKED_TENSOR, pb.DTYPE_UINT8, (len(data),))
         h = new_hasher([spec])
         h.update(data)
         return EncodedTensors((spec,), data, h.hexdigest())
+
+
+def _check_size(size: int, dim: int) -> None:
+    if size != dim:
+        raise InvalidArgument(f"the input has {size} elements; the round sums {dim}")

@@ -16,12 +16,14 @@ from common.secagg.encoding import (
     decode_mean,
     decode_sum,
     encode,
+    encode_with_weight_lane_into,
     pack,
     packed_len,
     unpack,
     weight_of,
     with_weight_lane,
 )
+from common.secagg.prg import BLOCK
 
 bits_st = st.integers(16, 32)
 
@@ -151,3 +153,47 @@ def test_encode_refuses_non_finite_and_bad_weights() -> None:
         encode(np.array([np.nan], np.float32), params)
     with pytest.raises(InvalidArgument, match="weight"):
         encode(np.zeros(2, np.float32), params, 1.5)
+
+
+@pytest.mark.parametrize("bits", [16, 17, 21, 24, 31, 32])
+def test_pack_across_blocks_is_the_blocks_packed_one_after_another(bits: int) -> None:
+    # pack works a cache-sized block at a time; BLOCK values take a whole number of bytes, so the stream is the
+    # blocks' own streams back to back, and it unpacks (whole and chunked) to the same values.
+    d = 3 * BLOCK + 13
+    values = np.random.default_rng(bits).integers(0, 1 << bits, d, dtype=np.uint64).astype(np.uint32)
+    data = pack(values, bits)
+    assert data == b"".join(pack(values[i : i + BLOCK], bits) for i in range(0, d, BLOCK))
+    np.testing.assert_array_equal(unpack(data, d, bits), values)
+    unpacker, out = Unpacker(d, bits), np.zeros(d, np.uint32)
+    for i in range(0, len(data), 1 << 20):
+        for start, piece in unpacker.feed(data[i : i + (1 << 20)]):
+            out[start : start + len(piece)] = piece
+    unpacker.close()
+    np.testing.assert_array_equal(out, values)
+
+
+def test_encode_into_with_the_weight_lane_over_many_blocks() -> None:
+    params = EncodingParams.choose(4, 1.0)
+    rng = np.random.default_rng(7)
+    xs = [rng.normal(0.0, 0.6, 2 * BLOCK + 101).astype(np.float32) for _ in range(3)]
+    ws = [1.0, 0.25, 0.5]
+    total = np.zeros(len(xs[0]) + 1, np.int64)
+    for x, w in zip(xs, ws, strict=True):
+        out = np.empty(len(x) + 1, np.uint32)
+        encode_with_weight_lane_into(x, params, w, out)
+        assert out.max() < 1 << params.bits
+        total += out
+    mean, weight_total = decode_mean((total & ((1 << params.bits) - 1)).astype(np.uint32), params, 3)
+    assert abs(weight_total - sum(ws)) < params.error_bound(3) / params.clip
+    exact = sum(w * np.clip(x.astype(np.float64), -1.0, 1.0) for x, w in zip(xs, ws, strict=True)) / sum(ws)
+    assert np.all(np.abs(mean - exact) <= params.mean_error_bound(3, weight_total))
+
+
+def test_encode_into_refuses_a_non_finite_value_in_a_later_block_and_a_wrong_size() -> None:
+    params = EncodingParams.choose(4, 1.0)
+    x = np.zeros(2 * BLOCK, np.float32)
+    x[-1] = np.inf
+    with pytest.raises(InvalidArgument, match="NaN or infinite"):
+        encode(x, params)
+    with pytest.raises(InvalidArgument, match="weight lane"):
+        encode_with_weight_lane_into(np.zeros(5, np.float32), params, 1.0, np.empty(5, np.uint32))

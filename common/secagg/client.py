@@ -190,18 +190,18 @@ class SecAggClient:
         self._u2 = frozenset(senders)
         self.stage = ClientStage.MASKED_INPUT
 
-    def masked_input(self, encoded: U32Array) -> MaskedInput:
+    def masked_input(self, encoded: U32Array, *, in_place: bool = False) -> MaskedInput:
         """Stage 2: y = encoded + PRG(b) + sum over U2 neighbours j of +-PRG(s_ij) mod 2**b, bit-packed.
 
-        ``encoded`` (from :func:`~common.secagg.encoding.encode`) is not modified. The pairwise mask is added by
-        the site whose id sorts first and subtracted by the other, so each pair cancels in the sum.
+        ``encoded`` (from :func:`~common.secagg.encoding.encode`) is not modified unless ``in_place``, where the
+        masks are added into it (a caller that built the vector for this call saves a copy of it). The pairwise mask
+        is added by the site whose id sorts first and subtracted by the other, so each pair cancels in the sum.
         """
         self._enter(ClientStage.MASKED_INPUT)
         p = self.params
         if encoded.shape != (p.dim,):
             raise InvalidArgument(f"the encoded update has shape {encoded.shape}, expected ({p.dim},)")
-        y = np.array(encoded, dtype=np.uint32, copy=True, order="C")
-        check_vector(y, "encoded update")
+        y = check_vector(encoded if in_place else np.array(encoded, dtype=np.uint32, order="C"), "encoded update")
         if p.bits < 32 and int(y.max()) >> p.bits:
             raise InvalidArgument(f"the encoded update has values outside the {p.bits}-bit ring")
         masks: list[Mask] = [(self._b, 1)]

@@ -46,10 +46,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
 from common.errors import InvalidArgument
-from common.secagg.prg import MAX_BITS, MIN_BITS, U32Array, check_bits, mask_of
+from common.secagg.prg import BLOCK, MAX_BITS, MIN_BITS, U32Array, check_bits, check_vector
 
 F64Array = NDArray[np.float64]
 DEFAULT_PRECISION_BITS = 16
@@ -132,22 +133,72 @@ def weight_of(num_examples: int, weight_cap: int) -> float:
 
 def encode(x: NDArray[np.floating], params: EncodingParams, weight: float = 1.0) -> U32Array:
     """Clip, weight, scale and stochastically round ``x`` (1-D floats) into integers mod 2**bits."""
+    out = np.empty(len(x) if x.ndim == 1 else 0, dtype=np.uint32)
+    encode_into(x, params, weight, out)
+    return out
+
+
+def encode_into(x: NDArray[np.floating], params: EncodingParams, weight: float, out: U32Array) -> None:
+    """:func:`encode` written into ``out`` (uint32, same length as ``x``), one cache-sized block at a time.
+
+    Memory is O(block) besides ``out``: ``x`` (float32 or float64) is widened to float64 a block at a time, so an
+    update of d values costs no d-sized float64 temporaries. On a non-finite value it raises
+    :class:`InvalidArgument` and ``out`` is left partly written (the caller discards it).
+    """
     if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
         raise InvalidArgument(f"encode takes a 1-D float array, got {x.dtype} {x.shape}")
     if not (0.0 <= weight <= 1.0):
         raise InvalidArgument(f"weight must be in [0, 1] (normalise by the public weight cap), got {weight!r}")
-    if not np.isfinite(x).all():
-        raise InvalidArgument("the update has NaN or infinite values; refusing to encode it")
-    v = np.clip(x.astype(np.float64), -params.clip, params.clip)
-    v *= weight * params.scale
-    low = np.floor(v)
-    v -= low  # now the fractional part, in [0, 1)
-    coins = mask_of(secrets.token_bytes(32), len(v), 32)  # uniform 32-bit values from a fresh key
-    q = low.astype(np.int64)
-    q += coins < v * 4294967296.0
-    np.clip(q, -params.levels, params.levels, out=q)
-    q &= (1 << params.bits) - 1
-    return q.astype(np.uint32)
+    check_vector(out, "encode output")
+    if len(out) != len(x):
+        raise InvalidArgument(f"encode output has {len(out)} values for {len(x)} inputs")
+    m = min(len(x), BLOCK)
+    coins = _Coins(m)  # uniform 32-bit values from a fresh random key
+    v, low = np.empty(m, np.float64), np.empty(m, np.float64)
+    q, up = np.empty(m, np.int64), np.empty(m, np.bool_)
+    factor, ring = weight * params.scale, np.int64((1 << params.bits) - 1)
+    for start in range(0, len(x), BLOCK):
+        part = x[start : start + BLOCK]
+        n = len(part)
+        vb, lb, qb, ub = v[:n], low[:n], q[:n], up[:n]
+        vb[:] = part
+        if not np.isfinite(vb).all():
+            raise InvalidArgument("the update has NaN or infinite values; refusing to encode it")
+        np.clip(vb, -params.clip, params.clip, out=vb)
+        vb *= factor
+        np.floor(vb, out=lb)
+        vb -= lb  # now the fractional part, in [0, 1)
+        vb *= 4294967296.0
+        np.less(coins.next(n), vb, out=ub)  # round up with probability equal to the fractional part
+        qb[:] = lb
+        qb += ub
+        np.clip(qb, -params.levels, params.levels, out=qb)
+        qb &= ring
+        out[start : start + n] = qb
+
+
+def encode_with_weight_lane_into(x: NDArray[np.floating], params: EncodingParams, weight: float, out: U32Array) -> None:
+    """``encode(with_weight_lane(x, params), params, weight)`` written into ``out`` (``len(x) + 1`` values) without
+    building the widened copy: the update's values, then the weight lane."""
+    if len(out) != len(x) + 1:
+        raise InvalidArgument(f"encode output has {len(out)} values for {len(x)} inputs and the weight lane")
+    encode_into(x, params, weight, out[: len(x)])
+    encode_into(np.array([params.clip]), params, weight, out[len(x) :])
+
+
+class _Coins:
+    """The stochastic-rounding coin flips: an AES-256-CTR keystream under a fresh random key, read as uint32 lanes
+    into one reused buffer."""
+
+    def __init__(self, block: int) -> None:
+        self._cipher = Cipher(algorithms.AES(secrets.token_bytes(32)), modes.CTR(bytes(16))).encryptor()
+        self._zeros = bytes(4 * block)
+        self._buf = bytearray(4 * block + 15)  # update_into wants block_size - 1 bytes of room
+        self._lanes: U32Array = np.frombuffer(self._buf, dtype=np.uint32, count=block)
+
+    def next(self, n: int) -> U32Array:
+        self._cipher.update_into(memoryview(self._zeros)[: 4 * n], self._buf)
+        return self._lanes[:n]
 
 
 def centre(total: U32Array, bits: int) -> NDArray[np.int64]:
@@ -210,17 +261,28 @@ def pack(values: U32Array, bits: int) -> bytes:
     if bits == 16:
         return values.astype("<u2").tobytes()
     per_group, words_per_group = _layout(bits)
-    groups = -(-d // per_group)
-    mat = np.zeros(groups * per_group, dtype=np.uint64)
-    mat[:d] = values
-    cols = mat.reshape(groups, per_group)
-    words = np.zeros((groups, words_per_group), dtype=np.uint64)
-    for j in range(per_group):
-        word, shift = divmod(j * bits, 64)
-        words[:, word] |= cols[:, j] << shift
-        if shift + bits > 64:
-            words[:, word + 1] |= cols[:, j] >> (64 - shift)
-    return words.astype("<u8", copy=False).tobytes()[: packed_len(d, bits)]
+    out = bytearray(packed_len(d, bits))
+    block_groups = BLOCK // per_group  # per_group divides 64 and BLOCK, so every block but the last is whole groups
+    mat = np.zeros((block_groups, per_group), dtype=np.uint64)
+    words = np.zeros((block_groups, words_per_group), dtype=np.uint64)
+    pos = 0
+    for start in range(0, d, BLOCK):  # a block at a time, so the column passes below stay in cache
+        part = values[start : start + BLOCK]
+        groups = -(-len(part) // per_group)
+        flat = mat.reshape(-1)
+        flat[: len(part)] = part
+        flat[len(part) : groups * per_group] = 0
+        cols, w = mat[:groups], words[:groups]
+        w[:] = 0
+        for j in range(per_group):
+            word, shift = divmod(j * bits, 64)
+            w[:, word] |= cols[:, j] << np.uint64(shift)
+            if shift + bits > 64:
+                w[:, word + 1] |= cols[:, j] >> np.uint64(64 - shift)
+        size = packed_len(len(part), bits)
+        out[pos : pos + size] = w.astype("<u8", copy=False).view(np.uint8).reshape(-1)[:size].data
+        pos += size
+    return bytes(out)
 
 
 def check_padding(last_byte: int, d: int, bits: int) -> None:
