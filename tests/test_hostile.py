@@ -226,7 +226,9 @@ async def test_revoked_site_is_dropped_mid_round_and_refused_everywhere(
             ask = pb.ModelRequest(job_id=task.job_id, model_version=task.model_version)
             await refused(anext(aiter(stub.DownloadModel(ask))), CODE.PERMISSION_DENIED, "certificate revoked")
             assert last_refusal(coord, C)["detail"]["method"] == "DownloadModel"
-            upload_again = stub.UploadUpdate(sent(good, release=release), timeout=10)
+            # The refusal comes before any message is read; a client still writing when it arrives would see
+            # INTERNAL "Internal error from Core" instead (grpc/grpc#36066), so this one sends nothing and waits.
+            upload_again = stub.UploadUpdate(sent(good, stall_after=0, release=release), timeout=10)
             await refused(upload_again, CODE.PERMISSION_DENIED, "certificate revoked")
         refusals = [e for e in store.audit_events("rpc_refused") if e["actor"] == C]
         assert {e["detail"]["code"] for e in refusals} == {"PERMISSION_DENIED"}

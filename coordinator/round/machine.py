@@ -226,6 +226,17 @@ class JobMachine:
             return rnd.secagg
         return None
 
+    def between_buffers(self) -> bool:
+        """Asynchronous plain rounds: a buffer has filled and the next one is not open yet (the new model is being
+        made, evaluated or waits for sites). An update arriving now counts in the next buffer; the runner holds it
+        until that buffer opens instead of refusing it, so the site's work is not lost."""
+        if not (self._async_plain and self.running) or self._stop_reason is not None:
+            return False
+        if self.phase is Phase.AGGREGATING:
+            return self.number < self.spec.rounds
+        waiting = self.phase in (Phase.WAITING, Phase.EVALUATING) and self.round is None
+        return waiting and self.number <= self.spec.rounds
+
     def upload_refusal(self, site: str, number: int, attempt: int, split: str = "") -> str | None:
         """Why an admitted upload can no longer be counted (the round moved on or closed), or None."""
         if split:

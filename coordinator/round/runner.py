@@ -126,6 +126,7 @@ class JobRunner:
         self.after_commit: Callable[[], object] | None = None  # set by Jobs: the retention of model files
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._applied = asyncio.Event()  # set (and replaced) after every event: waiters look at the machine again
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: tuple[int, int, EncodedTensors, OptimizerState] | None = None
         # The server optimizer's moments as of the last committed round; saved with every commit (strategy_files).
@@ -210,7 +211,30 @@ class JobRunner:
             self.watch.applied(event, actions, time.perf_counter() - started)
         if not isinstance(event, Tick):
             self._wake.set()  # the next deadline may have moved: the loop reads it again
+        applied, self._applied = self._applied, asyncio.Event()
+        applied.set()
         return actions
+
+    async def _next_buffer(self) -> bool:
+        """Asynchronous plain rounds: while a full buffer becomes the next model, wait (at most the round timeout) for
+        the next buffer to open; an update that arrives then counts there, one version staler, instead of being
+        refused and its site's training lost. False if it is still not open."""
+        deadline = time.monotonic() + self.spec.round_timeout_s
+        while self.machine.between_buffers():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._applied.wait(), remaining)
+        return True
+
+    def _check_clip(self, values: Float32Values | MaskedPadding) -> None:
+        """Central DP: a plaintext update must be clipped to the open round's norm (it changes when the clip adapts)."""
+        rnd = self.machine.round
+        if isinstance(values, Float32Values) and self.machine.privacy.site_level and rnd is not None:
+            bound = rnd.task.privacy.clip_norm
+            if values.l2_norm > bound * (1 + 1e-4):
+                raise InvalidArgument(f"update L2 norm {values.l2_norm:.6g} exceeds the job's clip norm {bound:g}")
 
     async def stop(self, reason: str) -> None:
         """Stop the job (an admin asked); the machine decides what that means in the current phase. Raises when the
@@ -423,6 +447,8 @@ class JobRunner:
         self, site: str, header: pb.UpdateHeader, specs: tuple[Spec, ...], chunks: AsyncIterator[pb.UpdateChunk]
     ) -> pb.UploadReply:
         """Admit, spool (size, values and digest checked in one pass), fold if masked, then count the upload."""
+        if not header.split:
+            await self._next_buffer()
         actions = await self.feed(UploadStarted(site, header, specs, self.clock()))
         for action in actions:
             if isinstance(action, AckDuplicate):
@@ -459,7 +485,7 @@ class JobRunner:
                     if msg.WhichOneof("kind") != "data":
                         raise InvalidArgument("only data chunks may follow the upload header")
                     refusal = self.machine.upload_refusal(site, number, attempt, split)
-                    if refusal is not None:
+                    if refusal is not None and not (staged and self.machine.between_buffers()):
                         raise FailedPrecondition(refusal)
                     await writer.write(msg.data)
                     if first:
@@ -469,26 +495,27 @@ class JobRunner:
             except BaseException:
                 writer.discard()
                 raise
-            rnd = self.machine.round
-            if isinstance(values, Float32Values) and self.machine.privacy.site_level and rnd is not None:
-                bound = rnd.task.privacy.clip_norm
-                if values.l2_norm > bound * (1 + 1e-4):
-                    raise InvalidArgument(f"update L2 norm {values.l2_norm:.6g} exceeds the job's clip norm {bound:g}")
-            async with self._lock:
-                refusal = self.machine.upload_refusal(site, number, attempt, split)
-                if refusal is not None:
-                    raise FailedPrecondition(refusal)
-                if secagg is not None:
-                    # Folded before it is counted, under the lock: the sum and the count never disagree.
-                    await asyncio.to_thread(secagg.fold_masked_file, site, path)
-                if staged:
-                    buffer = self.spool_of(*self.machine.upload_target(number, attempt))
-                    files.private_dir(buffer, "state_dir/spool")
-                    os.replace(path, buffer / path.name)
-                    files.fsync_dir(buffer)
-                # A plaintext update stays in the spool, verified, and is folded when the round closes.
-                self._apply(UploadVerified(site, header, self.clock()))
-                counted = True
+            while not counted:
+                # The buffer it streamed toward may have filled meanwhile: it counts in the next one.
+                waited = await self._next_buffer() if staged else True
+                async with self._lock:
+                    if staged and waited and self.machine.between_buffers():
+                        continue  # others filled the next buffer first: this one counts in the one after
+                    refusal = self.machine.upload_refusal(site, number, attempt, split)
+                    if refusal is not None:
+                        raise FailedPrecondition(refusal)
+                    self._check_clip(values)
+                    if secagg is not None:
+                        # Folded before it is counted, under the lock: the sum and the count never disagree.
+                        await asyncio.to_thread(secagg.fold_masked_file, site, path)
+                    if staged:
+                        buffer = self.spool_of(*self.machine.upload_target(number, attempt))
+                        files.private_dir(buffer, "state_dir/spool")
+                        os.replace(path, buffer / path.name)
+                        files.fsync_dir(buffer)
+                    # A plaintext update stays in the spool, verified, and is folded when the round closes.
+                    self._apply(UploadVerified(site, header, self.clock()))
+                    counted = True
         finally:
             if split:  # a secure evaluation's masked input is folded, not kept
                 spool.final_path.unlink(missing_ok=True)
