@@ -4,7 +4,8 @@ the next model counts in the next buffer, one version staler; it is not refused 
 Before, such an update was refused ("round 1 closed while this upload was in flight") and its site then sat idle until
 its task grew ``max_staleness`` versions old: with four fast sites and a buffer of three, one of them did no useful
 work most of the time. Sites are driven by hand over real mutual-TLS gRPC; the commit of round 1 is held open so the
-uploads land in that window every time.
+uploads land in that window every time. A validation evaluation that follows the buffer ends the wait: the held upload
+is refused, as the site must be free to evaluate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import grpc
+import pytest
 import torch
 from support import (
     SITES,
@@ -104,4 +107,41 @@ async def test_updates_arriving_while_a_buffer_is_committed_count_in_the_next_bu
         assert first == {A: 0.0, B: 0.0}
         assert second == {C: 1.0, D: 1.0}  # trained on round 1's model, counted in round 2's buffer
         assert [e for e in store.audit_events("rpc_refused") if e["detail"]["method"] == "UploadUpdate"] == []
+        await runner.stop("test over")
+
+
+async def test_an_update_held_between_buffers_is_refused_when_a_validation_evaluation_opens_instead(
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory
+) -> None:
+    """A federated evaluation needs the sites: an upload held through it would keep its site from evaluating, so once
+    the committed buffer opens an evaluation the held upload is refused (the site trains again afterwards)."""
+    strategy = StrategyConfig(mode="async", buffer_size=2, max_staleness=2)
+    job = job_config(rounds=3, min_sites=2, min_available_sites=3, evaluate_every=1, strategy=strategy)
+    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
+    runner = runner_of(coord)
+    commit = asyncio.Event()
+    hold_aggregation(runner, commit)
+    release = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(release.set)
+        stack.callback(commit.set)
+        a, b, c = [await hand_site(stack, coord.address, pki, s) for s in (A, B, C)]
+        task = await a.next_train()
+        for s in (b, c):
+            assert await s.next_train() == task
+        zeros = {k: torch.zeros_like(v) for k, v in (await download(a, task)).items()}
+        update = update_messages(task, zeros, chunk_bytes=512)
+        for s in (a, b):
+            assert (await s.stub.UploadUpdate(sent(update, release=release), timeout=10)).accepted
+        await poll_until(lambda: runner.machine.phase is Phase.AGGREGATING, what="round 1's buffer full")
+
+        c_upload = asyncio.ensure_future(c.stub.UploadUpdate(sent(update, release=release), timeout=30))
+        await asyncio.sleep(0.3)
+        assert not c_upload.done()  # held while the buffer becomes the next model
+        commit.set()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await c_upload
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no round is open" in (info.value.details() or "")
+        assert runner.machine.phase is Phase.EVALUATING
         await runner.stop("test over")

@@ -228,14 +228,14 @@ class JobMachine:
 
     def between_buffers(self) -> bool:
         """Asynchronous plain rounds: a buffer has filled and the next one is not open yet (the new model is being
-        made, evaluated or waits for sites). An update arriving now counts in the next buffer; the runner holds it
-        until that buffer opens instead of refusing it, so the site's work is not lost."""
+        made, or the job waits for sites). An update arriving now counts in the next buffer; the runner holds it until
+        that buffer opens instead of refusing it, so the site's work is not lost. Not during a federated evaluation:
+        a site whose upload were held could not evaluate, and the evaluation would wait for it."""
         if not (self._async_plain and self.running) or self._stop_reason is not None:
             return False
         if self.phase is Phase.AGGREGATING:
             return self.number < self.spec.rounds
-        waiting = self.phase in (Phase.WAITING, Phase.EVALUATING) and self.round is None
-        return waiting and self.number <= self.spec.rounds
+        return self.phase is Phase.WAITING and self.round is None and self.number <= self.spec.rounds
 
     def upload_refusal(self, site: str, number: int, attempt: int, split: str = "") -> str | None:
         """Why an admitted upload can no longer be counted (the round moved on or closed), or None."""
