@@ -28,9 +28,10 @@ from support import (
     runner_of,
     update_messages,
 )
-from test_hostile import download, hand_site, sent
+from test_hostile import HandSite, download, hand_site, sent
 
 from common.proto.cohort.v1 import cohort_pb2 as pb
+from coordinator.daemon import CoordinatorDaemon
 from coordinator.round.events import Aggregate, Phase
 from coordinator.round.records import RoundAttempt
 from coordinator.round.runner import JobRunner
@@ -58,6 +59,18 @@ def hold_aggregation(runner: JobRunner, release: asyncio.Event) -> None:
     runner._aggregate = held  # type: ignore[method-assign]
 
 
+async def sites_on_round_1(
+    stack: contextlib.AsyncExitStack, coord: CoordinatorDaemon, pki: Pki, names: Sequence[str]
+) -> tuple[list[HandSite], list[pb.UpdateChunk]]:
+    """Hand-driven sites that all hold round 1's task, and an update (zeros) for it."""
+    sites = [await hand_site(stack, coord.address, pki, s) for s in names]
+    task = await sites[0].next_train()
+    for s in sites[1:]:
+        assert await s.next_train() == task
+    zeros = {k: torch.zeros_like(v) for k, v in (await download(sites[0], task)).items()}
+    return sites, update_messages(task, zeros, chunk_bytes=512)
+
+
 async def test_updates_arriving_while_a_buffer_is_committed_count_in_the_next_buffer(
     pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory
 ) -> None:
@@ -71,12 +84,7 @@ async def test_updates_arriving_while_a_buffer_is_committed_count_in_the_next_bu
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(release.set)
         stack.callback(commit.set)
-        a, b, c, d = [await hand_site(stack, coord.address, pki, s) for s in (A, B, C, D)]
-        task = await a.next_train()
-        for s in (b, c, d):
-            assert await s.next_train() == task
-        zeros = {k: torch.zeros_like(v) for k, v in (await download(a, task)).items()}
-        update = update_messages(task, zeros, chunk_bytes=512)
+        (a, b, c, d), update = await sites_on_round_1(stack, coord, pki, (A, B, C, D))
 
         # c is half-way through its upload when a and b fill the buffer of round 1.
         c_upload = asyncio.ensure_future(c.stub.UploadUpdate(paused(update, 3, release), timeout=30))
@@ -125,12 +133,7 @@ async def test_an_update_held_between_buffers_is_refused_when_a_validation_evalu
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(release.set)
         stack.callback(commit.set)
-        a, b, c = [await hand_site(stack, coord.address, pki, s) for s in (A, B, C)]
-        task = await a.next_train()
-        for s in (b, c):
-            assert await s.next_train() == task
-        zeros = {k: torch.zeros_like(v) for k, v in (await download(a, task)).items()}
-        update = update_messages(task, zeros, chunk_bytes=512)
+        (a, b, c), update = await sites_on_round_1(stack, coord, pki, (A, B, C))
         for s in (a, b):
             assert (await s.stub.UploadUpdate(sent(update, release=release), timeout=10)).accepted
         await poll_until(lambda: runner.machine.phase is Phase.AGGREGATING, what="round 1's buffer full")
