@@ -46,6 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --- gRPC core's log, as grpcio 1.85 writes it (args trimmed) ---------------------------------------------------------
 
+# The coordinator's listening port as the synthetic log lines below name it. Nothing binds it: these tests parse text
+# (the end-to-end test further down binds port 0 and reads the port it got).
+LOG_PORT = 7443
+LOG_LOCAL = f"ipv4:127.0.0.1:{LOG_PORT}"
+
 ARGS = (
     "args={{endpoint=0x7f1, args={{grpc.internal.endpoint_local_address=ipv4:127.0.0.1:{port}, "
     "grpc.internal.endpoint_peer_address={peer}, grpc.internal.server_credentials=0x55}}, "
@@ -53,7 +58,7 @@ ARGS = (
 )
 
 
-def failed_handshake(thread: int, error: str, peer: str, port: int = 50051) -> list[bytes]:
+def failed_handshake(thread: int, error: str, peer: str, port: int = LOG_PORT) -> list[bytes]:
     """The lines gRPC core (with the handshaker tracer) writes for one refused server handshake."""
     args = ARGS.format(port=port, peer=peer)
     lines = [
@@ -76,7 +81,7 @@ def failed_handshake(thread: int, error: str, peer: str, port: int = 50051) -> l
 
 
 def tracer_noise(thread: int) -> list[bytes]:
-    args = ARGS.format(port=50051, peer="ipv4:127.0.0.1:40000")
+    args = ARGS.format(port=LOG_PORT, peer="ipv4:127.0.0.1:40000")
     return [
         f"I1204 14:27:00.1   {thread} handshaker.cc:80] handshake_manager 0x7f7: adding handshaker security\n".encode(),
         f"I1204 14:27:00.2   {thread} handshaker.cc:155] CallNextHandshakerLocked: error=OK shutdown=false "
@@ -128,7 +133,7 @@ def test_filter_turns_refusals_into_events_and_drops_only_the_tracer() -> None:
     lines += [*other_core, b"Traceback (most recent call last):\n", b"  File x.py, line 1\n"]
     text, events = run(CoreLogFilter(), lines)
     assert [(e.peer, e.reason) for e in events] == [(f"ipv4:10.0.0.{i}:4{i}000", r) for i, r in enumerate(CASES)]
-    assert all(e.local == "ipv4:127.0.0.1:50051" for e in events)
+    assert all(e.local == LOG_LOCAL for e in events)
     assert events[2].detail == "CERTIFICATE_VERIFY_FAILED: certificate has expired"
     # What remains is exactly what was not the tracer's or BoringSSL's handshake lines, in order.
     assert text == b"".join([*ours, *other_core, b"Traceback (most recent call last):\n", b"  File x.py, line 1\n"])
@@ -142,7 +147,7 @@ def test_filter_process_writes_events_as_json_lines() -> None:
     assert [json.loads(e) for e in events.getvalue().splitlines()] == [
         {
             "peer": "ipv4:10.1.2.3:999",
-            "local": "ipv4:127.0.0.1:50051",
+            "local": LOG_LOCAL,
             "reason": "no_certificate",
             "detail": "PEER_DID_NOT_RETURN_A_CERTIFICATE",
         }
@@ -216,14 +221,14 @@ class Clock:
         return self.now
 
 
-def refusal(peer: str, reason: str = "expired", port: int = 50051) -> HandshakeFailure:
+def refusal(peer: str, reason: str = "expired", port: int = LOG_PORT) -> HandshakeFailure:
     return HandshakeFailure(peer, f"ipv4:127.0.0.1:{port}", reason, "detail")
 
 
 def test_refusals_are_throttled_per_peer_host_and_reason(caplog: pytest.LogCaptureFixture) -> None:
     audited: list[tuple[str, str, dict[str, Any]]] = []
     clock = Clock()
-    refusals = HandshakeRefusals(lambda kind, actor, **d: audited.append((kind, actor, d)), 50051, clock=clock)
+    refusals = HandshakeRefusals(lambda kind, actor, **d: audited.append((kind, actor, d)), LOG_PORT, clock=clock)
     with caplog.at_level(logging.INFO, logger="cohort.coordinator.tls"):
         for port in range(40000, 40005):  # one host reconnecting: a new source port each time
             refusals.report(refusal(f"ipv4:10.0.0.1:{port}"))
