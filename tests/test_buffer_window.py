@@ -48,15 +48,25 @@ async def paused(msgs: Sequence[pb.UpdateChunk], after: int, resume: asyncio.Eve
         yield msg
 
 
-def hold_aggregation(runner: JobRunner, release: asyncio.Event) -> None:
-    """Make the runner's aggregation step wait for ``release``: the window between buffers stays open."""
+async def held_coordinator(
+    factory: CoordinatorFactory, pki: Pki, state: Path, available: int, evaluate_every: int
+) -> tuple[CoordinatorDaemon, JobRunner, asyncio.Event]:
+    """A coordinator running an asynchronous job (buffer of 2) whose aggregation step waits for the returned event:
+    the window between buffers stays open until the test sets it."""
+    strategy = StrategyConfig(mode="async", buffer_size=2, max_staleness=2)
+    job = job_config(
+        rounds=3, min_sites=2, min_available_sites=available, evaluate_every=evaluate_every, strategy=strategy
+    )
+    coord = await factory(coordinator_config(pki, state, job=job))
+    runner, commit = runner_of(coord), asyncio.Event()
     aggregate = runner._aggregate
 
     async def held(action: Aggregate, rnd: RoundAttempt) -> None:
-        await release.wait()
+        await commit.wait()
         await aggregate(action, rnd)
 
     runner._aggregate = held  # type: ignore[method-assign]
+    return coord, runner, commit
 
 
 async def sites_on_round_1(
@@ -74,12 +84,8 @@ async def sites_on_round_1(
 async def test_updates_arriving_while_a_buffer_is_committed_count_in_the_next_buffer(
     pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory
 ) -> None:
-    strategy = StrategyConfig(mode="async", buffer_size=2, max_staleness=2)
-    job = job_config(rounds=3, min_sites=2, min_available_sites=4, evaluate_every=0, strategy=strategy)
-    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
-    runner, store = runner_of(coord), coord.coordinator.store
-    commit = asyncio.Event()
-    hold_aggregation(runner, commit)
+    coord, runner, commit = await held_coordinator(coordinator_factory, pki, tmp_path / "state", 4, evaluate_every=0)
+    store = coord.coordinator.store
     release = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(release.set)
@@ -123,12 +129,7 @@ async def test_an_update_held_between_buffers_is_refused_when_a_validation_evalu
 ) -> None:
     """A federated evaluation needs the sites: an upload held through it would keep its site from evaluating, so once
     the committed buffer opens an evaluation the held upload is refused (the site trains again afterwards)."""
-    strategy = StrategyConfig(mode="async", buffer_size=2, max_staleness=2)
-    job = job_config(rounds=3, min_sites=2, min_available_sites=3, evaluate_every=1, strategy=strategy)
-    coord = await coordinator_factory(coordinator_config(pki, tmp_path / "state", job=job))
-    runner = runner_of(coord)
-    commit = asyncio.Event()
-    hold_aggregation(runner, commit)
+    coord, runner, commit = await held_coordinator(coordinator_factory, pki, tmp_path / "state", 3, evaluate_every=1)
     release = asyncio.Event()
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(release.set)

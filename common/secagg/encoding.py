@@ -46,11 +46,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
 from common.errors import InvalidArgument
-from common.secagg.prg import BLOCK, MAX_BITS, MIN_BITS, U32Array, check_bits, check_vector
+from common.secagg.prg import BLOCK, MAX_BITS, MIN_BITS, Lanes, U32Array, check_bits, check_vector, keystream
 
 F64Array = NDArray[np.float64]
 DEFAULT_PRECISION_BITS = 16
@@ -153,7 +152,7 @@ def encode_into(x: NDArray[np.floating], params: EncodingParams, weight: float, 
     if len(out) != len(x):
         raise InvalidArgument(f"encode output has {len(out)} values for {len(x)} inputs")
     m = min(len(x), BLOCK)
-    coins = _Coins(m)  # uniform 32-bit values from a fresh random key
+    coins, coin_lanes = keystream(secrets.token_bytes(32)), Lanes(max(m, 1))  # uniform 32-bit values, fresh key
     v, low = np.empty(m, np.float64), np.empty(m, np.float64)
     q, up = np.empty(m, np.int64), np.empty(m, np.bool_)
     factor, ring = weight * params.scale, np.int64((1 << params.bits) - 1)
@@ -169,7 +168,7 @@ def encode_into(x: NDArray[np.floating], params: EncodingParams, weight: float, 
         np.floor(vb, out=lb)
         vb -= lb  # now the fractional part, in [0, 1)
         vb *= 4294967296.0
-        np.less(coins.next(n), vb, out=ub)  # round up with probability equal to the fractional part
+        np.less(coin_lanes.fill(coins, n), vb, out=ub)  # round up with probability equal to the fractional part
         qb[:] = lb
         qb += ub
         np.clip(qb, -params.levels, params.levels, out=qb)
@@ -184,21 +183,6 @@ def encode_with_weight_lane_into(x: NDArray[np.floating], params: EncodingParams
         raise InvalidArgument(f"encode output has {len(out)} values for {len(x)} inputs and the weight lane")
     encode_into(x, params, weight, out[: len(x)])
     encode_into(np.array([params.clip]), params, weight, out[len(x) :])
-
-
-class _Coins:
-    """The stochastic-rounding coin flips: an AES-256-CTR keystream under a fresh random key, read as uint32 lanes
-    into one reused buffer."""
-
-    def __init__(self, block: int) -> None:
-        self._cipher = Cipher(algorithms.AES(secrets.token_bytes(32)), modes.CTR(bytes(16))).encryptor()
-        self._zeros = bytes(4 * block)
-        self._buf = bytearray(4 * block + 15)  # update_into wants block_size - 1 bytes of room
-        self._lanes: U32Array = np.frombuffer(self._buf, dtype=np.uint32, count=block)
-
-    def next(self, n: int) -> U32Array:
-        self._cipher.update_into(memoryview(self._zeros)[: 4 * n], self._buf)
-        return self._lanes[:n]
 
 
 def centre(total: U32Array, bits: int) -> NDArray[np.int64]:
@@ -265,11 +249,10 @@ def pack(values: U32Array, bits: int) -> bytes:
     block_groups = BLOCK // per_group  # per_group divides 64 and BLOCK, so every block but the last is whole groups
     mat = np.zeros((block_groups, per_group), dtype=np.uint64)
     words = np.zeros((block_groups, words_per_group), dtype=np.uint64)
-    pos = 0
+    flat, pos = mat.reshape(-1), 0
     for start in range(0, d, BLOCK):  # a block at a time, so the column passes below stay in cache
         part = values[start : start + BLOCK]
         groups = -(-len(part) // per_group)
-        flat = mat.reshape(-1)
         flat[: len(part)] = part
         flat[len(part) : groups * per_group] = 0
         cols, w = mat[:groups], words[:groups]

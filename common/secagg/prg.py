@@ -23,7 +23,7 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from numpy.typing import NDArray
 
 from common.errors import InvalidArgument
@@ -52,8 +52,13 @@ def check_vector(vec: NDArray[np.generic], what: str = "vector") -> U32Array:
     return vec  # type: ignore[return-value]
 
 
-class MaskStream:
-    """Reusable keystream buffers; one per thread (the buffers are shared state, so it is not thread-safe)."""
+def keystream(seed: bytes) -> CipherContext:
+    """The AES-256-CTR encryptor whose output is ``seed``'s keystream (all-zero IV: each seed is used once)."""
+    return Cipher(algorithms.AES(seed), modes.CTR(_IV)).encryptor()
+
+
+class Lanes:
+    """One reused buffer of ``block`` uint32 lanes that keystreams are read into (not thread-safe)."""
 
     def __init__(self, block: int = BLOCK) -> None:
         if block < 1:
@@ -63,6 +68,19 @@ class MaskStream:
         # cryptography asks for len(data) + block_size - 1 bytes of room in update_into.
         self._buf = bytearray(4 * block + _AES_BLOCK - 1)
         self._lanes: U32Array = np.frombuffer(self._buf, dtype=np.uint32, count=block)
+
+    def fill(self, stream: CipherContext, n: int) -> U32Array:
+        """The next ``n`` (at most ``block``) lanes of ``stream``, in the buffer (valid until the next fill)."""
+        stream.update_into(self._zeros[: 4 * n], self._buf)
+        return self._lanes[:n]
+
+
+class MaskStream:
+    """Reusable keystream buffers; one per thread (the buffers are shared state, so it is not thread-safe)."""
+
+    def __init__(self, block: int = BLOCK) -> None:
+        self._lanes = Lanes(block)
+        self.block = block
 
     def apply(self, vec: U32Array, masks: Sequence[Mask], bits: int) -> None:
         """Add (+1) or subtract (-1) each seed's mask into ``vec`` in place, then reduce ``vec`` mod 2**bits."""
@@ -74,15 +92,12 @@ class MaskStream:
                 raise InvalidArgument(f"mask seeds are {SEED_LEN} bytes, got {len(seed)}")
             if sign not in (1, -1):
                 raise InvalidArgument(f"mask sign must be +1 or -1, got {sign!r}")
-            encryptors.append((Cipher(algorithms.AES(seed), modes.CTR(_IV)).encryptor(), sign))
+            encryptors.append((keystream(seed), sign))
         low = np.uint32((1 << bits) - 1)
-        lanes = self._lanes
         for start in range(0, len(vec), self.block):
             part = vec[start : start + self.block]
-            m = len(part)
-            ks = lanes[:m]
             for enc, sign in encryptors:
-                enc.update_into(self._zeros[: 4 * m], self._buf)
+                ks = self._lanes.fill(enc, len(part))
                 if sign > 0:
                     np.add(part, ks, out=part)
                 else:
