@@ -254,6 +254,21 @@ class Assembler:
         self._hasher.update(chunk)
         self._filled = end
 
+    def spaces(self, size: int) -> Iterator[memoryview]:
+        """The rest of the buffer in pieces of at most ``size`` bytes, to receive into in place; report each piece
+        with :meth:`filled` before taking the next."""
+        view = memoryview(self._buf)
+        while self._filled < self.total:
+            yield view[self._filled : min(self.total, self._filled + size)]
+
+    def filled(self, nbytes: int) -> None:
+        """``nbytes`` were written into the piece :meth:`spaces` gave out last."""
+        end = self._filled + nbytes
+        if end > self.total:
+            raise InvalidArgument(f"stream carries more than the {self.total} bytes its manifest announced")
+        self._hasher.update(memoryview(self._buf)[self._filled : end])
+        self._filled = end
+
     def finish(self) -> dict[str, torch.Tensor]:
         """The verified tensors. They share the assembler's buffer (no copy): use the assembler no further."""
         if self._filled != self.total:

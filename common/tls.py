@@ -7,6 +7,7 @@ from a request field. There is no insecure mode: servers require client certific
 from __future__ import annotations
 
 import functools
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,9 +138,17 @@ def _ref_from_pem(pem: bytes) -> CertRef:
         raise CertificateError(f"not a PEM certificate: {exc}") from None
 
 
+def ref_from_der(der: bytes) -> CertRef:
+    """The verified peer certificate of a TLS socket (``getpeercert(binary_form=True)``), as for :func:`cert_ref`."""
+    return _peer_ref(ssl.DER_cert_to_PEM_cert(der).encode())
+
+
 def cert_ref(context: grpc.aio.ServicerContext[Any, Any]) -> CertRef:
     """The caller's certificate, from the TLS session (the handshake already verified its chain)."""
-    pem = peer_pem(context)
+    return _peer_ref(peer_pem(context))
+
+
+def _peer_ref(pem: bytes) -> CertRef:
     try:
         return _ref_from_pem(pem)
     except CertificateError as exc:

@@ -78,6 +78,12 @@ class ServerConfig:
     join_burst: int = 10
     join_global_rate_per_min: float = 600.0
     join_global_burst: int = 0
+    # The bulk data channel (docs/ARCHITECTURE.md): models and updates over mutual TLS on a second port, several
+    # times cheaper per byte than gRPC-python. "" turns it off (every transfer uses gRPC); sites that cannot reach
+    # it fall back to gRPC. Port 0 picks a free one (tests); sites learn the port at Join.
+    data_listen: str = ""
+    data_idle_timeout_s: float = 300.0  # a data connection with no request for this long is closed
+    max_data_connections: int = 1024  # open data connections (one thread each); more are refused
 
     @property
     def keepalive_timeout(self) -> float:
@@ -110,6 +116,12 @@ class ServerConfig:
             raise ConfigError(f"{where}.stream_window_bytes: must be between 64 KiB and 64 MiB")
         if self.join_rate_per_min <= 0 or self.join_global_rate_per_min <= 0:
             raise ConfigError(f"{where}.join_rate_per_min and join_global_rate_per_min: must be > 0")
+        if self.data_listen:
+            parse_address(self.data_listen, f"{where}.data_listen")
+        if not 1 <= self.data_idle_timeout_s <= 86_400:
+            raise ConfigError(f"{where}.data_idle_timeout_s: must be between 1 and 86400 seconds")
+        if not 1 <= self.max_data_connections <= 100_000:
+            raise ConfigError(f"{where}.max_data_connections: must be between 1 and 100000")
         if self.join_burst < 1 or self.join_global_burst < 0:
             raise ConfigError(f"{where}.join_burst: must be >= 1; join_global_burst: >= 0 (0: from the allow-list)")
 

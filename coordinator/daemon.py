@@ -23,8 +23,9 @@ from coordinator.federation import Federation
 from coordinator.observe.dashboard import add_routes
 from coordinator.observe.watch import Observability
 from coordinator.round.runner import ProgressHook
+from coordinator.rpc.bulk import BulkServer
 from coordinator.rpc.handshakes import HandshakeWatch, watch_handshakes
-from coordinator.rpc.listen import NO_REUSEPORT, bind, resolve
+from coordinator.rpc.listen import NO_REUSEPORT, bind, bind_data, resolve
 from coordinator.rpc.servicer import AdminServicer, FederationServicer
 from coordinator.rpc.upload_guard import TransferGate
 from coordinator.rpc.wire import add_service
@@ -68,6 +69,7 @@ class CoordinatorDaemon(Lifecycle):
         self.ops_http: OpsHttpServer | None = None  # /healthz, /readyz when config.http.listen is set
         self.upload_gate: TransferGate | None = None
         self.download_gate: TransferGate | None = None
+        self.bulk: BulkServer | None = None  # the data channel, when server.data_listen is set
 
     async def _start(self) -> str:
         cfg = self.config
@@ -96,6 +98,9 @@ class CoordinatorDaemon(Lifecycle):
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
             port = bind(server, cfg.server.listen, credentials)
+            if cfg.server.data_listen:
+                self.bulk = BulkServer(federation, cfg.server.tls, cfg.server.data_listen)
+                coordinator.data_port = bind_data(self.bulk, cfg.server.data_listen)
         except BaseException:
             coordinator.close()  # the store and the state_dir lock: nothing was served
             if self.ops_http is not None:
@@ -111,6 +116,8 @@ class CoordinatorDaemon(Lifecycle):
         self.address = address
         self.status = Status.RUNNING
         log.info("coordinator for federation %r listening on %s (mutual TLS)", cfg.federation.name, address)
+        if self.bulk is not None:
+            log.info("bulk data channel on port %d (mutual TLS)", coordinator.data_port)
         resumed = coordinator.jobs.resume()
         if resumed is not None:
             log.info("resuming job %s after a restart", resumed.job_id)
@@ -128,6 +135,8 @@ class CoordinatorDaemon(Lifecycle):
             await asyncio.gather(self._liveness, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(self.config.server.shutdown_grace_s)
+        if self.bulk is not None:
+            await self.bulk.close()
         if self._handshakes is not None:
             await self._handshakes.close()
         if self._coordinator is not None:

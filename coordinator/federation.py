@@ -56,6 +56,7 @@ class Federation:
         )
         self.audit_throttle = AuditThrottle()
         self.ops: Observability | None = None  # metrics, operator log lines, run reports (coordinator/observe/)
+        self.data_port = 0  # the bulk data channel's bound port (server.data_listen), told to sites at Join; 0: none
         self.limits = Limits(max_chunk_bytes=server.max_chunk_bytes, max_total_bytes=server.max_update_bytes)
         assert server.tls is not None
         self.jobs = Jobs(

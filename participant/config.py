@@ -20,9 +20,15 @@ class CoordinatorEndpoint:
     server_name: str = ""
     rpc_timeout_s: float = 30.0
     transfer_timeout_s: float = 600.0  # deadline of one model download or update upload
+    # Move models and updates over the coordinator's bulk data channel when it offers one (participant/bulk.py);
+    # off: gRPC only. ``data_address`` (host:port) overrides where it is dialled (a port mapped by a firewall or NAT).
+    data_channel: bool = True
+    data_address: str = ""
 
     def check(self, path: str) -> None:
         parse_address(self.address, f"{path}.address")
+        if self.data_address:
+            parse_address(self.data_address, f"{path}.data_address")
         if self.rpc_timeout_s <= 0 or self.transfer_timeout_s <= 0:
             raise ConfigError(f"{path}: rpc_timeout_s and transfer_timeout_s must be > 0")
 

@@ -23,6 +23,7 @@ from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.proto.cohort.v1 import cohort_pb2_grpc as pb_grpc
 from common.retry import Backoff
 from common.tls import keepalive_options, message_options
+from participant.bulk import BulkClient
 from participant.config import ParticipantConfig
 from participant.stats import SiteStats
 from participant.tls_check import MAX_TLS_FAILURES, diagnose, tls_mismatch
@@ -69,6 +70,7 @@ class Connection:
         self._backoff = Backoff(config.reconnect.initial_backoff_s, config.reconnect.max_backoff_s)
         self._tls_failures = 0  # consecutive attempts refused on the coordinator's certificate
         self._displaced: str | None = None  # the coordinator's word that another daemon replaced this one
+        self.bulk = BulkClient(config.coordinator, config.tls)  # the data channel, when the coordinator offers one
 
     @property
     def stub(self) -> pb_grpc.FederationAsyncStub:
@@ -77,6 +79,7 @@ class Connection:
         return self._stub
 
     async def close(self) -> None:
+        self.bulk.close()
         if self._channel is not None:
             await self._channel.close()
 
@@ -125,6 +128,7 @@ class Connection:
     async def _session(self, stub: pb_grpc.FederationAsyncStub) -> None:
         reply: pb.JoinReply = await stub.Join(self._join_request(), timeout=self.config.coordinator.rpc_timeout_s)
         self.site_id, self.job_id = reply.site_id, reply.job_id
+        self.bulk.offered(reply.data_port)
         self.stats.joins += 1
         log.info("joined federation %r as site %r", reply.federation, reply.site_id)
         stream = stub.WaitForWork(pb.WaitRequest(session_id=reply.session_id))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,16 +20,17 @@ import grpc
 import torch
 
 from common import failpoints
-from common.errors import CohortError
+from common.errors import CohortError, InvalidArgument
 from common.lifecycle import cancel_requested
 from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.secagg.lanes import eval_lane_values, train_lane_values
 from common.secagg_wire import STATS_SPLIT, setup_from_proto
-from common.serde import CHUNK_BYTES, EncodedTensors
+from common.serde import CHUNK_BYTES, Assembler, EncodedTensors
 from common.tasks.base import RecordDP
 from common.tasks.setup import TaskSetup
 from participant import site_rules
+from participant.bulk import Unreachable
 from participant.config import ParticipantConfig
 from participant.connection import Connection
 from participant.final_model import fetch_model, site_notes, write_final_model
@@ -189,13 +191,27 @@ class Work:
         stub, timeout = self._conn.stub, self.config.coordinator.transfer_timeout_s
 
         async def download() -> dict[str, torch.Tensor]:
-            assembler, _ = await fetch_model(stub, job_id, version, timeout)
+            assembler = await self._bulk_download(job_id, version, timeout)
+            if assembler is None:
+                assembler, _ = await fetch_model(stub, job_id, version, timeout)
+            elif "sha256:" + assembler.expected_sha256 != version:
+                raise InvalidArgument("the coordinator sent a different model than the task named")
             self._conn.stats.model_bytes_received += assembler.total
             return await asyncio.to_thread(assembler.finish)
 
         tensors = await self._conn.retrying("model download", deadline, download)
         self._cache = (version, tensors)
         return tensors
+
+    async def _bulk_download(self, job_id: str, version: str, timeout: float) -> Assembler | None:
+        """The model over the data channel; None when it is not offered or cannot be reached (then gRPC)."""
+        bulk = self._conn.bulk
+        if not bulk.usable:
+            return None
+        try:
+            return await bulk.download(job_id, version, timeout)
+        except Unreachable:
+            return None
 
     async def _train(self, task: pb.TrainTask) -> None:
         if task.buffered and task.HasField("secagg"):
@@ -298,13 +314,20 @@ class Work:
         stub, timeout = self._conn.stub, self.config.coordinator.transfer_timeout_s
 
         async def upload() -> pb.UploadReply:
+            bulk = self._conn.bulk
+            if bulk.usable:
+                with contextlib.suppress(Unreachable):  # then over gRPC
+                    reply: pb.UploadReply = await bulk.upload(header, tensors.data, timeout)
+                    self._conn.stats.update_bytes_sent += len(tensors.data)
+                    return reply
+
             async def chunks() -> AsyncIterator[pb.UpdateChunk]:
                 yield pb.UpdateChunk(header=header)
                 for part in tensors.chunks(CHUNK_BYTES):
                     yield pb.UpdateChunk(data=bytes(part))
                     failpoints.hit("participant.upload", round=number)  # the stream is open, not yet ended
 
-            reply: pb.UploadReply = await stub.UploadUpdate(chunks(), timeout=timeout)
+            reply = await stub.UploadUpdate(chunks(), timeout=timeout)
             self._conn.stats.update_bytes_sent += len(tensors.data)
             return reply
 

@@ -59,6 +59,7 @@ def join(caller: CertRef, req: pb.JoinRequest, state: Federation) -> pb.JoinRepl
         job_id=runner.job_id if runner else "",
         federation=state.config.federation.name,
         site_id=site,
+        data_port=state.data_port,
     )
 
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import TYPE_CHECKING
 
 import grpc
 
 from common.errors import ConfigError
 from common.settings import parse_address
+
+if TYPE_CHECKING:
+    from coordinator.rpc.bulk import BulkServer
 
 # gRPC sets SO_REUSEPORT on listening sockets by default, so a second server on a used port starts silently and the
 # kernel spreads connections over both.
@@ -64,3 +68,12 @@ def _why(host: str, port: int) -> str:
                     return f"port {port} needs privileges this process does not have"
                 return exc.strerror or str(exc)
     return "gRPC refused the address (GRPC_VERBOSITY=debug shows its detail)"
+
+
+def bind_data(server: BulkServer, address: str) -> int:
+    """Start the bulk data channel on ``address``; its bound port, or :class:`ConfigError` saying why not."""
+    host, port = resolve(address, "server.data_listen")
+    try:
+        return server.start()
+    except OSError:
+        raise ConfigError(f"server.data_listen: cannot listen on {address}: {_why(host, port)}") from None

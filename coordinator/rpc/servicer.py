@@ -50,6 +50,22 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -> None:
+    code, message, trailing = refusal(servicer, _actor(context), method, exc)
+    await context.abort(code, message, trailing)
+
+
+def _actor(context: Ctx) -> str:
+    try:
+        return cert_ref(context).name
+    except RpcError:
+        return "unauthenticated"
+
+
+def refusal(
+    servicer: Any, actor: str, method: str, exc: BaseException
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """Count, log and audit a refused call; its status, public message and trailing metadata (gRPC or the bulk data
+    channel, coordinator/rpc/bulk.py)."""
     code, message = status_for(exc)
     ops = getattr(getattr(servicer, "c", None), "ops", None)
     if ops is not None:
@@ -57,29 +73,29 @@ async def _abort(servicer: Any, context: Ctx, method: str, exc: BaseException) -
     trailing: tuple[tuple[str, str], ...] = ()
     if isinstance(exc, RpcError):
         log.info("%s refused: %s: %s", method, code.name, message)
-        _audit_refusal(servicer, context, method, exc, code.name, message)
+        _audit_refusal(servicer, actor, method, exc, code.name, message)
         if isinstance(exc, RateLimited):
             trailing = ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
     else:
         log.error("%s failed with an unexpected error", method, exc_info=exc)
-    await context.abort(code, message, trailing)
+    return code, message, trailing
 
 
-def _audit_refusal(servicer: Any, context: Ctx, method: str, exc: RpcError, code: str, message: str) -> None:
+def _audit_refusal(servicer: Any, actor: str, method: str, exc: RpcError, code: str, message: str) -> None:
     """Every refused request is an audit event (who, which call, which status, why); never its payload."""
     kind = exc.audit_kind if isinstance(exc, RateLimited) else "rpc_refused"
     throttled = isinstance(exc, RateLimited | CertificateRevoked | ForeignFederation)  # repeatable at will: counted
-    _audit(servicer, context, kind, throttled, method=method, code=code, message=message[:300])
+    audit_as(servicer, actor, kind, throttled, method=method, code=code, message=message[:300])
 
 
 def _audit(servicer: Any, context: Ctx, kind: str, throttled: bool, **detail: Any) -> None:
+    audit_as(servicer, _actor(context), kind, throttled, **detail)
+
+
+def audit_as(servicer: Any, actor: str, kind: str, throttled: bool, **detail: Any) -> None:
     coordinator = getattr(servicer, "c", None)
     if coordinator is None:
         return
-    try:
-        actor = cert_ref(context).name
-    except RpcError:
-        actor = "unauthenticated"
     if throttled:
         held = coordinator.audit_throttle.admit((kind, actor, detail.get("method")))
         if held is None:
@@ -127,7 +143,11 @@ def translated_stream(
 
 def caller(context: Ctx, role: Role, state: Federation) -> CertRef:
     """The caller's certificate, read once per call: issued for this federation, with ``role``, not revoked."""
-    ref = cert_ref(context)
+    return check_caller(cert_ref(context), role, state)
+
+
+def check_caller(ref: CertRef, role: Role, state: Federation) -> CertRef:
+    """``ref`` if it was issued for this federation, with ``role``, and is not revoked."""
     ref.require_federation(state.config.federation.name)
     if ref.role is not role:
         raise PermissionDenied(

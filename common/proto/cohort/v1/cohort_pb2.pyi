@@ -205,6 +205,7 @@ class JoinReply(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     FEDERATION_FIELD_NUMBER: _builtins.int
     SITE_ID_FIELD_NUMBER: _builtins.int
+    DATA_PORT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     heartbeat_interval_s: _builtins.float
     job_id: _builtins.str
@@ -212,6 +213,10 @@ class JoinReply(_message.Message):
     federation: _builtins.str
     site_id: _builtins.str
     """as read from the peer certificate, echoed for the operator's logs"""
+    data_port: _builtins.int
+    """The coordinator's bulk data port (server.data_listen; docs/ARCHITECTURE.md "Bulk data channel"): models and
+    updates may move over mutual TLS on this port instead of gRPC. 0: none, use DownloadModel / UploadUpdate.
+    """
     def __init__(
         self,
         *,
@@ -220,10 +225,11 @@ class JoinReply(_message.Message):
         job_id: _builtins.str = ...,
         federation: _builtins.str = ...,
         site_id: _builtins.str = ...,
+        data_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation", "heartbeat_interval_s", b"heartbeat_interval_s", "job_id", b"job_id", "session_id", b"session_id", "site_id", b"site_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_port", b"data_port", "federation", b"federation", "heartbeat_interval_s", b"heartbeat_interval_s", "job_id", b"job_id", "session_id", b"session_id", "site_id", b"site_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
