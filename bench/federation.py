@@ -153,16 +153,26 @@ def short(d: int) -> str:
     return f"{mantissa}e{int(exp)}"
 
 
+MODES = ("plain", "secure", "plain-data", "secure-data")
+
+
 # -- one grid point ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Point:
     sites: int
     params: int  # requested d
     secure: bool
+    data: bool = False  # models and updates over the bulk data channel (server.data_listen), not gRPC
 
     @property
     def mode(self) -> str:
-        return "secure" if self.secure else "plain"
+        return ("secure" if self.secure else "plain") + ("-data" if self.data else "")
+
+    @classmethod
+    def of(cls, sites: int, params: int, mode: str) -> Point:
+        if mode not in MODES:
+            raise SystemExit(f"mode {mode!r}: one of {', '.join(MODES)}")
+        return cls(sites, params, mode.startswith("secure"), mode.endswith("-data"))
 
     @property
     def label(self) -> str:
@@ -228,6 +238,8 @@ class Federation:
     def coordinator_yaml(self) -> Path:
         p = self.point
         server: dict[str, Any] = {"listen": "127.0.0.1:0", "tls": self._tls(self.certs / "coordinator")}
+        if p.data:
+            server["data_listen"] = "127.0.0.1:0"
         if self.heartbeat_s is not None:
             server["heartbeat_interval_s"] = self.heartbeat_s
         job = {
@@ -644,15 +656,13 @@ def parse_grid(args: argparse.Namespace) -> list[Point]:
     sites = [int(x) for x in args.sites.split(",")]
     params = [int(float(x)) for x in args.params.split(",")]
     modes = args.modes.split(",")
-    if not set(modes) <= {"plain", "secure"}:
-        raise SystemExit("--modes: plain and/or secure")
-    points = [Point(n, d, m == "secure") for n in sites for d in params for m in modes]
+    points = [Point.of(n, d, m) for n in sites for d in params for m in modes]
     extras = args.extra if args.extra is not None else ["10:1e6:plain", "10:1e6:secure"]
     for extra in extras:
         if extra == "none":
             continue
         n, d, m = extra.split(":")
-        points.append(Point(int(n), int(float(d)), m == "secure"))
+        points.append(Point.of(int(n), int(float(d)), m))
     return points
 
 
@@ -660,7 +670,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", default="5,20", help="comma-separated N (default 5,20)")
     parser.add_argument("--params", default="1e5,1e6,1e7", help="comma-separated d (default 1e5,1e6,1e7)")
-    parser.add_argument("--modes", default="plain,secure", help="plain and/or secure (default both)")
+    parser.add_argument(
+        "--modes",
+        default="plain,secure",
+        help="plain, secure, plain-data, secure-data (-data: over the bulk data channel; default plain,secure)",
+    )
     parser.add_argument(
         "--extra",
         action="append",

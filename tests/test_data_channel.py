@@ -194,6 +194,12 @@ async def test_refusals_on_the_data_channel_change_nothing(
 
         # Raw sockets block: they run in a thread, so the coordinator (on this event loop) can answer them.
         await asyncio.to_thread(_hostile_requests, port, pki, task)
+        # The foreign certificate's refused handshake is audited as gRPC's are, marked as the data port's.
+        await poll_until(
+            lambda: any(e["detail"].get("port") == "data" for e in store.audit_events("tls_handshake_refused")),
+            timeout=10,
+            what="the refused handshake's audit event",
+        )
 
         reply_b = await stub_b.UploadUpdate(_one(update_header(task, ones, num_samples=30), ones.data), timeout=10)
         assert reply_b.accepted

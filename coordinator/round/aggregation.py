@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -183,16 +184,18 @@ class Float32Values:
 
     def feed(self, data: bytes) -> None:
         if self._carry:
-            data = self._carry + data
+            data = self._carry + bytes(data)
         usable = len(data) - len(data) % 4
         self._carry = bytes(data[usable:])
         values = np.frombuffer(data, dtype="<f4", count=usable // 4)
-        if not np.isfinite(values).all():
+        # One pass: einsum casts to float64 in small buffers (no chunk-sized float64 copy; on a machine short of
+        # memory bandwidth every pass over an update costs), and is not a BLAS call (OpenBLAS hands a 1 MiB chunk to
+        # its thread pool, which on a loaded machine cost ~10x the arithmetic; issue 15). No finite float32 squared
+        # overflows float64, so the sum is finite exactly when every value is.
+        squares = float(np.einsum("i,i->", values, values, dtype=np.float64))
+        if not math.isfinite(squares):
             raise InvalidArgument("update contains NaN or Inf values; nothing was aggregated")
-        wide = values.astype(np.float64)
-        # einsum, not ``wide @ wide``: that is a BLAS call, and OpenBLAS hands a 1 MiB chunk to its thread pool, which
-        # on a loaded machine costs ~10x the arithmetic (bench/federation.py profile, issue 15).
-        self.sum_squares += float(np.einsum("i,i->", wide, wide))
+        self.sum_squares += squares
 
     def finish(self) -> None:
         if self._carry:

@@ -9,9 +9,9 @@ spool or the shared model buffer with no per-message Python work beyond one recv
 that release the GIL while OpenSSL encrypts.
 
 Threads: one accepts; each connection has one that waits for its next request (``server.max_data_connections`` at
-most: the rest are closed after the handshake with RESOURCE_EXHAUSTED); the transfer itself runs as a coroutine on
-the event loop, whose socket calls go to a small pool sized to the admission limits. A connection idle for
-``server.data_idle_timeout_s`` between requests is closed; sites open a new one when they need it.
+most: the rest are closed at once, before the handshake, and their sites use gRPC); the transfer itself runs as a
+coroutine on the event loop, whose socket calls go to a small pool sized to the admission limits. A connection idle
+for ``server.data_idle_timeout_s`` between requests is closed; sites open a new one when they need it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
@@ -34,7 +35,6 @@ from common.errors import (
     CertificateRevoked,
     DeadlineExceeded,
     InvalidArgument,
-    ResourceExhausted,
     RpcError,
     Unauthenticated,
 )
@@ -43,7 +43,7 @@ from common.serde import CHUNK_BYTES
 from common.settings import parse_address
 from common.tls import CertRef, ref_from_der
 from coordinator.handlers import participant as handlers
-from coordinator.rpc.servicer import FederationServicer, check_caller, refusal
+from coordinator.rpc.servicer import FederationServicer, audit_as, check_caller, refusal
 from coordinator.rpc.upload_guard import GuardedStream
 
 log = logging.getLogger("cohort.coordinator.bulk")
@@ -67,7 +67,7 @@ class DataChunk:
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytearray) -> None:
+    def __init__(self, data: memoryview) -> None:
         self.data = data
 
     def WhichOneof(self, _group: str) -> str:  # the protobuf method it stands in for
@@ -83,6 +83,7 @@ class _Upload:
         self._header: pb.UpdateHeader | None = header
         self.remaining = header.manifest.total_bytes
         self.started = False
+        self._buf: bytearray | None = None
 
     def __aiter__(self) -> _Upload:
         return self
@@ -96,10 +97,14 @@ class _Upload:
             await self._conn.io(wire.send_reply, grpc.StatusCode.OK)
         if self.remaining <= 0:
             raise StopAsyncIteration
-        buf = bytearray(min(CHUNK_BYTES, self.remaining))
-        await self._conn.io(wire.recv_exact, memoryview(buf))
-        self.remaining -= len(buf)
-        return DataChunk(buf)
+        if self._buf is None:
+            self._buf = bytearray(min(CHUNK_BYTES, self.remaining))
+        # One buffer per upload, refilled: the intake has checked, hashed and written a chunk before it asks for the
+        # next (SpoolWriter.write), and a fresh buffer per chunk cost a zero-fill and page faults per MiB.
+        view = memoryview(self._buf)[: min(len(self._buf), self.remaining)]
+        await self._conn.io(wire.recv_exact, view)
+        self.remaining -= len(view)
+        return DataChunk(view)
 
 
 class Connection:
@@ -141,6 +146,8 @@ class BulkServer:
         self._calls: set[concurrent.futures.Future[bool]] = set()
         self._lock = threading.Lock()
         self._closing = threading.Event()
+        self._turned_away = 0
+        self._next_full_warning = 0.0
         self.port = 0
 
     def start(self) -> int:
@@ -204,36 +211,44 @@ class BulkServer:
                 raw, peer = self._listener.accept()
             except OSError:
                 return  # closed
+            if not self._slots.acquire(blocking=False):
+                # At the limit: closed before the handshake, so a flood of connections costs no thread. The site
+                # sees the data port unreachable and moves its transfer over gRPC.
+                raw.close()
+                self._turned_away += 1
+                if time.monotonic() >= self._next_full_warning:  # at most one line per 10 s under a flood
+                    self._next_full_warning = time.monotonic() + 10
+                    log.warning(
+                        "data channel: %d connections open (server.max_data_connections); %d turned away so far, "
+                        "the last from %s:%s",
+                        self.state.config.server.max_data_connections,
+                        self._turned_away,
+                        *peer[:2],
+                    )
+                continue
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._spawn(self._connection, f"cohort-bulk-{peer[0]}:{peer[1]}", raw)
+            self._spawn(self._connection, f"cohort-bulk-{peer[0]}:{peer[1]}", raw, f"{peer[0]}:{peer[1]}")
 
-    def _connection(self, raw: socket.socket) -> None:
-        admitted = self._slots.acquire(blocking=False)
+    def _connection(self, raw: socket.socket, peer: str) -> None:
         try:
             raw.settimeout(HANDSHAKE_TIMEOUT_S)
             try:
                 sock = self._context.wrap_socket(raw, server_side=True)
             except (OSError, ssl.SSLError) as exc:
-                self._handshake_refused(exc)
+                self._handshake_refused(peer, exc)
                 return
             with sock:
-                self._serve(sock, admitted)
+                self._serve(sock)
         finally:
             raw.close()
-            if admitted:
-                self._slots.release()
+            self._slots.release()
 
-    def _serve(self, sock: ssl.SSLSocket, admitted: bool) -> None:
+    def _serve(self, sock: ssl.SSLSocket) -> None:
         try:
             der = sock.getpeercert(binary_form=True)
             if der is None:
                 raise Unauthenticated("no client certificate was presented; connect with the site's certificate")
             ref = ref_from_der(der)
-            if not admitted:
-                raise ResourceExhausted(
-                    f"the coordinator's data port has {self.state.config.server.max_data_connections} connections "
-                    "open (server.max_data_connections); try again later or use gRPC"
-                )
         except RpcError as exc:
             self._reply_refusal(sock, "data channel", exc, "unauthenticated")
             return
@@ -274,12 +289,28 @@ class BulkServer:
             with self._lock:
                 self._calls.discard(future)
 
-    def _handshake_refused(self, exc: BaseException) -> None:
-        reason = getattr(exc, "reason", None) or type(exc).__name__
-        log.info("data channel: TLS handshake refused (%s)", reason)
-        ops = self.state.ops
-        if ops is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(ops.handshake_refused, "data_channel")
+    def _handshake_refused(self, peer: str, exc: BaseException) -> None:
+        """Logged, counted and audited as gRPC's refused handshakes are (docs/SECURITY.md), marked as this port's."""
+        reason = str(getattr(exc, "reason", None) or type(exc).__name__).lower()
+        log.warning("data channel: TLS handshake refused: peer=%s reason=%s detail=%r", peer, reason, str(exc)[:200])
+        if self._loop is None or self._closing.is_set():
+            return
+
+        def record() -> None:
+            if self.state.ops is not None:
+                self.state.ops.handshake_refused(reason)
+            audit_as(
+                self.servicer,
+                "unauthenticated",
+                "tls_handshake_refused",
+                True,
+                peer=peer,
+                reason=reason,
+                detail=str(exc)[:300],
+                port="data",
+            )
+
+        self._loop.call_soon_threadsafe(record)
 
     def _reply_refusal(self, sock: ssl.SSLSocket, method: str, exc: RpcError, actor: str) -> None:
         """Refuse on a connection thread (before any request reached the loop), then the connection closes."""
