@@ -238,8 +238,7 @@ class Federation:
     def coordinator_yaml(self) -> Path:
         p = self.point
         server: dict[str, Any] = {"listen": "127.0.0.1:0", "tls": self._tls(self.certs / "coordinator")}
-        if p.data:
-            server["data_listen"] = "127.0.0.1:0"
+        server["data_listen"] = "127.0.0.1:0" if p.data else "off"
         if self.heartbeat_s is not None:
             server["heartbeat_interval_s"] = self.heartbeat_s
         job = {

@@ -235,12 +235,23 @@ def specs_from_manifest(manifest: pb.Manifest, limits: Limits, *, annotated: boo
 class Assembler:
     """Collects a chunked stream into memory, enforcing the manifest's size and digest (participant side)."""
 
-    def __init__(self, manifest: pb.Manifest, limits: Limits | None = None, *, annotated: bool = False) -> None:
+    def __init__(
+        self,
+        manifest: pb.Manifest,
+        limits: Limits | None = None,
+        *,
+        annotated: bool = False,
+        reuse: bytearray | None = None,
+    ) -> None:
+        """``reuse``: a buffer of the right size to receive into instead of a new one (a site's previous model: a
+        fresh model-sized buffer every round is a zero-fill and a page fault per 4 KiB); whatever shares it is
+        overwritten."""
         self.limits = limits or Limits()
         self.specs = specs_from_manifest(manifest, self.limits, annotated=annotated)
         self.expected_sha256 = manifest.sha256
         self.total = manifest.total_bytes
-        self._buf = bytearray(self.total)
+        self.buffer = reuse if reuse is not None and len(reuse) == self.total else bytearray(self.total)
+        self._buf = self.buffer
         self._filled = 0
         self._hasher = new_hasher(self.specs)
 

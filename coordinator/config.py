@@ -79,11 +79,23 @@ class ServerConfig:
     join_global_rate_per_min: float = 600.0
     join_global_burst: int = 0
     # The bulk data channel (docs/ARCHITECTURE.md): models and updates over mutual TLS on a second port, several
-    # times cheaper per byte than gRPC-python. "" turns it off (every transfer uses gRPC); sites that cannot reach
-    # it fall back to gRPC. Port 0 picks a free one (tests); sites learn the port at Join.
-    data_listen: str = ""
+    # times cheaper per byte than gRPC-python. "auto": the host of ``listen`` and the next port (a free one when
+    # ``listen``'s port is 0); host:port; "off" (every transfer uses gRPC). Sites learn the port at Join and fall
+    # back to gRPC when they cannot reach it.
+    data_listen: str = "auto"
     data_idle_timeout_s: float = 300.0  # a data connection with no request for this long is closed
     max_data_connections: int = 1024  # open data connections (one thread each); more are refused
+
+    @property
+    def data_address(self) -> str | None:
+        """Where the bulk data channel listens (``data_listen`` with "auto" resolved); None when it is off."""
+        if self.data_listen == "off":
+            return None
+        if self.data_listen != "auto":
+            return self.data_listen
+        host, port = parse_address(self.listen, "server.listen")
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{port + 1 if port else 0}"
 
     @property
     def keepalive_timeout(self) -> float:
@@ -116,8 +128,10 @@ class ServerConfig:
             raise ConfigError(f"{where}.stream_window_bytes: must be between 64 KiB and 64 MiB")
         if self.join_rate_per_min <= 0 or self.join_global_rate_per_min <= 0:
             raise ConfigError(f"{where}.join_rate_per_min and join_global_rate_per_min: must be > 0")
-        if self.data_listen:
+        if self.data_listen not in ("auto", "off"):
             parse_address(self.data_listen, f"{where}.data_listen")
+        elif self.data_listen == "auto" and parse_address(self.listen, f"{where}.listen")[1] == 65535:
+            raise ConfigError(f"{where}.data_listen: 'auto' takes the port after listen's 65535; name one, or 'off'")
         if not 1 <= self.data_idle_timeout_s <= 86_400:
             raise ConfigError(f"{where}.data_idle_timeout_s: must be between 1 and 86400 seconds")
         if not 1 <= self.max_data_connections <= 100_000:

@@ -98,9 +98,10 @@ class CoordinatorDaemon(Lifecycle):
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         try:
             port = bind(server, cfg.server.listen, credentials)
-            if cfg.server.data_listen:
-                self.bulk = BulkServer(federation, cfg.server.tls, cfg.server.data_listen)
-                coordinator.data_port = bind_data(self.bulk, cfg.server.data_listen)
+            data_address = cfg.server.data_address
+            if data_address is not None:
+                self.bulk = BulkServer(federation, cfg.server.tls, data_address)
+                coordinator.data_port = bind_data(self.bulk, data_address)
         except BaseException:
             coordinator.close()  # the store and the state_dir lock: nothing was served
             if self.ops_http is not None:

@@ -28,6 +28,7 @@ from typing import TypeVar
 import grpc
 
 from common import bulk_wire as wire
+from common import failpoints
 from common.certs import TlsFiles
 from common.proto.cohort.v1 import cohort_pb2 as pb
 from common.serde import Assembler
@@ -88,8 +89,9 @@ class BulkClient:
         host, _ = parse_address(self._endpoint.address, "coordinator.address")
         return host, self._port
 
-    async def download(self, job_id: str, version: str, timeout: float) -> Assembler:
-        """Model ``version`` of ``job_id`` in a checked assembler (digest still to be verified by ``finish()``)."""
+    async def download(self, job_id: str, version: str, timeout: float, reuse: bytearray | None = None) -> Assembler:
+        """Model ``version`` of ``job_id`` in a checked assembler (digest still to be verified by ``finish()``);
+        ``reuse``: a buffer to receive into (:class:`Assembler`)."""
         body = pb.ModelRequest(job_id=job_id, model_version=version).SerializeToString()
 
         def run(sock: ssl.SSLSocket, deadline: float) -> Assembler:
@@ -97,7 +99,7 @@ class BulkClient:
             code, reply = wire.read_reply(sock)
             if code is not grpc.StatusCode.OK:
                 raise _error(code, reply.decode(errors="replace"))
-            assembler = Assembler(pb.Manifest.FromString(reply))
+            assembler = Assembler(pb.Manifest.FromString(reply), reuse=reuse)
             for view in assembler.spaces(wire.SLICE):
                 _on_time(sock, deadline)
                 wire.recv_exact(sock, view)
@@ -117,6 +119,7 @@ class BulkClient:
                 for start in range(0, len(view), wire.SLICE):
                     _on_time(sock, deadline)
                     sock.sendall(view[start : start + wire.SLICE])
+                    failpoints.hit("participant.upload", round=header.round)  # the upload is open, not yet whole
                 code, reply = wire.read_reply(sock)
             if code is not grpc.StatusCode.OK:
                 raise _error(code, reply.decode(errors="replace"))

@@ -28,15 +28,17 @@ log = logging.getLogger("cohort.participant")
 
 
 async def fetch_model(
-    stub: pb_grpc.FederationAsyncStub, job_id: str, version: str, timeout: float
+    stub: pb_grpc.FederationAsyncStub, job_id: str, version: str, timeout: float, reuse: bytearray | None = None
 ) -> tuple[Assembler, dict[str, str]]:
-    """Stream model ``version`` of ``job_id`` into an assembler (call ``finish()`` for the checked tensors) and the
-    metadata its manifest carries (a finished job's final model only). Raises when the digest is not ``version``."""
+    """Stream model ``version`` of ``job_id`` into an assembler (call ``finish()`` for the checked tensors; ``reuse``:
+    a buffer to receive into, see :class:`Assembler`) and the metadata its manifest carries (a finished job's final
+    model only). Raises when the digest is not ``version``."""
     stream = stub.DownloadModel(pb.ModelRequest(job_id=job_id, model_version=version), timeout=timeout)
     first = await stream.read()
     if not isinstance(first, pb.ModelChunk) or first.WhichOneof("kind") != "manifest":
         raise InvalidArgument("model stream did not start with a manifest")
-    assembler = Assembler(first.manifest, annotated=True)  # a final model comes with its checkpoint's metadata
+    # annotated: a final model comes with its checkpoint's metadata
+    assembler = Assembler(first.manifest, annotated=True, reuse=reuse)
     while (chunk := await stream.read()) is not grpc.aio.EOF:
         assert isinstance(chunk, pb.ModelChunk)
         if chunk.WhichOneof("kind") != "data":

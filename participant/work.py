@@ -61,6 +61,7 @@ class Work:
         self._queue: asyncio.Queue[pb.WorkItem] = asyncio.Queue()
         self._pending: set[WorkKey] = set()
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._model_buffer: bytearray | None = None  # the last model's receive buffer, reused by the next download
         self._served: set[str] = set()  # jobs this site trained or evaluated for (keep_final_model keeps theirs)
         self._keeping: asyncio.Task[None] | None = None
         self._optimizer_job = ""  # the job whose local optimizer state the site keeps (keep_optimizer_state)
@@ -114,7 +115,7 @@ class Work:
                 self._side.add(self._keeping)
                 self._keeping.add_done_callback(self._side.discard)
             if self._cache is not None and not self._pending:
-                self._cache = None  # free the model until the next job needs one
+                self._cache = self._model_buffer = None  # free the model until the next job needs one
 
     def when_kept(self, callback: Callable[[], None]) -> None:
         """``callback()`` once the final model being kept (keep_final_model) is written, or at once."""
@@ -190,26 +191,34 @@ class Work:
             return self._cache[1]
         stub, timeout = self._conn.stub, self.config.coordinator.transfer_timeout_s
 
+        # The previous model's buffer receives this one (no new model-sized buffer a round); its tensors, the cache,
+        # are overwritten, so the cache goes first. Nothing else holds them between tasks: training copied them into
+        # the site's model, and updates live in their own buffer.
+        self._cache, reuse = None, self._model_buffer
+
         async def download() -> dict[str, torch.Tensor]:
-            assembler = await self._bulk_download(job_id, version, timeout)
+            assembler = await self._bulk_download(job_id, version, timeout, reuse)
             if assembler is None:
-                assembler, _ = await fetch_model(stub, job_id, version, timeout)
+                assembler, _ = await fetch_model(stub, job_id, version, timeout, reuse)
             elif "sha256:" + assembler.expected_sha256 != version:
                 raise InvalidArgument("the coordinator sent a different model than the task named")
             self._conn.stats.model_bytes_received += assembler.total
+            self._model_buffer = assembler.buffer
             return await asyncio.to_thread(assembler.finish)
 
         tensors = await self._conn.retrying("model download", deadline, download)
         self._cache = (version, tensors)
         return tensors
 
-    async def _bulk_download(self, job_id: str, version: str, timeout: float) -> Assembler | None:
+    async def _bulk_download(
+        self, job_id: str, version: str, timeout: float, reuse: bytearray | None
+    ) -> Assembler | None:
         """The model over the data channel; None when it is not offered or cannot be reached (then gRPC)."""
         bulk = self._conn.bulk
         if not bulk.usable:
             return None
         try:
-            return await bulk.download(job_id, version, timeout)
+            return await bulk.download(job_id, version, timeout, reuse)
         except Unreachable:
             return None
 

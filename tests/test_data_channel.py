@@ -49,8 +49,8 @@ def _transfers(daemon: ParticipantDaemon) -> int:
     return daemon.connection.bulk.transfers
 
 
-def _with_data_channel(config: CoordinatorConfig) -> CoordinatorConfig:
-    return replace(config, server=replace(config.server, data_listen="127.0.0.1:0"))
+def _with_data_channel(config: CoordinatorConfig, on: bool = True) -> CoordinatorConfig:
+    return replace(config, server=replace(config.server, data_listen="auto" if on else "off"))
 
 
 async def _run_job(
@@ -62,12 +62,12 @@ async def _run_job(
     *,
     data_channel: bool,
     secure: bool = False,
-) -> tuple[dict[str, torch.Tensor], list[int]]:
+) -> tuple[dict[str, torch.Tensor], list[int], dict[tuple[str, str], float]]:
     job = job_config(rounds=2, min_sites=3, evaluate_every=0)
     if secure:
         job = replace(job, secure_aggregation=replace(job.secure_aggregation, enabled=True, clip=1.0))
     config = coordinator_config(pki, state, job=job)
-    coord = await coordinator_factory(_with_data_channel(config) if data_channel else config)
+    coord = await coordinator_factory(_with_data_channel(config, data_channel))
     assert (coord.coordinator.data_port != 0) is data_channel
     daemons = [
         await participant_factory(participant_config(pki.site(site), coord.address, site_data[site]))
@@ -78,8 +78,15 @@ async def _run_job(
     assert runner.state == "finished", runner.detail
     transfers = [_transfers(d) for d in daemons]
     final = coord.coordinator.models.load(runner.global_model.version)
+    assert coord.coordinator.ops is not None
+    counter = coord.coordinator.ops.metrics.transfers
+    metrics = {
+        (channel, direction): counter.labels(channel, direction)._value.get()
+        for channel in ("grpc", "data")
+        for direction in ("download", "upload")
+    }
     await coord.close("test done")
-    return final, transfers
+    return final, transfers, metrics
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
@@ -91,15 +98,21 @@ async def test_the_data_channel_gives_the_same_model_as_grpc(
     coordinator_factory: CoordinatorFactory,
     participant_factory: ParticipantFactory,
 ) -> None:
-    over_grpc, none = await _run_job(
+    over_grpc, none, metrics = await _run_job(
         pki, site_data, tmp_path / "grpc", coordinator_factory, participant_factory, data_channel=False, secure=secure
     )
     assert none == [0, 0, 0]
-    over_data, transfers = await _run_job(
+    assert metrics[("grpc", "upload")] >= 6, metrics
+    assert metrics[("data", "upload")] == 0, metrics
+    over_data, transfers, metrics_data = await _run_job(
         pki, site_data, tmp_path / "data", coordinator_factory, participant_factory, data_channel=True, secure=secure
     )
     # Every site downloaded both models and uploaded both updates over the data channel ...
     assert all(n >= 4 for n in transfers), transfers
+    # (the coordinator counts the same transfers, on the other channel: cohort_transfers_total)
+    assert metrics_data[("data", "upload")] == metrics[("grpc", "upload")], (metrics, metrics_data)
+    assert metrics_data[("data", "download")] >= 6, metrics_data
+    assert metrics_data[("grpc", "download")] == metrics_data[("grpc", "upload")] == 0, metrics_data
     # ... and the result is the same model: bit for bit in plain rounds (aggregation does not depend on the path or
     # the arrival order); under secure aggregation up to the encoding's random rounding (2^-20 of the clip here).
     tolerance = 1e-5 if secure else 0.0

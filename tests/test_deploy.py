@@ -209,8 +209,12 @@ def test_demo_config_paths_land_on_the_mounted_volumes(compose: dict[str, Any]) 
     for path in (cfg.server.tls.ca, cfg.server.tls.cert, cfg.server.tls.key):
         assert (cwd / path).parent == PurePosixPath(volumes["coordinator-certs"])
     assert PurePosixPath(volumes["coordinator-state"]) in (cwd / cfg.state_dir).parents
-    # The admin tool and a host on loopback may reach the coordinator; nobody else.
-    assert [(p["host_ip"], str(p["target"])) for p in coordinator["ports"]] == [("127.0.0.1", port)]
+    # The admin tool and a host on loopback may reach the coordinator (gRPC, and the bulk data port for a site);
+    # nobody else.
+    assert cfg.server.data_address is not None
+    data_port = cfg.server.data_address.rpartition(":")[2]
+    published = [(p["host_ip"], str(p["target"])) for p in coordinator["ports"]]
+    assert published == [("127.0.0.1", port), ("127.0.0.1", data_port)]
 
     for site in HOSPITALS:
         svc = services(compose)[site]

@@ -175,17 +175,24 @@ def test_coordinator_overlay(tmp_path: Path, pki: Pki) -> None:
     assert claim["metadata"]["name"] == mount["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
 
-    # The Service carries the gRPC port the config listens on, and nothing else.
+    # The Service carries the gRPC and bulk data ports the config listens on, and nothing else.
     grpc_port = parse_address(config.server.listen, "server.listen")[1]
+    assert config.server.data_address is not None
+    data_port = parse_address(config.server.data_address, "server.data_listen")[1]
     assert port(container, "grpc") == grpc_port
+    assert port(container, "data") == data_port
     service = objects[("Service", "cohort-coordinator")]
     headless = objects[("Service", sts["spec"]["serviceName"])]
     assert headless["spec"]["clusterIP"] == "None"
     assert service["spec"]["type"] == "LoadBalancer"
-    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(grpc_port, "grpc")]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        (grpc_port, "grpc"),
+        (data_port, "data"),
+    ]
     assert service["spec"]["selector"].items() <= pod_labels(sts).items()
 
-    # The NetworkPolicy: in, the gRPC port from anywhere and the health port from the nodes only; out, nothing.
+    # The NetworkPolicy: in, the gRPC and data ports from anywhere and the health port from the nodes only; out,
+    # nothing.
     policy = one(objects, "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(sts).items()
     assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"]
@@ -193,6 +200,7 @@ def test_coordinator_overlay(tmp_path: Path, pki: Pki) -> None:
     rules = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
     assert set(rules) == {grpc_port, port(container, "health")}
     assert "from" not in rules[grpc_port]
+    assert {p["port"] for p in rules[grpc_port]["ports"]} == {grpc_port, data_port}
     assert [list(f) for f in rules[port(container, "health")]["from"]] == [["ipBlock"]]
 
 
@@ -233,4 +241,6 @@ def test_site_overlay(tmp_path: Path, pki: Pki) -> None:
     assert policy["spec"]["ingress"] == []
     egress_ports = {(p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
     coordinator_port = parse_address(config.coordinator.address, "coordinator.address")[1]
-    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", coordinator_port)}
+    # The coordinator's data port is the one after gRPC's unless its server.data_listen names another (sites learn it
+    # at Join; the policy must admit it beforehand).
+    assert egress_ports == {("UDP", 53), ("TCP", 53), ("TCP", coordinator_port), ("TCP", coordinator_port + 1)}

@@ -125,3 +125,29 @@ def test_decode_copies() -> None:
     out = decode(enc.specs, buf)
     buf[:] = b"\x00" * len(buf)
     assert out["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_an_assembler_receives_into_a_reused_buffer_in_place() -> None:
+    first = encode({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(3)})
+    second = encode({"w": torch.full((2, 3), 7.0), "b": torch.zeros(3)})
+    asm = Assembler(first.manifest())
+    offset = 0
+    for piece in asm.spaces(5):  # received straight into the buffer, 5 bytes at a time
+        piece[:] = first.data[offset : offset + len(piece)]
+        asm.filled(len(piece))
+        offset += len(piece)
+    old = asm.finish()
+    torch.testing.assert_close(old["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    # The next model of the same size lands in the same buffer: the old tensors (views of it) see the new values.
+    again = Assembler(second.manifest(), reuse=asm.buffer)
+    assert again.buffer is asm.buffer
+    for chunk in second.chunks(7):
+        again.add(chunk)
+    new = again.finish()
+    torch.testing.assert_close(new["w"], torch.full((2, 3), 7.0))
+    torch.testing.assert_close(old["w"], torch.full((2, 3), 7.0))
+    # A buffer of another size is not used, and a stream that overfills the buffer is refused.
+    assert Assembler(second.manifest(), reuse=bytearray(3)).buffer is not asm.buffer
+    over = Assembler(second.manifest())
+    with pytest.raises(InvalidArgument, match="more than"):
+        over.filled(over.total + 1)

@@ -46,6 +46,13 @@ class CoordinatorMetrics:
             "cohort_upload_bytes_received", "Bytes of verified updates (masked inputs included)", registry=r
         )
         self.bytes_sent = Counter("cohort_model_bytes_sent", "Bytes of global models sent to sites", registry=r)
+        self.transfers = Counter(
+            "cohort_transfers",
+            "Model downloads and update uploads completed, by channel (grpc, or data: the bulk data channel) and "
+            "direction (download, upload); uploads over gRPC while a data port is open mean sites cannot reach it",
+            ["channel", "direction"],
+            registry=r,
+        )
         self.uploads_accepted = Counter(
             "cohort_uploads_accepted", "Uploads verified and counted", ["kind"], registry=r
         )  # kind: train, evaluation (a secure evaluation's masked input)

@@ -100,8 +100,13 @@ class Observability:
     def handshake_refused(self, reason: str) -> None:
         self.metrics.handshakes_refused.labels(reason).inc()
 
-    def model_sent(self, nbytes: int) -> None:
+    def model_sent(self, nbytes: int, channel: str = "grpc") -> None:
         self.metrics.bytes_sent.inc(nbytes)
+        self.metrics.transfers.labels(channel, "download").inc()
+
+    def update_received(self, channel: str) -> None:
+        """An upload answered as accepted (or a duplicate acknowledged) over ``channel``."""
+        self.metrics.transfers.labels(channel, "upload").inc()
 
     # -- the run report -----------------------------------------------------------------------------------------
     def job_ended(self, job_id: str) -> None:

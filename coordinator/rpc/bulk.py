@@ -30,6 +30,7 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from common import bulk_wire as wire
+from common import failpoints
 from common.certs import Role, TlsFiles
 from common.errors import (
     CertificateRevoked,
@@ -156,6 +157,9 @@ class BulkServer:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, sockaddr = infos[0]
         listener = socket.socket(family, kind, proto)
+        # A restarted coordinator rebinds its port while the last run's connections sit in TIME_WAIT (SO_REUSEADDR
+        # does not let a second live listener share it, unlike SO_REUSEPORT).
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             listener.bind(sockaddr)
             listener.listen(128)
@@ -336,15 +340,17 @@ class BulkServer:
                 try:
                     await conn.io(wire.send_reply, grpc.StatusCode.OK, model.manifest().SerializeToString())
                     sent = True
-                    for chunk in model.chunks():
+                    for i, chunk in enumerate(model.chunks()):
                         if revoked.is_set():
                             self.state.revocations.check(ref)
                         await conn.io(wire.send_all, chunk)
                         slot.touch()
+                        if i == 0:
+                            failpoints.hit("coordinator.model_streaming", round=self.state.model_round())
                 finally:
                     slot.release()
             if self.state.ops is not None:
-                self.state.ops.model_sent(len(model.data))
+                self.state.ops.model_sent(len(model.data), "data")
             return True
         except Exception as exc:
             if sent:  # inside the raw bytes: no reply can follow; the site sees the connection close
@@ -374,6 +380,8 @@ class BulkServer:
                 finally:
                     stream.close()
             await conn.io(wire.send_reply, grpc.StatusCode.OK, reply.SerializeToString())
+            if self.state.ops is not None:
+                self.state.ops.update_received("data")
             return True
         except Exception as exc:
             cut = isinstance(exc, DeadlineExceeded | CertificateRevoked)  # not worth reading the rest of

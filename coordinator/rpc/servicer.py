@@ -231,7 +231,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                     raise InvalidArgument("empty upload: the first message must be the update header") from None
                 if first.WhichOneof("kind") != "header":
                     raise InvalidArgument("the first message of an upload must be its header")
-                return await handlers.upload(ref, first.header, stream, self.c)
+                reply = await handlers.upload(ref, first.header, stream, self.c)
+                if self.c.ops is not None:
+                    self.c.ops.update_received("grpc")
+                return reply
             except asyncio.CancelledError:
                 # gRPC cancels the handler when the client goes away or the transport refuses a message (one over
                 # the size limit): the runner has discarded the spool; record that a transfer broke off.
