@@ -15,6 +15,7 @@ is tried again.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import select
@@ -69,6 +70,9 @@ class BulkClient:
         self._busy: set[ssl.SSLSocket] = set()
         self._lock = threading.Lock()
         self._resting_until = 0.0
+        # Its own threads: a transfer blocks one while it waits (for admission, for the coordinator's answer), and
+        # must not hold the event loop's default executor, which runs this site's training and masking.
+        self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cohort-site-bulk")
         self.transfers = 0  # completed over the data channel (tests, logs)
 
     def offered(self, port: int) -> None:
@@ -149,7 +153,7 @@ class BulkClient:
             self.transfers += 1
             return result
 
-        return await asyncio.to_thread(go)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, go)
 
     # -- connections ------------------------------------------------------------------------------------------
     def _take(self) -> ssl.SSLSocket:
@@ -217,6 +221,7 @@ class BulkClient:
         for sock in busy:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _on_time(sock: ssl.SSLSocket, deadline: float) -> None:
