@@ -32,7 +32,11 @@ DOWNLOAD, UPLOAD = 1, 2
 OPS = {DOWNLOAD: "DownloadModel", UPLOAD: "UploadUpdate"}
 _REQUEST = struct.Struct(">3sBI")
 _REPLY = struct.Struct(">BI")
-MAX_BODY = 16 << 20  # a request or reply body (a manifest of 10,000 tensors is well under it)
+# A request or reply body: as large as gRPC's largest message at the coordinator (server.max_chunk_bytes' default
+# plus 64 KiB); a manifest of 10,000 tensors is well under it. Read as it arrives, so a peer that announces a large
+# body and sends little holds little memory.
+MAX_BODY = (4 << 20) + (64 << 10)
+_BODY_PIECE = 64 << 10
 SLICE = 1 << 20  # bytes per send or receive call
 
 _BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
@@ -67,9 +71,13 @@ def recv_exact(sock: Sock, view: memoryview, *, clean_eof: bool = False) -> None
 def _body(sock: Sock, length: int) -> bytes:
     if length > MAX_BODY:
         raise FramingError(f"a frame of {length} bytes is over the limit of {MAX_BODY}")
-    buf = bytearray(length)
-    recv_exact(sock, memoryview(buf))
-    return bytes(buf)
+    body = bytearray()
+    piece = bytearray(min(length, _BODY_PIECE))
+    while len(body) < length:
+        view = memoryview(piece)[: min(len(piece), length - len(body))]
+        recv_exact(sock, view)
+        body += view
+    return bytes(body)
 
 
 def send_request(sock: Sock, op: int, body: bytes) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 ENV = "COHORT_FAILPOINTS"
 
@@ -57,4 +58,7 @@ def hit(name: str, round: int | None = None) -> None:
     log.warning("failpoint %s hit (round %s): sending this process %s", name, round, sig.name)
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os.kill(os.getpid(), sig)
+    # Directed at the calling thread, which then stops (or dies) before it returns to Python: sent to the process, the
+    # signal may be taken by another thread while this one runs on for a moment (a site's upload thread sending its
+    # last bytes before the freeze took hold). Either way the whole process stops or dies.
+    signal.pthread_kill(threading.get_ident(), sig)

@@ -234,6 +234,12 @@ def _hostile_requests(port: int, pki: Pki, task: pb.TrainTask) -> None:
         assert code is grpc.StatusCode.INVALID_ARGUMENT
         assert b"wrong magic" in body
         assert sock.recv(1) == b""
+    with _connect(port, pki.site(SITES[0]), ca) as sock:  # a body announced over the limit is never read
+        sock.sendall(wire.MAGIC + bytes([wire.DOWNLOAD]) + (wire.MAX_BODY + 1).to_bytes(4, "big"))
+        code, body = wire.read_reply(sock)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert b"over the limit" in body
+        assert sock.recv(1) == b""
     with _connect(port, pki.site(SITES[0]), ca) as sock:
         code, body = _request(sock, wire.DOWNLOAD, b"\xff\xff\xff")
         assert code is grpc.StatusCode.INVALID_ARGUMENT
