@@ -70,6 +70,7 @@ class BulkClient:
         self._busy: set[ssl.SSLSocket] = set()
         self._lock = threading.Lock()
         self._resting_until = 0.0
+        self._closed = False
         # Its own threads: a transfer blocks one while it waits (for admission, for the coordinator's answer), and
         # must not hold the event loop's default executor, which runs this site's training and masking.
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cohort-site-bulk")
@@ -198,7 +199,11 @@ class BulkClient:
     def _give_back(self, sock: ssl.SSLSocket) -> None:
         with self._lock:
             self._busy.discard(sock)
-            self._idle.append(sock)
+            if not self._closed:
+                self._idle.append(sock)
+                return
+        with contextlib.suppress(OSError):
+            sock.close()  # the client closed while this transfer ran
 
     def _discard(self, sock: ssl.SSLSocket) -> None:
         with self._lock:
@@ -215,6 +220,7 @@ class BulkClient:
 
     def close(self) -> None:
         """Close idle connections and cut transfers in flight (their threads see the connection end)."""
+        self._closed = True
         self._drop_idle()
         with self._lock:
             busy = list(self._busy)

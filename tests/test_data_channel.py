@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -286,3 +289,71 @@ async def test_a_site_that_cannot_reach_the_data_port_uses_grpc(
     assert runner.state == "finished", runner.detail
     assert _transfers(daemons[0]) == 0  # everything went over gRPC
     assert _transfers(daemons[1]) >= 2
+
+
+async def test_stalled_and_trickling_uploads_on_the_data_port_are_cut(
+    pki: Pki, tmp_path: Path, coordinator_factory: CoordinatorFactory
+) -> None:
+    """Slow-loris over the data port: the same GuardedStream limits as gRPC cut it, nothing is kept, and the site's
+    real upload goes through afterwards."""
+    job = job_config(rounds=1, min_sites=2, min_available_sites=2, evaluate_every=0, round_timeout_s=60)
+    config = coordinator_config(pki, tmp_path / "state", job=job)
+    config = replace(config, server=replace(config.server, upload_idle_timeout_s=1.0, upload_deadline_s=2.0))
+    coord = await coordinator_factory(config)
+    runner, store = runner_of(coord), coord.coordinator.store
+    port, ca = coord.coordinator.data_port, pki.coordinator.ca
+    async with (
+        channel(coord.address, pki.site(SITES[0]), ca) as ch,
+        channel(coord.address, pki.site(SITES[1]), ca) as ch_b,
+    ):
+        stub, stub_b = pb_grpc.FederationStub(ch), pb_grpc.FederationStub(ch_b)
+        joined_b = await stub_b.Join(join_request(), timeout=10)
+        stream_b = stub_b.WaitForWork(pb.WaitRequest(session_id=joined_b.session_id))
+        joined = await stub.Join(join_request(), timeout=10)
+        stream = stub.WaitForWork(pb.WaitRequest(session_id=joined.session_id))
+        task = None
+        async for item in stream:
+            if item.WhichOneof("kind") == "train":
+                task = item.train
+                break
+        assert task is not None
+        site = BulkClient(CoordinatorEndpoint(address=coord.address, server_name="localhost"), pki.site(SITES[0]))
+        site.offered(port)
+        base = (await site.download(task.job_id, task.model_version, timeout=10)).finish()
+        zeros = encode({k: torch.zeros_like(v) for k, v in base.items()})
+        header = update_header(task, zeros).SerializeToString()
+
+        def slow_upload(pieces: int, gap_s: float) -> bytes:
+            """Send the header, take the go-ahead, then ``pieces`` 64-byte pieces ``gap_s`` apart and wait."""
+            with _connect(port, pki.site(SITES[0]), ca) as sock:
+                code, body = _request(sock, wire.UPLOAD, header)
+                assert code is grpc.StatusCode.OK
+                assert body == b""
+                try:
+                    for i in range(pieces):
+                        sock.sendall(zeros.data[i * 64 : (i + 1) * 64])
+                        time.sleep(gap_s)
+                    return sock.recv(1)  # the coordinator cuts the upload and closes the connection
+                except (ConnectionError, ssl.SSLError):
+                    return b""  # ... which a trickling sender may see while still sending
+
+        for what, pieces, gap_s in (("stall mid-way", 3, 0.0), ("trickle", 60, 0.1)):
+            before = len(store.audit_events("rpc_refused"))
+            assert await asyncio.to_thread(slow_upload, pieces, gap_s) == b"", what
+            await poll_until(_more_refusals(store, before), timeout=10, what=what)
+            refusal = store.audit_events("rpc_refused")[-1]
+            assert refusal["actor"] == SITES[0], what
+            assert (refusal["detail"]["method"], refusal["detail"]["code"]) == ("UploadUpdate", "DEADLINE_EXCEEDED")
+            assert "server.upload_" in refusal["detail"]["message"], what
+            assert store.uploads(runner.job_id, 1, 0) == [], what
+            assert not list((tmp_path / "state").rglob("*.part")), what
+        reply = await site.upload(update_header(task, zeros), zeros.data, timeout=10)
+        assert reply.accepted
+        assert not reply.duplicate
+        stream.cancel()
+        stream_b.cancel()
+        site.close()
+
+
+def _more_refusals(store: Any, before: int) -> Callable[[], bool]:
+    return lambda: len(store.audit_events("rpc_refused")) > before
