@@ -8,10 +8,11 @@ comes from the certificate; a site that cannot reach the data port finishes the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -144,27 +145,7 @@ async def test_refusals_on_the_data_channel_change_nothing(
     runner = runner_of(coord)
     store = coord.coordinator.store
     port = coord.coordinator.data_port
-    ca = pki.coordinator.ca
-    async with (
-        channel(coord.address, pki.site(SITES[0]), ca) as ch,
-        channel(coord.address, pki.site(SITES[1]), ca) as ch_b,
-    ):
-        stub, stub_b = pb_grpc.FederationStub(ch), pb_grpc.FederationStub(ch_b)
-        joined_b = await stub_b.Join(join_request(), timeout=10)
-        stream_b = stub_b.WaitForWork(pb.WaitRequest(session_id=joined_b.session_id))
-        joined = await stub.Join(join_request(), timeout=10)
-        assert joined.data_port == port
-        stream = stub.WaitForWork(pb.WaitRequest(session_id=joined.session_id))
-        task = None
-        async for item in stream:
-            if item.WhichOneof("kind") == "train":
-                task = item.train
-                break
-        assert task is not None
-
-        site = BulkClient(CoordinatorEndpoint(address=coord.address, server_name="localhost"), pki.site(SITES[0]))
-        site.offered(joined.data_port)
-        base = (await site.download(task.job_id, task.model_version, timeout=10)).finish()
+    async with _hand_driven(coord, pki) as (stub_b, task, site, base):
         zeros = encode({k: torch.zeros_like(v) for k, v in base.items()})
         nan = encode({k: torch.full_like(v, float("nan")) for k, v in base.items()})
         ones = encode({k: torch.ones_like(v) for k, v in base.items()})
@@ -219,13 +200,44 @@ async def test_refusals_on_the_data_channel_change_nothing(
 
         reply_b = await stub_b.UploadUpdate(_one(update_header(task, ones, num_samples=30), ones.data), timeout=10)
         assert reply_b.accepted
-        stream.cancel()
-        stream_b.cancel()
-        site.close()
     await poll_until(lambda: runner.state != "running", timeout=60, what="the job to finish")
     final = coord.coordinator.models.load(runner.global_model.version)
     for k, v in base.items():  # zeros (weight 10) from the data channel, ones (weight 30) over gRPC
         torch.testing.assert_close(final[k], v + 0.75, rtol=0, atol=1e-6)
+
+
+@contextlib.asynccontextmanager
+async def _hand_driven(
+    coord: CoordinatorDaemon, pki: Pki
+) -> AsyncIterator[tuple[pb_grpc.FederationAsyncStub, pb.TrainTask, BulkClient, dict[str, torch.Tensor]]]:
+    """Two hand-driven sites in round 1: the second site's gRPC stub, the first's train task, its data-channel client
+    (the participant's own) and the model it downloaded over it."""
+    ca = pki.coordinator.ca
+    async with (
+        channel(coord.address, pki.site(SITES[0]), ca) as ch,
+        channel(coord.address, pki.site(SITES[1]), ca) as ch_b,
+    ):
+        stub, stub_b = pb_grpc.FederationStub(ch), pb_grpc.FederationStub(ch_b)
+        joined_b = await stub_b.Join(join_request(), timeout=10)
+        stream_b = stub_b.WaitForWork(pb.WaitRequest(session_id=joined_b.session_id))
+        joined = await stub.Join(join_request(), timeout=10)
+        assert joined.data_port == coord.coordinator.data_port != 0
+        stream = stub.WaitForWork(pb.WaitRequest(session_id=joined.session_id))
+        task = None
+        async for item in stream:
+            if item.WhichOneof("kind") == "train":
+                task = item.train
+                break
+        assert task is not None
+        site = BulkClient(CoordinatorEndpoint(address=coord.address, server_name="localhost"), pki.site(SITES[0]))
+        site.offered(joined.data_port)
+        try:
+            base = (await site.download(task.job_id, task.model_version, timeout=10)).finish()
+            yield stub_b, task, site, base
+        finally:
+            stream.cancel()
+            stream_b.cancel()
+            site.close()
 
 
 def _hostile_requests(port: int, pki: Pki, task: pb.TrainTask) -> None:
@@ -302,24 +314,7 @@ async def test_stalled_and_trickling_uploads_on_the_data_port_are_cut(
     coord = await coordinator_factory(config)
     runner, store = runner_of(coord), coord.coordinator.store
     port, ca = coord.coordinator.data_port, pki.coordinator.ca
-    async with (
-        channel(coord.address, pki.site(SITES[0]), ca) as ch,
-        channel(coord.address, pki.site(SITES[1]), ca) as ch_b,
-    ):
-        stub, stub_b = pb_grpc.FederationStub(ch), pb_grpc.FederationStub(ch_b)
-        joined_b = await stub_b.Join(join_request(), timeout=10)
-        stream_b = stub_b.WaitForWork(pb.WaitRequest(session_id=joined_b.session_id))
-        joined = await stub.Join(join_request(), timeout=10)
-        stream = stub.WaitForWork(pb.WaitRequest(session_id=joined.session_id))
-        task = None
-        async for item in stream:
-            if item.WhichOneof("kind") == "train":
-                task = item.train
-                break
-        assert task is not None
-        site = BulkClient(CoordinatorEndpoint(address=coord.address, server_name="localhost"), pki.site(SITES[0]))
-        site.offered(port)
-        base = (await site.download(task.job_id, task.model_version, timeout=10)).finish()
+    async with _hand_driven(coord, pki) as (_, task, site, base):
         zeros = encode({k: torch.zeros_like(v) for k, v in base.items()})
         header = update_header(task, zeros).SerializeToString()
 
@@ -350,9 +345,6 @@ async def test_stalled_and_trickling_uploads_on_the_data_port_are_cut(
         reply = await site.upload(update_header(task, zeros), zeros.data, timeout=10)
         assert reply.accepted
         assert not reply.duplicate
-        stream.cancel()
-        stream_b.cancel()
-        site.close()
 
 
 def _more_refusals(store: Any, before: int) -> Callable[[], bool]:
