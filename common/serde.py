@@ -280,6 +280,11 @@ class Assembler:
         self._hasher.update(memoryview(self._buf)[self._filled : end])
         self._filled = end
 
+    def require_version(self, version: str) -> None:
+        """Refuse a stream whose manifest is not model ``version`` (``sha256:<digest>``), the one a task named."""
+        if "sha256:" + self.expected_sha256 != version:
+            raise InvalidArgument("the coordinator sent a different model than the task named")
+
     def finish(self) -> dict[str, torch.Tensor]:
         """The verified tensors. They share the assembler's buffer (no copy): use the assembler no further."""
         if self._filled != self.total:

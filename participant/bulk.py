@@ -105,6 +105,7 @@ class BulkClient:
             if code is not grpc.StatusCode.OK:
                 raise _error(code, reply.decode(errors="replace"))
             assembler = Assembler(pb.Manifest.FromString(reply), reuse=reuse)
+            assembler.require_version(version)
             for view in assembler.spaces(wire.SLICE):
                 _on_time(sock, deadline)
                 wire.recv_exact(sock, view)

@@ -44,8 +44,7 @@ async def fetch_model(
         if chunk.WhichOneof("kind") != "data":
             raise InvalidArgument("model stream carried a second manifest")
         assembler.add(chunk.data)
-    if "sha256:" + assembler.expected_sha256 != version:
-        raise InvalidArgument("the coordinator sent a different model than the task named")
+    assembler.require_version(version)
     return assembler, dict(first.manifest.metadata)
 
 

@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from common import failpoints
-from common.errors import CohortError, InvalidArgument
+from common.errors import CohortError
 from common.lifecycle import cancel_requested
 from common.metrics import score_lane_values
 from common.proto.cohort.v1 import cohort_pb2 as pb
@@ -200,8 +200,6 @@ class Work:
             assembler = await self._bulk_download(job_id, version, timeout, reuse)
             if assembler is None:
                 assembler, _ = await fetch_model(stub, job_id, version, timeout, reuse)
-            elif "sha256:" + assembler.expected_sha256 != version:
-                raise InvalidArgument("the coordinator sent a different model than the task named")
             self._conn.stats.model_bytes_received += assembler.total
             self._model_buffer = assembler.buffer
             return await asyncio.to_thread(assembler.finish)

@@ -149,7 +149,6 @@ class BulkServer:
         self._closing = threading.Event()
         self._turned_away = 0
         self._next_full_warning = 0.0
-        self.port = 0
 
     def start(self) -> int:
         self._loop = asyncio.get_running_loop()
@@ -167,9 +166,8 @@ class BulkServer:
             listener.close()
             raise
         self._listener = listener
-        self.port = listener.getsockname()[1]
         self._spawn(self._accept, "cohort-bulk-accept")
-        return self.port
+        return int(listener.getsockname()[1])
 
     def _spawn(self, target: Callable[..., None], name: str, *args: Any) -> None:
         thread = threading.Thread(target=self._run, args=(target, *args), name=name, daemon=True)
